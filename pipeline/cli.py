@@ -1,0 +1,173 @@
+"""The ``pipeline`` command: parse, call the API, report; user errors exit 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.errors import PipelineInputError
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.api import run
+
+    summary = run(
+        args.input,
+        args.out,
+        config=args.config,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        overwrite=args.overwrite,
+        show_progress=True,
+    )
+    return EXIT_USER_ERROR if summary.failed else 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pipeline.synthetic import simulate_plate
+
+    path = simulate_plate(
+        args.out,
+        rows=args.rows,
+        columns=args.columns,
+        fields=args.fields,
+        n_frames=args.frames,
+        size=args.size,
+        z_slices=args.z,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"simulated plate with ground truth written to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.api import run
+    from pipeline.synthetic import simulate_plate
+
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="pipeline-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    plate = simulate_plate(
+        folder / "demo-plate.zarr",
+        rows=1,
+        columns=2,
+        fields=2,
+        n_frames=8,
+        size=256,
+        seed=0,
+        overwrite=True,
+    )
+    print(f"simulated demo plate: {plate}")
+    out = folder / "demo-results.zarr"
+    summary = run(plate, out, workers=args.workers, overwrite=True, show_progress=True)
+    print(
+        "\nOpen the results:\n"
+        f"  labels + image (napari with napari-ome-zarr): napari {out}\n"
+        "  per-cell table of a field: pandas.read_parquet("
+        f"'{out}/A/1/0/tables/cells/table.parquet')\n"
+        f"  plate-wide table: pandas.read_parquet('{out}/tables/cells')\n"
+        f"  in Python: pipeline.open_plate('{out}')"
+    )
+    return EXIT_USER_ERROR if summary.failed else 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from pipeline.io.tiff import import_tiffs
+
+    pixel_size = {
+        key: value
+        for key, value in (("x", args.pixel_size), ("y", args.pixel_size), ("z", args.z_step))
+        if value is not None
+    }
+    path = import_tiffs(
+        args.tiffs,
+        args.out,
+        axes=args.axes,
+        pixel_size=pixel_size or None,
+        stack_axis=args.stack_axis,
+        channel_names=args.channels.split(",") if args.channels else None,
+        plate=args.plate,
+        overwrite=args.overwrite,
+    )
+    print(f"OME-Zarr 0.5 written to {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Tiled segmentation, measurement and tracking of OME-Zarr plates on Dask.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="process a plate (or image) end to end")
+    run.add_argument("input", help="input OME-Zarr plate or image (0.4 or 0.5)")
+    run.add_argument("--out", required=True, help="output OME-Zarr 0.5 (must not exist)")
+    run.add_argument("--config", help="run configuration (YAML)")
+    run.add_argument("--workers", type=int, help="local worker processes (default: cores, max 4)")
+    run.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.set_defaults(handler=_run)
+
+    simulate = commands.add_parser("simulate", help="write a simulated plate with ground truth")
+    simulate.add_argument("out")
+    simulate.add_argument("--rows", type=int, default=1)
+    simulate.add_argument("--columns", type=int, default=2)
+    simulate.add_argument("--fields", type=int, default=2)
+    simulate.add_argument("--frames", type=int, default=8)
+    simulate.add_argument("--size", type=int, default=256)
+    simulate.add_argument("--z", type=int, default=None, help="z slices (default: 2D)")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--overwrite", action="store_true")
+    simulate.set_defaults(handler=_simulate)
+
+    demo = commands.add_parser("demo", help="simulate a small plate and run it end to end")
+    demo.add_argument("--dir", help="where to put the demo plate and results (default: temp)")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.set_defaults(handler=_demo)
+
+    tiff = commands.add_parser("import", help="convert TIFF files to OME-Zarr 0.5")
+    tiff.add_argument("tiffs", nargs="+", help="TIFF or OME-TIFF files")
+    tiff.add_argument("--out", required=True)
+    tiff.add_argument("--axes", help="axes of each file, e.g. ZYX or TCYX (default: from metadata)")
+    tiff.add_argument("--pixel-size", type=float, help="xy pixel size in micrometres")
+    tiff.add_argument("--z-step", type=float, help="z step in micrometres")
+    tiff.add_argument(
+        "--stack-axis",
+        default="t",
+        choices=["t", "z", "c"],
+        help="axis along which several files are stacked",
+    )
+    tiff.add_argument("--channels", help="comma-separated channel names")
+    tiff.add_argument(
+        "--plate",
+        action="store_true",
+        help="one field per file; well and field from names like A01_f0.tif",
+    )
+    tiff.add_argument("--overwrite", action="store_true")
+    tiff.set_defaults(handler=_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pipeline`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PipelineInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; the output is marked incomplete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

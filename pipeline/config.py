@@ -1,0 +1,128 @@
+"""Run configuration: a YAML file, validated (unknown keys rejected) and hashed for provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from pipeline.errors import PipelineInputError
+from pipeline.segment.classical import ClassicalParameters
+
+__all__ = ["RunConfig", "load_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassicalConfig(_Strict):
+    """Parameters of the classical recipe (see :class:`ClassicalParameters`)."""
+
+    closing_radius_um: float = Field(1.0, ge=0)
+    max_hole_size_um: float = Field(100.0, ge=0)
+    smoothing_sigma_um: float = Field(1.0, ge=0)
+    min_distance_um: PositiveFloat = 3.0
+    min_size_um: float = Field(10.0, ge=0)
+    max_size_um: PositiveFloat | None = None
+    clear_border: bool = False
+
+    def parameters(self) -> ClassicalParameters:
+        """The recipe parameters as the segmenter takes them."""
+        return ClassicalParameters(**self.model_dump())
+
+
+class SegmentationConfig(_Strict):
+    """Which segmenter runs, on which channel."""
+
+    method: Literal["classical"] = "classical"
+    channel: str | int = Field(0, description="channel name or index holding the nuclei")
+    classical: ClassicalConfig = ClassicalConfig()
+
+
+class HaloConfig(_Strict):
+    """Halo depth in micrometres; z and the image plane differ for anisotropic voxels."""
+
+    xy: PositiveFloat = 30.0
+    z: PositiveFloat = 15.0
+
+
+class TilingConfig(_Strict):
+    """How fields are cut into blocks."""
+
+    halo_um: HaloConfig = HaloConfig()
+    min_block_px: PositiveInt = Field(
+        256, description="smallest block edge in y/x; blocks are whole input chunks"
+    )
+    halo_retries: int = Field(
+        3,
+        ge=0,
+        description="times a field is recomputed with a doubled halo when a cell does not fit",
+    )
+
+
+class TrackingConfig(_Strict):
+    """Frame-to-frame linking."""
+
+    max_distance_um: PositiveFloat = 8.0
+
+
+class ComputeConfig(_Strict):
+    """How much work is on the cluster at once."""
+
+    fields_in_flight: PositiveInt = Field(
+        4, description="fields of view whose graphs are on the scheduler at the same time"
+    )
+
+
+class RunConfig(_Strict):
+    """Everything that decides a run's results (hashed for provenance)."""
+
+    segmentation: SegmentationConfig = SegmentationConfig()
+    tiling: TilingConfig = TilingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    compute: ComputeConfig = ComputeConfig()
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form of the configuration."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{where}'"
+    return f"bad config value for '{where}': {first['msg']}"
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read and validate a YAML run configuration; ``None`` gives the defaults.
+
+    Raises
+    ------
+    PipelineInputError
+        If the file is missing, is not YAML, has an unknown key or a bad value.
+    """
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineInputError("config file not found", path)
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise PipelineInputError(
+            f"config is not valid YAML ({error.__class__.__name__})", path
+        ) from None
+    if not isinstance(content, dict):
+        raise PipelineInputError("config must be a mapping of keys to values", path)
+    try:
+        return RunConfig.model_validate(content)
+    except ValidationError as error:
+        raise PipelineInputError(_describe(error), path) from None

@@ -1,0 +1,96 @@
+"""Per-cell tables as Parquet inside OME-Zarr image groups, referenced the way Fractal/ngio do.
+
+A table ``NAME`` of an image lives in the zarr group ``IMAGE/tables/NAME`` whose attributes say what
+it is (``type``, ``region``, ``instance_key``, ``backend``); the rows are in ``table.parquet`` in
+that group's folder. The ``tables`` group lists its tables in its ``tables`` attribute.
+A plate-wide dataset holds the same rows for every field, partitioned by well (Hive layout
+``well=B03/``) so that ``pandas.read_parquet(path)`` or pyarrow datasets read it whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import zarr
+
+__all__ = ["read_plate_table", "read_table", "write_plate_table_part", "write_table"]
+
+TABLE_FILE = "table.parquet"
+
+
+def _group_directory(group: zarr.Group) -> Path:
+    """Filesystem folder of a zarr group stored in a local directory store."""
+    root = getattr(group.store, "root", None)
+    if root is None:
+        raise ValueError(f"tables need a local directory store, not {type(group.store).__name__}")
+    return Path(root) / group.path
+
+
+def write_table(
+    image_group: zarr.Group,
+    name: str,
+    table: pd.DataFrame,
+    *,
+    table_type: str,
+    region: str | None = None,
+    instance_key: str | None = None,
+) -> Path:
+    """Write ``table`` as ``IMAGE/tables/NAME`` (Parquet), replacing an existing table of that name.
+
+    Parameters
+    ----------
+    image_group
+        The OME-Zarr image group the table belongs to.
+    name
+        Table name, e.g. ``"cells"``.
+    table
+        The rows; the index is not stored.
+    table_type
+        ``"feature_table"`` for per-object measurements, or another type name.
+    region
+        Path of the label image the rows describe, relative to the table group
+        (``"../../labels/cells"``).
+    instance_key
+        Column holding the label id of each row.
+
+    Returns
+    -------
+    Path
+        The Parquet file written.
+    """
+    tables = image_group.require_group("tables")
+    listed = list(tables.attrs.get("tables", []))
+    group = tables.require_group(name)
+    attrs: dict = {"type": table_type, "table_version": "1", "backend": "parquet"}
+    if region is not None:
+        attrs["region"] = {"path": region}
+    if instance_key is not None:
+        attrs["instance_key"] = instance_key
+        attrs["index_key"] = instance_key
+    group.attrs.update(attrs)
+    path = _group_directory(group) / TABLE_FILE
+    table.to_parquet(path, index=False)
+    if name not in listed:
+        tables.attrs["tables"] = [*listed, name]
+    return path
+
+
+def read_table(image_group: zarr.Group, name: str) -> pd.DataFrame:
+    """Read the table ``NAME`` written by :func:`write_table`."""
+    path = _group_directory(image_group) / "tables" / name / TABLE_FILE
+    return pd.read_parquet(path)
+
+
+def write_plate_table_part(dataset: Path, well: str, field: str, table: pd.DataFrame) -> Path:
+    """Write one field's rows into the plate-wide dataset at ``dataset/well=WELL/FIELD.parquet``."""
+    folder = Path(dataset) / f"well={well}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"field_{field}.parquet"
+    table.drop(columns=["well"], errors="ignore").to_parquet(path, index=False)
+    return path
+
+
+def read_plate_table(dataset: Path) -> pd.DataFrame:
+    """Read the whole plate-wide dataset; the ``well`` column comes from the partition names."""
+    return pd.read_parquet(Path(dataset), partitioning="hive")

@@ -1,0 +1,224 @@
+"""Exact tiled instance segmentation on Dask (DESIGN contract 2).
+
+Each block reads its core plus a halo, segments the whole extended region, and keeps the pixels of
+its core. A cell's id is derived from the cell itself: ``1 + the global raster index (t, z, y, x)
+of its first pixel``. Every block that sees a whole cell computes the same cell and so the same id,
+without talking to its neighbours; a cell is therefore never joined to another merely because it
+touches a block face, and never split.
+
+That holds for every cell whose surroundings fit in the halo. Each block checks it: every cell in
+its core, and every cell touching one of those, must stay farther from an inner face of the
+extended region than its own distance-transform value plus the recipe's influence radius. A block
+where that fails raises :class:`HaloTooSmall`; the run then recomputes the field with a larger
+halo (see :mod:`pipeline.graph`). Ids are finally renumbered 1..n per field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import dask
+import dask.array as da
+import numpy as np
+
+from pipeline.segment.classical import (
+    ClassicalParameters,
+    filter_cells,
+    influence_radius_um,
+    watershed_cells_with_distance,
+)
+
+__all__ = ["HaloTooSmall", "label_dtype", "label_frames", "relabel_consecutive", "sorted_ids"]
+
+
+class HaloTooSmall(RuntimeError):
+    """A cell (or what shapes it) reaches beyond the halo of its block."""
+
+
+def label_dtype(n_pixels: int) -> np.dtype:
+    """Smallest unsigned dtype that can number one object per pixel, so ids never overflow."""
+    return np.dtype(np.uint32) if n_pixels < np.iinfo(np.uint32).max else np.dtype(np.uint64)
+
+
+def _core_bounds(chunks: Sequence[int], index: int) -> tuple[int, int]:
+    start = int(sum(chunks[:index]))
+    return start, start + int(chunks[index])
+
+
+def _distance_to_inner_faces(
+    shape: Sequence[int], pixel_size: Sequence[float], inner: Sequence[tuple[bool, bool]]
+) -> np.ndarray:
+    """Micrometres from each pixel to the first pixel beyond an inner face (inf: no inner face)."""
+    distance = np.full(tuple(shape), np.inf)
+    for axis, (n, step, (low, high)) in enumerate(zip(shape, pixel_size, inner, strict=True)):
+        coords = np.arange(n, dtype=np.float64)
+        along = np.full(n, np.inf)
+        if low:
+            along = np.minimum(along, (coords + 1) * step)
+        if high:
+            along = np.minimum(along, (n - coords) * step)
+        view = [np.newaxis] * len(shape)
+        view[axis] = slice(None)
+        distance = np.minimum(distance, along[tuple(view)])
+    return distance
+
+
+def _check_cells_fit(
+    cells: np.ndarray,
+    distance: np.ndarray,
+    core: tuple[slice, ...],
+    pixel_size: Sequence[float],
+    inner: Sequence[tuple[bool, bool]],
+    margin_um: float,
+    where: str,
+) -> None:
+    """Raise :class:`HaloTooSmall` if a core cell, or a cell touching one, nears an inner face."""
+    if not any(low or high for low, high in inner):
+        return
+    core_cells = np.unique(cells[core])
+    core_cells = core_cells[core_cells > 0]
+    if core_cells.size == 0:
+        return
+    checked = np.zeros(int(cells.max()) + 1, dtype=bool)
+    checked[core_cells] = True
+    for axis in range(cells.ndim):
+        a = np.moveaxis(cells, axis, 0)[:-1]
+        b = np.moveaxis(cells, axis, 0)[1:]
+        touching = (a != b) & (a > 0) & (b > 0)
+        pairs_a, pairs_b = a[touching], b[touching]
+        checked[pairs_b[checked[pairs_a]]] = True
+        checked[pairs_a[checked[pairs_b]]] = True
+    checked[0] = False
+    in_checked = checked[cells]
+    room = _distance_to_inner_faces(cells.shape, pixel_size, inner)
+    if np.any(distance[in_checked] + margin_um >= room[in_checked]):
+        raise HaloTooSmall(f"a cell near {where} does not fit in the halo; increase tiling.halo_um")
+
+
+def _label_block(
+    block: np.ndarray,
+    threshold: np.ndarray,
+    *,
+    core_chunks: tuple[tuple[int, ...], ...],
+    halo: tuple[int, ...],
+    pixel_size: tuple[float, ...],
+    params: ClassicalParameters,
+    dtype: np.dtype,
+    block_id: tuple[int, ...],
+) -> np.ndarray:
+    """Segment one extended block (1, *spatial) and return its core as global cell ids."""
+    t = int(sum(core_chunks[0][: block_id[0]]))
+    shape = tuple(int(sum(c)) for c in core_chunks[1:])
+    ext_start, core, inner, border = [], [], [], []
+    for axis, (chunks, index, depth) in enumerate(
+        zip(core_chunks[1:], block_id[1:], halo, strict=True)
+    ):
+        start, stop = _core_bounds(chunks, index)
+        low, high = min(depth, start), min(depth, shape[axis] - stop)
+        if block.shape[axis + 1] != low + (stop - start) + high:
+            raise AssertionError("overlapped block does not match the block plan")
+        ext_start.append(start - low)
+        core.append(slice(low, low + stop - start))
+        inner.append((start - low > 0, stop + high < shape[axis]))
+        border.append((start - low == 0, stop + high == shape[axis]))
+    cells, distance = watershed_cells_with_distance(
+        block[0], float(threshold.ravel()[0]), pixel_size, params
+    )
+    origin = tuple(c.start + e for c, e in zip(core, ext_start, strict=True))
+    where = f"t={t}, block starting at {origin}"
+    _check_cells_fit(
+        cells, distance, tuple(core), pixel_size, inner, influence_radius_um(params), where
+    )
+    cells = filter_cells(cells, pixel_size, params, border)
+    values, first = np.unique(cells.ravel(), return_index=True)
+    local = np.unravel_index(first, cells.shape)
+    global_coords = (
+        np.full(first.shape, t),
+        *(c + e for c, e in zip(local, ext_start, strict=True)),
+    )
+    ids = np.ravel_multi_index(global_coords, (int(sum(core_chunks[0])), *shape)).astype(dtype) + 1
+    ids[values == 0] = 0
+    lookup = np.zeros(int(values.max()) + 1, dtype=dtype)
+    lookup[values] = ids
+    return lookup[cells[tuple(core)]][np.newaxis]
+
+
+def label_frames(
+    frames: da.Array,
+    thresholds: da.Array,
+    *,
+    pixel_size: Sequence[float],
+    halo: Sequence[int],
+    params: ClassicalParameters,
+) -> da.Array:
+    """Tiled classical segmentation of a (t, [z,] y, x) Dask array of one channel.
+
+    Parameters
+    ----------
+    frames
+        Intensities, one chunk per timepoint along t; spatial chunks are the blocks (see
+        :func:`pipeline.tiling.block_chunks`), each at least as deep as ``halo``.
+    thresholds
+        Foreground threshold per timepoint, shape (t,).
+    pixel_size
+        Micrometres per pixel along each spatial axis.
+    halo
+        Halo depth in pixels per spatial axis.
+    params
+        Classical recipe parameters.
+
+    Returns
+    -------
+    dask.array.Array
+        Global cell ids (unsigned; 0 = background) with the chunks of ``frames``; renumber with
+        :func:`relabel_consecutive`.
+    """
+    if any(c != 1 for c in frames.chunks[0]):
+        frames = frames.rechunk({0: 1})
+    halo = tuple(int(min(h, n)) for h, n in zip(halo, frames.shape[1:], strict=True))
+    depth = {0: 0, **{axis + 1: h for axis, h in enumerate(halo)}}
+    overlapped = da.overlap.overlap(frames, depth=depth, boundary="none")
+    spatial_ones = (1,) * (frames.ndim - 1)
+    per_frame = thresholds.rechunk(1).reshape(thresholds.shape + spatial_ones)
+    dtype = label_dtype(int(np.prod(frames.shape)) + 1)
+    function = partial(
+        _label_block,
+        core_chunks=frames.chunks,
+        halo=halo,
+        pixel_size=tuple(float(s) for s in pixel_size),
+        params=params,
+        dtype=dtype,
+    )
+    return da.map_blocks(function, overlapped, per_frame, chunks=frames.chunks, dtype=dtype)
+
+
+def _unique_nonzero(block: np.ndarray) -> np.ndarray:
+    values = np.unique(block)
+    return values[values > 0]
+
+
+def _union(*arrays: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate(arrays))
+
+
+def sorted_ids(labels: da.Array, split_every: int = 16) -> dask.delayed:
+    """Sorted unique non-zero ids of a label array, by a tree of small unions (lazy)."""
+    parts = [dask.delayed(_unique_nonzero)(block) for block in labels.to_delayed().ravel()]
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(_union)(*parts[i : i + split_every])
+            for i in range(0, len(parts), split_every)
+        ]
+    return parts[0] if parts else dask.delayed(np.zeros)(0, dtype=labels.dtype)
+
+
+def _renumber(block: np.ndarray, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    numbers = np.searchsorted(ids, block).astype(dtype) + 1
+    return np.where(block == 0, 0, numbers).astype(dtype, copy=False)
+
+
+def relabel_consecutive(labels: da.Array, ids) -> da.Array:
+    """Renumber global cell ids to 1..n in the order of ``ids`` (sorted, see :func:`sorted_ids`)."""
+    dtype = label_dtype(int(np.prod(labels.shape)) + 1)
+    return da.map_blocks(partial(_renumber, dtype=dtype), labels, ids, dtype=dtype)

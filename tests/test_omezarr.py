@@ -1,0 +1,429 @@
+"""OME-Zarr reading (0.4 and 0.5, also as written by ome-zarr-py) and writing (0.5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from ome_zarr.format import FormatV04, FormatV05
+from ome_zarr.writer import write_image as ozp_write_image
+from ome_zarr.writer import write_plate_metadata as ozp_write_plate_metadata
+from ome_zarr.writer import write_well_metadata as ozp_write_well_metadata
+
+from pipeline.errors import CorruptChunkError, PipelineInputError
+from pipeline.io.omezarr import (
+    create_root,
+    open_image,
+    open_plate,
+    write_image,
+    write_labels,
+    write_plate_metadata,
+    write_well,
+)
+
+VALIDATOR = Path(sys.executable).with_name("ome-zarr-models")
+RNG = np.random.default_rng(42)
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VALIDATOR), "validate", str(path)], capture_output=True, text=True, check=False
+    )
+
+
+def _ozp_channel(label: str) -> dict:
+    return {
+        "label": label,
+        "color": "FFFFFF",
+        "window": {"start": 0, "end": 100, "min": 0, "max": 65535},
+    }
+
+
+def _ozp_image(group: zarr.Group, image: np.ndarray, fmt) -> None:
+    """Write a cyx image with ome-zarr-py: pixel size y=0.5, x=0.25, two levels."""
+    ozp_write_image(
+        image,
+        group,
+        axes="cyx",
+        fmt=fmt,
+        scale_factors=[2],
+        scale={"y": 0.5, "x": 0.25},
+        axes_units={"y": "micrometer", "x": "micrometer"},
+        omero={"channels": [_ozp_channel("DAPI"), _ozp_channel("GFP")]},
+        storage_options={"chunks": (1, 16, 16)},
+    )
+
+
+def _block_mean_2x2(image: np.ndarray) -> np.ndarray:
+    """Hand-written 2x2 mean over the last two axes of an even-sized array, rounded."""
+    *lead, ny, nx = image.shape
+    blocks = image.reshape(*lead, ny // 2, 2, nx // 2, 2).astype(float)
+    return np.round(blocks.mean(axis=(-1, -3))).astype(image.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading back
+# --------------------------------------------------------------------------------------------
+
+
+def test_written_image_reads_back_with_levels_coords_and_chunks(tmp_path):
+    image = RNG.integers(0, 4000, size=(2, 2, 3, 64, 48), dtype=np.uint16)
+    root = create_root(tmp_path / "img.zarr")
+    write_image(
+        root,
+        "",
+        image,
+        "tczyx",
+        {"t": 30.0, "z": 2.0, "y": 0.5, "x": 0.25},
+        translation={"y": 10.0, "x": -4.0},
+        channel_names=["DAPI", "GFP"],
+        n_levels=3,
+        chunks={"z": 2, "y": 32, "x": 16},
+    )
+    assert _validate(tmp_path / "img.zarr").returncode == 0
+
+    plate = open_plate(tmp_path / "img.zarr")
+    assert not plate.is_plate and plate.version == "0.5" and plate.rows == ()
+    (field,) = plate.fields
+    assert field.path == "" and field.row is None and field.well is None
+    data = field.data
+    assert data.dims == ("t", "c", "z", "y", "x")
+    np.testing.assert_array_equal(data.values, image)
+    assert field.channel_names == ("DAPI", "GFP")
+    assert list(data.coords["c"].values) == ["DAPI", "GFP"]
+    np.testing.assert_allclose(data.coords["t"], [0.0, 30.0])
+    np.testing.assert_allclose(data.coords["z"], [0.0, 2.0, 4.0])
+    np.testing.assert_allclose(data.coords["y"], 10.0 + 0.5 * np.arange(64))
+    np.testing.assert_allclose(data.coords["x"], -4.0 + 0.25 * np.arange(48))
+    assert data.attrs["units"]["x"] == "micrometer" and data.attrs["units"]["t"] == "second"
+    assert field.pixel_size == {"z": 2.0, "y": 0.5, "x": 0.25}
+    assert data.chunks == ((1, 1), (1, 1), (2, 1), (32, 32), (16, 16, 16))
+
+    assert [level.shape for level in field.levels] == [
+        (2, 2, 3, 64, 48),
+        (2, 2, 3, 32, 24),
+        (2, 2, 3, 16, 12),
+    ]
+    assert [level.scale["y"] for level in field.levels] == [0.5, 1.0, 2.0]
+    assert [level.scale["x"] for level in field.levels] == [0.25, 0.5, 1.0]
+    assert all(level.scale["z"] == 2.0 for level in field.levels)
+    assert all(level.translation["y"] == 10.0 for level in field.levels)
+    level1 = zarr.open_array(tmp_path / "img.zarr", path="1", mode="r")[:]
+    np.testing.assert_array_equal(level1, _block_mean_2x2(image))
+    level2 = zarr.open_array(tmp_path / "img.zarr", path="2", mode="r")[:]
+    np.testing.assert_array_equal(level2, _block_mean_2x2(level1))
+
+
+def test_odd_sizes_round_up_and_average_only_present_pixels(tmp_path):
+    image = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    root = create_root(tmp_path / "odd.zarr")
+    write_image(root, "", image, "yx", {"y": 1.0, "x": 1.0}, n_levels=2)
+    level1 = zarr.open_array(tmp_path / "odd.zarr", path="1", mode="r")[:]
+    # blocks: rows (0,1),(2,3),(4); columns (0,1),(2)
+    expected = np.array(
+        [
+            [np.mean([0, 1, 3, 4]), np.mean([2, 5])],
+            [np.mean([6, 7, 9, 10]), np.mean([8, 11])],
+            [np.mean([12, 13]), 14.0],
+        ],
+        dtype=np.float32,
+    )
+    np.testing.assert_allclose(level1, expected)
+
+
+def test_level_shapes_rounded_down_and_given_levels(tmp_path):
+    image = RNG.integers(0, 200, size=(1, 10, 7), dtype=np.uint8)
+    root = create_root(tmp_path / "ls.zarr")
+    write_image(root, "a", image, "cyx", {"y": 1.0, "x": 1.0}, level_shapes=[(1, 10, 7), (1, 5, 3)])
+    level1 = zarr.open_array(tmp_path / "ls.zarr", path="a/1", mode="r")[:]
+    np.testing.assert_array_equal(level1, _block_mean_2x2(image[:, :, :6]))
+
+    levels = [image, image[:, ::2, ::2]]
+    write_image(root, "b", levels, "cyx", {"y": 0.5, "x": 0.5})
+    field = open_image(tmp_path / "ls.zarr", image_path="b")
+    assert [level.shape for level in field.levels] == [(1, 10, 7), (1, 5, 4)]
+    assert field.levels[1].scale == {"c": 1.0, "y": 1.0, "x": 1.0}
+    stored = zarr.open_array(tmp_path / "ls.zarr", path="b/1", mode="r")[:]
+    np.testing.assert_array_equal(stored, image[:, ::2, ::2])
+    with pytest.raises(ValueError, match="level_shapes"):
+        write_image(root, "c", levels, "cyx", {"y": 1.0, "x": 1.0}, level_shapes=[(1, 10, 7)])
+
+
+def test_compute_false_returns_store_tasks_and_rechunks(tmp_path):
+    image = da.from_array(RNG.integers(1, 50, size=(40, 40), dtype=np.uint16), chunks=(13, 7))
+    root = create_root(tmp_path / "lazy.zarr")
+    group, tasks = write_image(
+        root,
+        "",
+        image,
+        "yx",
+        {"y": 1.0, "x": 1.0},
+        n_levels=2,
+        chunks={"y": 16, "x": 16},
+        compute=False,
+    )
+    assert isinstance(group, zarr.Group) and tasks
+    assert not zarr.open_array(tmp_path / "lazy.zarr", path="0", mode="r")[:].any()
+    dask.compute(*tasks)
+    assert zarr.open_array(tmp_path / "lazy.zarr", path="1", mode="r").shape == (20, 20)
+    stored = open_image(tmp_path / "lazy.zarr")
+    np.testing.assert_array_equal(stored.data.values, image.compute())
+    assert stored.data.chunks == ((16, 16, 8), (16, 16, 8))
+
+
+def test_writes_lazy_xarray_from_a_read_image(tmp_path):
+    image = RNG.integers(0, 100, size=(3, 20, 20), dtype=np.int16)
+    write_image(create_root(tmp_path / "in.zarr"), "", image, "zyx", {"z": 3.0, "y": 1.0, "x": 1.0})
+    source = open_image(tmp_path / "in.zarr")
+    write_image(
+        create_root(tmp_path / "copy.zarr"),
+        "",
+        source.data,
+        "zyx",
+        source.pixel_size,
+        level_shapes=[(3, 20, 20), (3, 10, 10)],
+    )
+    copy = open_image(tmp_path / "copy.zarr")
+    np.testing.assert_array_equal(copy.data.values, image)
+    assert copy.levels[1].scale == {"z": 3.0, "y": 2.0, "x": 2.0}
+
+
+def test_create_root_refuses_existing_output(tmp_path):
+    create_root(tmp_path / "out.zarr")
+    with pytest.raises(PipelineInputError, match="output already exists"):
+        create_root(tmp_path / "out.zarr")
+    assert isinstance(create_root(tmp_path / "out.zarr", overwrite=True), zarr.Group)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (101, 75)])
+def test_label_levels_equal_image_levels(tmp_path, shape):
+    image = RNG.integers(0, 100, size=(2, *shape), dtype=np.uint16)
+    labels = RNG.integers(0, 30, size=shape, dtype=np.uint32)
+    root = create_root(tmp_path / "lab.zarr")
+    group = write_image(
+        root, "", image, "cyx", {"y": 0.65, "x": 0.65}, n_levels=3, chunks={"y": 32, "x": 32}
+    )
+    label_group = write_labels(group, "cells", labels)
+
+    image_field = open_image(tmp_path / "lab.zarr")
+    label_field = open_image(tmp_path / "lab.zarr", image_path="labels/cells")
+    assert label_field.data.dims == ("y", "x")
+    assert [lv.shape for lv in label_field.levels] == [lv.shape[1:] for lv in image_field.levels]
+    for image_level, label_level in zip(image_field.levels, label_field.levels, strict=True):
+        assert label_level.scale == {"y": image_level.scale["y"], "x": image_level.scale["x"]}
+    for index in range(3):
+        stored = label_group[str(index)][:]
+        step = 2**index  # nearest sample at floor(i * 2**k) is a stride-2**k slice
+        np.testing.assert_array_equal(stored, labels[::step, ::step])
+        assert label_group[str(index)].chunks == group[str(index)].chunks[1:]
+    labels_attrs = group["labels"].attrs["ome"]
+    assert labels_attrs == {"version": "0.5", "labels": ["cells"]}
+    for path in ["", "labels", "labels/cells"]:
+        result = _validate(tmp_path / "lab.zarr" / path)
+        assert result.returncode == 0, result.stdout
+
+
+def test_write_labels_rejects_wrong_shape_and_float(tmp_path):
+    root = create_root(tmp_path / "bad.zarr")
+    group = write_image(root, "", np.zeros((8, 8), np.uint8), "yx", {"y": 1.0, "x": 1.0})
+    with pytest.raises(ValueError, match="shape"):
+        write_labels(group, "cells", np.zeros((8, 9), np.uint32))
+    with pytest.raises(ValueError, match="integer"):
+        write_labels(group, "cells", np.zeros((8, 8), np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Plates
+# --------------------------------------------------------------------------------------------
+
+
+def test_written_plate_validates_and_reads_back(tmp_path):
+    path = tmp_path / "plate.zarr"
+    root = create_root(path)
+    wells = [("A", "1"), ("B", "3")]
+    images = {}
+    for row, column in wells:
+        well = write_well(root, row, column, ["0", "1"])
+        for field in ("0", "1"):
+            image = RNG.integers(0, 1000, size=(2, 1, 21, 17), dtype=np.uint16)
+            images[f"{row}/{column}/{field}"] = image
+            group = write_image(
+                well,
+                field,
+                image,
+                "tcyx",
+                {"t": 60.0, "y": 0.5, "x": 0.5},
+                channel_names=["nuclei"],
+                n_levels=2,
+            )
+            write_labels(group, "cells", (image[:, 0] > 500).astype(np.uint32))
+    write_plate_metadata(
+        root, name="demo", rows=["A", "B"], columns=["1", "2", "3"], wells=wells, field_count=2
+    )
+
+    for node in ["", "B/3", "B/3/1", "B/3/1/labels", "B/3/1/labels/cells"]:
+        result = _validate(path / node)
+        assert result.returncode == 0, f"{node}: {result.stdout}"
+
+    plate = open_plate(path)
+    assert plate.is_plate and plate.version == "0.5" and plate.name == "demo"
+    assert plate.rows == ("A", "B") and plate.columns == ("1", "2", "3")
+    assert [field.path for field in plate.fields] == ["A/1/0", "A/1/1", "B/3/0", "B/3/1"]
+    field = plate.fields[3]
+    assert (field.row, field.column, field.field, field.well) == ("B", "3", "1", "B/3")
+    assert field.dataset_path == str(path)
+    assert field.channel_names == ("nuclei",)
+    assert field.pixel_size == {"y": 0.5, "x": 0.5}
+    np.testing.assert_array_equal(field.data.values, images["B/3/1"])
+
+
+@pytest.mark.parametrize(("fmt", "zarr_format"), [(FormatV04(), 2), (FormatV05(), 3)])
+def test_reads_ome_zarr_py_plate(tmp_path, fmt, zarr_format):
+    path = tmp_path / "ozp_plate.zarr"
+    root = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+    image = RNG.integers(0, 1000, size=(2, 40, 30), dtype=np.uint16)
+    ozp_write_plate_metadata(
+        root, ["A", "B"], ["1", "2"], ["B/2", "A/1"], fmt=fmt, name="ozp", field_count=2
+    )
+    for well_path in ["A/1", "B/2"]:
+        well = root.require_group(well_path)
+        ozp_write_well_metadata(well, ["0", "1"], fmt=fmt)
+        for field in ("0", "1"):
+            _ozp_image(well.require_group(field), image, fmt)
+
+    plate = open_plate(path)
+    assert plate.version == fmt.version and plate.is_plate and plate.name == "ozp"
+    assert plate.rows == ("A", "B") and plate.columns == ("1", "2")
+    assert [field.path for field in plate.fields] == ["A/1/0", "A/1/1", "B/2/0", "B/2/1"]
+    field = plate.fields[2]
+    assert field.well == "B/2" and field.field == "0"
+    assert field.data.dims == ("c", "y", "x")
+    assert field.channel_names == ("DAPI", "GFP")
+    assert field.pixel_size == {"y": 0.5, "x": 0.25}
+    assert field.levels[1].scale == {"c": 1.0, "y": 1.0, "x": 0.5}
+    assert field.levels[1].shape == (2, 20, 15)
+    np.testing.assert_allclose(field.data.coords["x"][:3], [0.0, 0.25, 0.5])
+    np.testing.assert_array_equal(field.data.values, image)
+
+
+def test_reads_ome_zarr_py_v04_image(tmp_path):
+    path = tmp_path / "ozp_image.zarr"
+    image = RNG.integers(0, 1000, size=(2, 40, 30), dtype=np.uint16)
+    _ozp_image(zarr.open_group(path, mode="w", zarr_format=2), image, FormatV04())
+
+    plate = open_plate(path)
+    assert not plate.is_plate and plate.version == "0.4"
+    field = plate.fields[0]
+    assert field.data.dims == ("c", "y", "x")
+    assert field.channel_names == ("DAPI", "GFP")
+    assert field.pixel_size == {"y": 0.5, "x": 0.25}
+    assert field.data.attrs["units"] == {"y": "micrometer", "x": "micrometer"}
+    assert field.data.chunks == ((1, 1), (16, 16, 8), (16, 14))
+    np.testing.assert_array_equal(field.data.values, image)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(PipelineInputError, match="path does not exist") as error:
+        open_plate(tmp_path / "nope.zarr")
+    assert error.value.path == str(tmp_path / "nope.zarr")
+
+
+def test_plain_directory(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(PipelineInputError, match="not a zarr group"):
+        open_plate(tmp_path / "plain")
+
+
+def test_zarr_group_without_ome_metadata(tmp_path):
+    zarr.open_group(tmp_path / "bare.zarr", mode="w").attrs["something"] = 1
+    with pytest.raises(PipelineInputError, match="not an OME-Zarr image or plate"):
+        open_plate(tmp_path / "bare.zarr")
+
+
+ONE_SCALE = {"type": "scale", "scale": [1.0, 1.0, 1.0]}
+
+
+def _fake_image(path: Path, axes: list[str], dtype: str) -> None:
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array("0", shape=(4, 4, 2), chunks=(4, 4, 2), dtype=dtype, dimension_names=axes)
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": name} for name in axes],
+                "datasets": [{"path": "0", "coordinateTransformations": [ONE_SCALE]}],
+            }
+        ],
+    }
+
+
+def test_unsupported_axes(tmp_path):
+    _fake_image(tmp_path / "yxc.zarr", ["y", "x", "c"], "uint8")
+    with pytest.raises(PipelineInputError, match=r"unsupported axes \['y', 'x', 'c'\]"):
+        open_plate(tmp_path / "yxc.zarr")
+
+
+def test_unsupported_dtype(tmp_path):
+    _fake_image(tmp_path / "complex.zarr", ["c", "y", "x"], "complex64")
+    with pytest.raises(PipelineInputError, match="unsupported dtype complex64"):
+        open_plate(tmp_path / "complex.zarr")
+
+
+def test_missing_well(tmp_path):
+    root = create_root(tmp_path / "plate.zarr")
+    write_plate_metadata(
+        root, name="p", rows=["A"], columns=["1"], wells=[("A", "1")], field_count=1
+    )
+    with pytest.raises(PipelineInputError, match="well 'A/1' listed in the metadata is missing"):
+        open_plate(tmp_path / "plate.zarr")
+
+
+def test_corrupt_chunk_v3(tmp_path):
+    path = tmp_path / "plate.zarr"
+    root = create_root(path)
+    well = write_well(root, "B", "3", ["0"])
+    image = RNG.integers(0, 1000, size=(1, 2, 8, 8), dtype=np.uint16)
+    write_image(well, "0", image, "tcyx", {"y": 1.0, "x": 1.0}, chunks={"y": 4, "x": 4})
+    write_plate_metadata(
+        root, name="p", rows=["B"], columns=["3"], wells=[("B", "3")], field_count=1
+    )
+    chunk_file = path / "B/3/0/0/c/0/1/1/0"
+    assert chunk_file.is_file()
+    chunk_file.write_bytes(b"this is not zstd data")
+
+    data = open_plate(path).fields[0].data
+    np.testing.assert_array_equal(data[:, 0].values, image[:, 0])  # other chunks still read
+    with pytest.raises(CorruptChunkError) as error:
+        data.values  # noqa: B018
+    message = str(error.value)
+    assert "cannot read chunk c/0/1/1/0" in message
+    assert error.value.path == os.path.join(str(path), "B/3/0/0")
+
+
+def test_corrupt_chunk_v2(tmp_path):
+    path = tmp_path / "v04.zarr"
+    image = RNG.integers(0, 1000, size=(2, 40, 30), dtype=np.uint16)
+    _ozp_image(zarr.open_group(path, mode="w", zarr_format=2), image, FormatV04())
+    chunk_file = path / "s0/1/2/0"
+    assert chunk_file.is_file()
+    chunk_file.write_bytes(b"garbage")
+    with pytest.raises(CorruptChunkError, match="cannot read chunk 1/2/0") as error:
+        open_plate(path).fields[0].data.values  # noqa: B018
+    assert error.value.path == os.path.join(str(path), "s0")

@@ -1,0 +1,192 @@
+"""TIFF import: axes and pixel sizes from OME/ImageJ metadata or the user, stacks, plates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline.errors import PipelineInputError
+from pipeline.io.tiff import default_n_levels, read_tiff
+
+
+def _random(shape: tuple[int, ...], dtype: str = "uint16", seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1000, shape).astype(dtype)
+
+
+@pytest.fixture
+def ome_tczyx(tmp_path):
+    """OME-TIFF, TCZYX, x in nanometres, with channel names and a time increment."""
+    pixels = _random((2, 3, 4, 24, 40))
+    path = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(
+        path,
+        pixels,
+        photometric="minisblack",
+        metadata={
+            "axes": "TCZYX",
+            "PhysicalSizeX": 650.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 0.65,
+            "PhysicalSizeZ": 0.002,
+            "PhysicalSizeZUnit": "mm",
+            "TimeIncrement": 2.0,
+            "TimeIncrementUnit": "min",
+            "Channel": {"Name": ["DAPI", "GFP", "RFP"]},
+        },
+    )
+    return path, pixels
+
+
+def test_ome_tiff_axes_scale_names_and_pixels(ome_tczyx):
+    path, pixels = ome_tczyx
+    image = read_tiff(path)
+    assert image.dims == "tczyx"
+    assert image.scale == pytest.approx({"t": 120.0, "z": 2.0, "y": 0.65, "x": 0.65})
+    assert image.channel_names == ("DAPI", "GFP", "RFP")
+    assert image.source == str(path)
+    np.testing.assert_array_equal(image.data.compute(), pixels)
+
+
+def test_ome_tiff_user_pixel_size_and_names_override(ome_tczyx):
+    path, _ = ome_tczyx
+    image = read_tiff(path, pixel_size={"X": 0.1, "t": 5.0}, channel_names=["a", "b", "c"])
+    assert image.scale == pytest.approx({"t": 5.0, "z": 2.0, "y": 0.65, "x": 0.1})
+    assert image.channel_names == ("a", "b", "c")
+
+
+def test_imagej_hyperstack_spacing_resolution_and_canonical_order(tmp_path):
+    pixels_tzcyx = _random((3, 5, 2, 16, 20)).astype("float32")
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(
+        path,
+        pixels_tzcyx,
+        imagej=True,
+        resolution=(1 / 0.2, 1 / 0.3),  # pixels per unit in x, y
+        metadata={"axes": "TZCYX", "spacing": 1.5, "unit": "um", "finterval": 10.0},
+    )
+    image = read_tiff(path)
+    assert image.dims == "tczyx"
+    assert image.scale == pytest.approx({"t": 10.0, "z": 1.5, "y": 0.3, "x": 0.2})
+    np.testing.assert_array_equal(image.data.compute(), pixels_tzcyx.transpose(0, 2, 1, 3, 4))
+
+
+def test_plain_2d_with_user_axes_and_pixel_size(tmp_path):
+    pixels = _random((30, 20), "uint8")
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, pixels, photometric="minisblack", metadata=None)
+    image = read_tiff(path, axes="YX", pixel_size={"y": 0.5, "x": 0.25})
+    assert image.dims == "yx"
+    assert image.scale == {"y": 0.5, "x": 0.25}
+    assert image.channel_names is None
+    np.testing.assert_array_equal(image.data.compute(), pixels)
+
+
+def test_user_axes_transposed_to_canonical_order(tmp_path):
+    pixels_yxz = _random((12, 10, 3))
+    path = tmp_path / "yxz.tif"
+    tifffile.imwrite(path, pixels_yxz, photometric="minisblack", metadata=None)
+    image = read_tiff(path, axes="yxz")
+    assert image.dims == "zyx"
+    np.testing.assert_array_equal(image.data.compute(), pixels_yxz.transpose(2, 0, 1))
+
+
+def test_multipage_without_metadata_needs_axes(tmp_path):
+    path = tmp_path / "pages.tif"
+    tifffile.imwrite(path, _random((4, 8, 8)), photometric="minisblack", metadata=None)
+    with pytest.raises(PipelineInputError, match="give the axes") as error:
+        read_tiff(path)
+    assert error.value.path == str(path)
+    assert read_tiff(path, axes="tyx").dims == "tyx"
+
+
+def test_files_stacked_as_time_series_in_natural_order(tmp_path):
+    frames = [_random((10, 14), seed=i) for i in range(11)]
+    for i, frame in enumerate(frames):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", frame, photometric="minisblack")
+    shuffled = [tmp_path / f"t{i}.tif" for i in (10, 2, 0, 1, 9, 3, 4, 8, 5, 7, 6)]
+    image = read_tiff(shuffled, axes="yx", pixel_size={"t": 30.0})
+    assert image.dims == "tyx"
+    assert image.scale == {"t": 30.0, "y": 1.0, "x": 1.0}
+    np.testing.assert_array_equal(image.data.compute(), np.stack(frames))
+    from_folder = read_tiff(tmp_path, axes="yx", stack_axis="c")
+    assert from_folder.dims == "cyx"
+    np.testing.assert_array_equal(from_folder.data.compute(), np.stack(frames))
+
+
+def test_large_planes_are_read_in_several_blocks(tmp_path, monkeypatch):
+    import pipeline.io.tiff as tiff_module
+
+    pixels = _random((2, 7, 6, 5))
+    path = tmp_path / "blocks.tif"
+    tifffile.imwrite(path, pixels, photometric="minisblack", metadata={"axes": "TZYX"})
+    plane_bytes = 6 * 5 * 2
+    monkeypatch.setattr(tiff_module, "_BLOCK_BYTES", 3 * plane_bytes)
+    image = read_tiff(path)
+    assert image.data.chunks[:2] == ((1, 1), (3, 3, 1))
+    np.testing.assert_array_equal(image.data.compute(), pixels)
+
+
+@pytest.mark.parametrize(
+    ("axes", "message"),
+    [
+        ("ZYX", "3 letters but the image has 2 dimensions"),
+        ("QX", "unknown letter"),
+        ("XX", "repeat"),
+        ("ZX", "lack Y or X"),
+    ],
+)
+def test_bad_axes_raise(tmp_path, axes, message):
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, _random((8, 8)), photometric="minisblack")
+    with pytest.raises(PipelineInputError, match=message) as error:
+        read_tiff(path, axes=axes)
+    assert error.value.path == str(path)
+
+
+def test_mismatched_shapes_raise(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", _random((8, 8)), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "b.tif", _random((8, 9)), photometric="minisblack")
+    with pytest.raises(PipelineInputError, match="differ in shape") as error:
+        read_tiff([tmp_path / "a.tif", tmp_path / "b.tif"], axes="yx")
+    assert error.value.path == str(tmp_path / "b.tif")
+
+
+def test_missing_and_non_tiff_files_raise(tmp_path):
+    with pytest.raises(PipelineInputError, match="not found") as error:
+        read_tiff(tmp_path / "missing.tif")
+    assert error.value.path == str(tmp_path / "missing.tif")
+    text = tmp_path / "notes.tif"
+    text.write_text("not an image")
+    with pytest.raises(PipelineInputError, match="not a readable TIFF") as error:
+        read_tiff(text)
+    assert error.value.path == str(text)
+
+
+def test_unsupported_dtype_and_bad_user_values_raise(tmp_path):
+    path = tmp_path / "complex.tif"
+    tifffile.imwrite(path, np.ones((4, 4), np.complex64))
+    with pytest.raises(PipelineInputError, match="unsupported pixel type"):
+        read_tiff(path)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, _random((4, 4)), photometric="minisblack")
+    with pytest.raises(PipelineInputError, match="axis 'z'"):
+        read_tiff(plain, pixel_size={"z": 1.0})
+    with pytest.raises(PipelineInputError, match="positive"):
+        read_tiff(plain, pixel_size={"x": -1.0})
+    with pytest.raises(PipelineInputError, match="2 channel names given for 1"):
+        read_tiff(plain, channel_names=["a", "b"])
+    with pytest.raises(PipelineInputError, match="stack axis must be"):
+        read_tiff([plain, plain], axes="yx", stack_axis="y")
+    volume = tmp_path / "volume.tif"
+    tifffile.imwrite(volume, _random((2, 4, 4)), photometric="minisblack")
+    with pytest.raises(PipelineInputError, match="already has axes"):
+        read_tiff([volume, volume], axes="zyx", stack_axis="z")
+
+
+def test_default_n_levels():
+    assert default_n_levels((100, 200)) == 1
+    assert default_n_levels((512, 512)) == 1
+    assert default_n_levels((513, 100)) == 2
+    assert default_n_levels((700, 1100)) == 3
+    assert default_n_levels((4096, 4096)) == 4
