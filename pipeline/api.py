@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,14 +10,16 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 
 from pipeline.cluster import connect
 from pipeline.config import ClassicalConfig, HaloConfig, RunConfig, load_config
+from pipeline.errors import CorruptChunkError, PipelineInputError
 from pipeline.graph import RunSummary, process_plate
 from pipeline.io.omezarr import Plate, open_plate
 from pipeline.segment.threshold import frame_thresholds
-from pipeline.segment.tiled import label_frames, relabel_consecutive, sorted_ids
+from pipeline.segment.tiled import HaloTooSmall, label_frames, relabel_consecutive, sorted_ids
 from pipeline.tiling import block_chunks, halo_pixels
 
 __all__ = ["open_plate", "run", "segment"]
@@ -114,6 +117,29 @@ def segment(
     return labels if lazy else labels.compute(scheduler="threads")
 
 
+_HANDLED_ERRORS = tuple(
+    f"{error.__name__}(" for error in (PipelineInputError, CorruptChunkError, HaloTooSmall)
+)
+
+
+class _DropHandledFailures(logging.Filter):
+    """Drops a worker's "Compute Failed" traceback for errors the run reports (or retries) itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Compute Failed")
+            and any(error in message for error in _HANDLED_ERRORS)
+        )
+
+
+class _QuietHandledFailures(WorkerPlugin):
+    """Installs :class:`_DropHandledFailures` on each worker of the run's own local cluster."""
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").addFilter(_DropHandledFailures())
+
+
 def _print_summary(summary: RunSummary) -> None:
     frames = sum(f.n_frames for f in summary.fields)
     print(f"\nfields: {len(summary.fields)} ({len(summary.failed)} failed), timepoints: {frames}")
@@ -167,6 +193,8 @@ def run(
     plate = input_path if isinstance(input_path, Plate) else open_plate(input_path)
     total = 2 * sum(f.data.sizes.get("t", 1) for f in plate.fields)
     with connect(scheduler, workers) as client:
+        if scheduler is None:
+            client.register_plugin(_QuietHandledFailures())
         if show_progress:
             print(f"Dask dashboard: {client.dashboard_link}")
         with tqdm(total=total, unit="frame-step", disable=not show_progress) as bar:

@@ -47,7 +47,7 @@ class SegmentationConfig(_Strict):
 class HaloConfig(_Strict):
     """Halo depth in micrometres; z and the image plane differ for anisotropic voxels."""
 
-    xy: PositiveFloat = 30.0
+    xy: PositiveFloat = 40.0
     z: PositiveFloat = 15.0
 
 

@@ -21,6 +21,10 @@ class PipelineInputError(Exception):
         self.path = None if path is None else str(path)
         super().__init__(f"{problem}: {self.path}" if self.path else problem)
 
+    def __reduce__(self):
+        """Keep ``problem`` and ``path`` when the error travels between Dask processes."""
+        return (type(self), (self.problem, self.path))
+
 
 class CorruptChunkError(PipelineInputError):
     """A chunk of an input array cannot be read or decoded."""

@@ -42,7 +42,6 @@ from pipeline.track import track
 
 __all__ = ["FieldOutcome", "RunSummary", "process_plate"]
 
-SCRATCH = "_scratch"
 CELLS = "cells"
 
 
@@ -150,13 +149,13 @@ class _FieldRun:
             halo=halo,
             params=self.config.segmentation.classical.parameters(),
         )
-        scratch = self.root.create_array(
-            f"{SCRATCH}/{self.fov.path or 'image'}",
+        scratch = zarr.open_array(
+            _scratch_path(self.root) / (self.fov.path or "image"),
+            mode="w",
             shape=ids.shape,
             chunks=tuple(c[0] for c in ids.chunks),
             dtype=ids.dtype,
             fill_value=0,
-            overwrite=True,
         )
         stored = da.store(ids, scratch, lock=False, compute=False)
         table = measure_dask(
@@ -204,7 +203,7 @@ class _FieldRun:
 
     def _parent_and_name(self) -> tuple[zarr.Group, str]:
         if not self.fov.path:
-            return self.root, "image"
+            return self.root, ""
         well_path, name = self.fov.path.rsplit("/", 1)
         return self.root[well_path], name
 
@@ -241,7 +240,7 @@ class _FieldRun:
                 self.fov.field,
                 cells.assign(field=self.fov.field),
             )
-        shutil.rmtree(Path(self.root.store.root) / SCRATCH / (self.fov.path or "image"))
+        shutil.rmtree(_scratch_path(self.root) / (self.fov.path or "image"))
         self.image_group.attrs["pipeline"] = {
             "status": "complete",
             "version": __version__,
@@ -253,6 +252,12 @@ class _FieldRun:
         self.outcome.halo_um = halo_um
         on_frames(self.outcome.n_frames)
         return self.outcome
+
+
+def _scratch_path(root: zarr.Group) -> Path:
+    """Scratch space for a run's intermediate ids, beside (not inside) the output dataset."""
+    output = Path(root.store.root)
+    return output.parent / f".{output.name}.scratch"
 
 
 def _plate_table_path(root: zarr.Group) -> Path:
@@ -355,7 +360,8 @@ def _in_plate_order(plate: omezarr.Plate, outcomes: list[FieldOutcome]) -> list[
 def _finish_output(root: zarr.Group, plate: omezarr.Plate, summary: RunSummary) -> None:
     """Write the plate metadata (completed fields only) and the run's status, last."""
     done = [o for o in summary.fields if o.error is None]
-    shutil.rmtree(Path(root.store.root) / SCRATCH, ignore_errors=True)
+    shutil.rmtree(_scratch_path(root), ignore_errors=True)
+    root = zarr.open_group(root.store.root, mode="r+")  # a lone image rewrote the root group
     if plate.is_plate:
         wells: dict[tuple[str, str], list[str]] = {}
         for outcome in done:

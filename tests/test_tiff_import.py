@@ -7,7 +7,8 @@ import pytest
 import tifffile
 
 from pipeline.errors import PipelineInputError
-from pipeline.io.tiff import default_n_levels, read_tiff
+from pipeline.io.omezarr import open_plate
+from pipeline.io.tiff import default_n_levels, import_tiffs, read_tiff
 
 
 def _random(shape: tuple[int, ...], dtype: str = "uint16", seed: int = 0) -> np.ndarray:
@@ -190,3 +191,115 @@ def test_default_n_levels():
     assert default_n_levels((513, 100)) == 2
     assert default_n_levels((700, 1100)) == 3
     assert default_n_levels((4096, 4096)) == 4
+
+
+def test_import_ome_tiff_round_trips_through_open_plate(ome_tczyx, tmp_path):
+    path, pixels = ome_tczyx
+    out = import_tiffs(path, tmp_path / "image.ome.zarr", n_levels=2)
+    plate = open_plate(out)
+    assert not plate.is_plate
+    (field,) = plate.fields
+    assert field.data.dims == ("t", "c", "z", "y", "x")
+    np.testing.assert_array_equal(field.data.values, pixels)
+    assert field.pixel_size == pytest.approx({"z": 2.0, "y": 0.65, "x": 0.65})
+    assert field.channel_names == ("DAPI", "GFP", "RFP")
+    assert len(field.levels) == 2
+    assert field.levels[1].shape == (2, 3, 4, 12, 20)
+    np.testing.assert_allclose(field.data["x"].values, np.arange(40) * 0.65)
+    np.testing.assert_allclose(field.data["t"].values, np.arange(2) * 120.0)
+
+
+def test_import_time_series_stack_as_image(tmp_path):
+    frames = [_random((20, 30), seed=i) for i in range(3)]
+    paths = []
+    for i, frame in enumerate(frames):
+        paths.append(tmp_path / f"frame_{i}.tif")
+        tifffile.imwrite(paths[-1], frame, photometric="minisblack")
+    out = import_tiffs(paths, tmp_path / "series.zarr", axes="yx", pixel_size={"x": 0.5, "y": 0.5})
+    (field,) = open_plate(out).fields
+    assert field.data.dims == ("t", "y", "x")
+    assert field.pixel_size == {"y": 0.5, "x": 0.5}
+    np.testing.assert_array_equal(field.data.values, np.stack(frames))
+    with pytest.raises(PipelineInputError, match="already exists"):
+        import_tiffs(paths, out, axes="yx")
+    import_tiffs(paths[:1], out, axes="yx", overwrite=True)
+    assert open_plate(out).fields[0].data.dims == ("y", "x")
+
+
+def test_import_plate_wells_and_fields_from_file_names(tmp_path):
+    sources = tmp_path / "tiffs"
+    sources.mkdir()
+    names = ["A01_f1.tif", "B02_f0.tif", "A01_f0.tif"]
+    pixels = {name: _random((16, 18), seed=i) for i, name in enumerate(names)}
+    for name, image in pixels.items():
+        tifffile.imwrite(sources / name, image, photometric="minisblack")
+    out = tmp_path / "plate.zarr"
+    import_tiffs(sources, out, plate=True, pixel_size={"x": 0.3, "y": 0.3})
+    plate = open_plate(out)
+    assert plate.is_plate
+    assert plate.rows == ("A", "B")
+    assert plate.columns == ("1", "2")
+    got = {(f.row, f.column, f.field): f for f in plate.fields}
+    assert sorted(got) == [("A", "1", "0"), ("A", "1", "1"), ("B", "2", "0")]
+    for (row, column, field), name in [
+        (("A", "1", "0"), "A01_f0.tif"),
+        (("A", "1", "1"), "A01_f1.tif"),
+        (("B", "2", "0"), "B02_f0.tif"),
+    ]:
+        np.testing.assert_array_equal(got[row, column, field].data.values, pixels[name])
+        assert got[row, column, field].pixel_size == {"y": 0.3, "x": 0.3}
+
+
+def test_default_well_pattern_variants_and_plate_errors(tmp_path):
+    for name in ("B3.tif", "C12_s2.ome.tif", "c12_s10.ome.tif"):
+        tifffile.imwrite(tmp_path / name, _random((8, 8)), photometric="minisblack")
+    plate = open_plate(import_tiffs(tmp_path, tmp_path / "p.zarr", plate=True))
+    assert [(f.row, f.column, f.field) for f in plate.fields] == [
+        ("B", "3", "0"),
+        ("C", "12", "0"),
+        ("C", "12", "1"),
+    ]
+    tifffile.imwrite(tmp_path / "notes.tif", _random((8, 8)), photometric="minisblack")
+    with pytest.raises(PipelineInputError, match="does not match the well pattern") as error:
+        import_tiffs(tmp_path, tmp_path / "q.zarr", plate=True)
+    assert error.value.path == str(tmp_path / "notes.tif")
+    with pytest.raises(PipelineInputError, match="same field"):
+        import_tiffs(
+            [tmp_path / "C12_s2.ome.tif", tmp_path / "c12_s10.ome.tif"],
+            tmp_path / "r.zarr",
+            plate=True,
+            pattern=r"(?P<row>[A-Za-z])(?P<column>\d+)",
+        )
+
+
+@pytest.mark.parametrize(
+    ("unit", "expected_x"),
+    [("micron", 0.2), ("\\u00B5m", 0.2), ("nm", 0.0002), ("mm", 200.0), ("pixel", 1.0)],
+)
+def test_imagej_units_convert_to_micrometres(tmp_path, unit, expected_x):
+    path = tmp_path / "units.tif"
+    tifffile.imwrite(
+        path, _random((8, 8)), imagej=True, resolution=(5.0, 5.0), metadata={"unit": unit}
+    )
+    assert read_tiff(path).scale["x"] == pytest.approx(expected_x)
+
+
+def test_unknown_unit_warns_and_keeps_default(tmp_path):
+    path = tmp_path / "parsec.tif"
+    tifffile.imwrite(
+        path, _random((8, 8)), imagej=True, resolution=(5.0, 5.0), metadata={"unit": "parsec"}
+    )
+    with pytest.warns(UserWarning, match="cannot read"):
+        image = read_tiff(path)
+    assert image.scale == {"y": 1.0, "x": 1.0}
+    with pytest.warns(UserWarning):
+        assert read_tiff(path, pixel_size={"x": 0.4, "y": 0.4}).scale == {"y": 0.4, "x": 0.4}
+
+
+def test_bilevel_mask_is_read_as_uint8(tmp_path):
+    mask = _random((6, 9)) > 500
+    path = tmp_path / "mask.tif"
+    tifffile.imwrite(path, mask)
+    image = read_tiff(path)
+    assert image.data.dtype == np.uint8
+    np.testing.assert_array_equal(image.data.compute(), mask.astype(np.uint8))

@@ -7,8 +7,10 @@ from OME ``PhysicalSize*``/``TimeIncrement`` or ImageJ resolution, ``spacing`` a
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -281,20 +283,19 @@ def _files_by_well(files: list[Path], pattern: str) -> dict[tuple[str, str], lis
         raise PipelineInputError(f"invalid well pattern {pattern!r} ({error})") from error
     if not {"row", "column"} <= set(regex.groupindex):
         raise PipelineInputError(f"well pattern {pattern!r} needs groups 'row' and 'column'")
-    fields: dict[tuple[str, str], list[tuple[int, Path]]] = {}
+    fields: dict[tuple[str, str], list[tuple[list[int | str], Path]]] = {}
     for path in files:
         match = regex.search(path.name)
         if match is None:
             raise PipelineInputError(f"file name does not match the well pattern {pattern!r}", path)
         column = match["column"]
         well = (match["row"].upper(), str(int(column)) if column.isdigit() else column)
-        field = match.groupdict().get("field")
-        fields.setdefault(well, []).append((int(field) if field else 0, path))
+        field = match.groupdict().get("field") or ""
+        fields.setdefault(well, []).append((_natural_key(field), path))
     by_well = {}
     for well in sorted(fields, key=lambda w: (_row_order(w[0]), _natural_key(w[1]))):
         numbered = sorted(fields[well], key=lambda item: (item[0], _natural_key(item[1].name)))
-        numbers = [number for number, _ in numbered]
-        if len(set(numbers)) < len(numbers):
+        if any(a[0] == b[0] for a, b in itertools.pairwise(numbered)):
             raise PipelineInputError(
                 f"well {well[0]}{well[1]} has two files for the same field "
                 f"({', '.join(path.name for _, path in numbered)})",
@@ -515,15 +516,19 @@ def _set_scale(
     key: str,
     path: Path,
 ) -> None:
-    """Store ``value`` converted by ``unit``; uncalibrated units leave the dim at its default."""
+    """Store ``value`` converted by ``unit``; unknown or uncalibrated units keep the default."""
     if unit.strip().lower() in _UNCALIBRATED_UNITS:
         return
     factor = factors.get(unit.strip()) or factors.get(unit.strip().lower())
-    if factor is None:
-        raise PipelineInputError(
-            f"unknown unit {unit!r} for {key}; give the pixel size explicitly", path
+    try:
+        step = float(value) * factor  # factor None (unknown unit) raises TypeError
+    except (TypeError, ValueError):
+        warnings.warn(
+            f"{path}: cannot read {key}={value!r} {unit}; the {dim} step is left at 1.0, "
+            "give the pixel size explicitly",
+            stacklevel=2,
         )
-    step = float(value) * factor
+        return
     if math.isfinite(step) and step > 0:
         scale[dim] = step
 

@@ -78,6 +78,13 @@ def influence_radius_um(params: ClassicalParameters) -> float:
     return params.closing_radius_um + 8.0 * params.smoothing_sigma_um + params.min_distance_um
 
 
+def _closing(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Binary closing that treats the outside as a copy of the edge (no erosion at the border)."""
+    pad = [(r, r) for r in (np.array(footprint.shape) // 2)]
+    closed = ndi.binary_closing(np.pad(mask, pad, mode="edge"), structure=footprint)
+    return closed[tuple(slice(lo, lo + n) for (lo, _), n in zip(pad, mask.shape, strict=True))]
+
+
 def _fill_small_holes(foreground: np.ndarray, max_hole_pixels: float) -> np.ndarray:
     """Fill enclosed background components (not touching the region's border) up to a size."""
     holes = ~foreground & ndi.binary_fill_holes(foreground)
@@ -128,9 +135,7 @@ def watershed_cells_with_distance(
     voxel = float(np.prod(pixel_size))
     foreground = image > threshold
     if params.closing_radius_um > 0:
-        foreground = ndi.binary_closing(
-            foreground, structure=ellipsoid_footprint(params.closing_radius_um, pixel_size)
-        )
+        foreground = _closing(foreground, ellipsoid_footprint(params.closing_radius_um, pixel_size))
     foreground = _fill_small_holes(foreground, params.max_hole_size_um / voxel)
     distance = ndi.distance_transform_edt(foreground, sampling=pixel_size)
     sigma = [params.smoothing_sigma_um / step for step in pixel_size]

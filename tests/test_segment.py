@@ -1,0 +1,137 @@
+"""Tiled classical segmentation equals whole-image segmentation (DESIGN contract 2)."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from skimage.filters import threshold_otsu
+
+from pipeline import segment
+from pipeline.metrics import average_precision
+from pipeline.segment.classical import ClassicalParameters, segment_region
+from pipeline.segment.threshold import frame_threshold, frame_thresholds
+from pipeline.segment.tiled import HaloTooSmall, label_frames
+from pipeline.synthetic import simulate_field
+from pipeline.tiling import axis_blocks, halo_pixels
+
+
+def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a one-to-one map of non-zero ids turns ``a`` into ``b``."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def whole_image_labels(frames: np.ndarray, pixel_size, params) -> list[np.ndarray]:
+    """The untiled reference: the recipe on each whole frame, with its own Otsu threshold."""
+    return [segment_region(f, frame_threshold(f), pixel_size, params) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def field_2d():
+    return simulate_field(n_frames=2, size=(300, 270), seed=3)
+
+
+@pytest.fixture(scope="module")
+def field_3d():
+    return simulate_field(n_frames=1, size=(128, 120), z_slices=16, seed=5)
+
+
+def test_threshold_matches_skimage_otsu_on_8bit_and_dask_equals_numpy():
+    rng = np.random.default_rng(0)
+    image = np.concatenate([rng.normal(60, 10, 3000), rng.normal(180, 15, 1000)])
+    image = np.clip(image, 0, 255).astype(np.uint8).reshape(40, 100)
+    # skimage bins an 8-bit image by integer value too: the two must agree exactly
+    assert frame_threshold(image) == pytest.approx(threshold_otsu(image))
+    lazy = frame_thresholds(da.from_array(image[None], chunks=(1, 13, 29))).compute()
+    assert lazy[0] == frame_threshold(image)
+    floats = image.astype(np.float32) / 7.0
+    lazy = frame_thresholds(da.from_array(floats[None], chunks=(1, 17, 31))).compute()
+    assert lazy[0] == frame_threshold(floats)
+
+
+def test_halo_conversion_is_per_axis():
+    assert halo_pixels({"xy": 10.0, "z": 6.0}, {"z": 2.0, "y": 0.5, "x": 0.25}, "zyx") == (3, 20, 40)
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk", "halo", "expected"),
+    [(100, 32, 10, (32, 32, 36)), (100, 16, 40, (48, 52)), (50, 64, 10, (50,)), (96, 32, 5, (32,) * 3)],
+)
+def test_axis_blocks(size, chunk, halo, expected):
+    assert axis_blocks(size, chunk, halo) == expected
+    assert sum(expected) == size
+
+
+@pytest.mark.parametrize("chunk", [(64, 64), (100, 90), (77, 53), (150, 270)])
+def test_tiled_equals_whole_image_2d(field_2d, chunk):
+    frames = field_2d.image[:, 0]
+    pixel = (field_2d.pixel_size["y"], field_2d.pixel_size["x"])
+    params = ClassicalParameters()
+    expected = whole_image_labels(frames, pixel, params)
+    tiled = segment(
+        da.from_array(field_2d.image[:, 0], chunks=(1, *chunk)),
+        dims="tyx",
+        pixel_size=field_2d.pixel_size,
+        halo_um={"xy": 60.0},
+    ).compute()
+    for t, reference in enumerate(expected):
+        assert reference.max() > 20
+        assert same_up_to_renumbering(tiled[t], reference)
+    # labels unique over the whole time series and consecutive
+    assert np.array_equal(np.unique(tiled), np.arange(tiled.max() + 1))
+
+
+@pytest.mark.parametrize("chunk", [(16, 40, 40), (5, 48, 45), (7, 33, 120)])
+def test_tiled_equals_whole_image_3d_anisotropic(field_3d, chunk):
+    volume = field_3d.image[0, 0]
+    sizes = field_3d.pixel_size
+    pixel = (sizes["z"], sizes["y"], sizes["x"])
+    params = ClassicalParameters(min_size_um=50.0, max_hole_size_um=500.0)
+    (reference,) = whole_image_labels(volume[None], pixel, params)
+    tiled = segment(
+        da.from_array(volume, chunks=chunk),
+        dims="zyx",
+        pixel_size=sizes,
+        halo_um={"xy": 40.0, "z": 30.0},
+        min_size_um=50.0,
+        max_hole_size_um=500.0,
+    ).compute()
+    assert len(np.unique(reference)) > 8
+    assert same_up_to_renumbering(tiled, reference)
+
+
+def test_too_small_halo_is_detected_not_silently_cut(field_2d):
+    frames = da.from_array(field_2d.image[:1, 0], chunks=(1, 64, 64))
+    labels = label_frames(
+        frames,
+        frame_thresholds(frames),
+        pixel_size=(0.5, 0.5),
+        halo=(4, 4),
+        params=ClassicalParameters(),
+    )
+    with pytest.raises(HaloTooSmall, match="does not fit in the halo"):
+        labels.compute()
+
+
+def test_numpy_in_numpy_out_and_border_clearing(field_2d):
+    image = field_2d.image[0, 0, 7:203, 11:191]  # a crop, so cells are cut by its border
+    labels = segment(image, pixel_size=field_2d.pixel_size, clear_border=True)
+    assert isinstance(labels, np.ndarray)
+    edges = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    assert not edges.any()
+    kept = segment(image, pixel_size=field_2d.pixel_size)
+    assert kept.max() > labels.max()
+
+
+def test_classical_accuracy_on_simulated_field(field_2d):
+    """A floor, not the figure reported: the simulator is meant to be realistic, not easy."""
+    labels = segment(field_2d.image[0, 0], pixel_size=field_2d.pixel_size)
+    assert average_precision(field_2d.labels[0], labels) > 0.6
+
+
+def test_unknown_parameter_is_rejected():
+    with pytest.raises(ValueError, match="min_sise_um"):
+        segment(np.zeros((10, 10), np.uint8), min_sise_um=3)
