@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ _HANDLED_ERRORS = tuple(
 
 
 class _DropHandledFailures(logging.Filter):
-    """Drops a worker's "Compute Failed" traceback for errors the run reports (or retries) itself."""
+    """Drops a worker's "Compute Failed" traceback of errors the run reports or retries."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -150,7 +151,7 @@ def _print_summary(summary: RunSummary) -> None:
         f"{summary.pixels_per_second / 1e6:.2f} megapixels per second"
     )
     for failure in summary.failed:
-        print(f"FAILED {failure.path}: {failure.error}")
+        print(f"FAILED {failure.path}: {failure.error}", file=sys.stderr)
     print(f"results: {summary.output_path}")
 
 
@@ -191,6 +192,8 @@ def run(
     if not isinstance(config, RunConfig):
         config = load_config(config)
     plate = input_path if isinstance(input_path, Plate) else open_plate(input_path)
+    if Path(out).exists() and not overwrite:  # before a cluster is started for nothing
+        raise PipelineInputError("output already exists", Path(out).absolute())
     total = 2 * sum(f.data.sizes.get("t", 1) for f in plate.fields)
     with connect(scheduler, workers) as client:
         if scheduler is None:

@@ -369,6 +369,9 @@ def _finish_output(root: zarr.Group, plate: omezarr.Plate, summary: RunSummary) 
             wells.setdefault((row, column), []).append(name)
         for (row, column), fields in wells.items():
             omezarr.write_well(root, row, column, fields)
+        for fov in plate.fields:  # a well none of whose fields completed must not list them
+            if (fov.row, fov.column) not in wells:
+                shutil.rmtree(Path(root.store.root) / fov.row / fov.column, ignore_errors=True)
         if wells:
             omezarr.write_plate_metadata(
                 root,

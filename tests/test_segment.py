@@ -53,12 +53,21 @@ def test_threshold_matches_skimage_otsu_on_8bit_and_dask_equals_numpy():
 
 
 def test_halo_conversion_is_per_axis():
-    assert halo_pixels({"xy": 10.0, "z": 6.0}, {"z": 2.0, "y": 0.5, "x": 0.25}, "zyx") == (3, 20, 40)
+    assert halo_pixels({"xy": 10.0, "z": 6.0}, {"z": 2.0, "y": 0.5, "x": 0.25}, "zyx") == (
+        3,
+        20,
+        40,
+    )
 
 
 @pytest.mark.parametrize(
     ("size", "chunk", "halo", "expected"),
-    [(100, 32, 10, (32, 32, 36)), (100, 16, 40, (48, 52)), (50, 64, 10, (50,)), (96, 32, 5, (32,) * 3)],
+    [
+        (100, 32, 10, (32, 32, 36)),
+        (100, 16, 40, (48, 52)),
+        (50, 64, 10, (50,)),
+        (96, 32, 5, (32,) * 3),
+    ],
 )
 def test_axis_blocks(size, chunk, halo, expected):
     assert axis_blocks(size, chunk, halo) == expected

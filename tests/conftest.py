@@ -1,0 +1,26 @@
+"""Shared fixtures: one small simulated plate for the tests that run the whole pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.synthetic import simulate_plate
+
+
+@pytest.fixture(scope="session")
+def small_plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated 1 x 2 plate, one field per well, 3 frames of 256 x 256 (two pyramid levels).
+
+    Shared by several tests: never modify it; copy it first.
+    """
+    return simulate_plate(
+        tmp_path_factory.mktemp("plate") / "plate.zarr",
+        rows=1,
+        columns=2,
+        fields=1,
+        n_frames=3,
+        size=256,
+        seed=3,
+    )
