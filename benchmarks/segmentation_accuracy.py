@@ -38,7 +38,8 @@ def main() -> None:
         all_ap.extend(ap)
         n_cells = sum(len(np.unique(f)) - 1 for f in field.labels)
         print(
-            f"{seed:4d}  {args.frames:6d}  {n_cells:5d}  {np.mean(ap):12.3f}  {ap[0]:14.3f}  {ap[-1]:13.3f}"
+            f"{seed:4d}  {args.frames:6d}  {n_cells:5d}  {np.mean(ap):12.3f}  "
+            f"{ap[0]:14.3f}  {ap[-1]:13.3f}"
         )
     print(f"mean AP@0.5 over {len(all_ap)} frames: {np.mean(all_ap):.3f}")
 
