@@ -1,0 +1,377 @@
+"""The ``pipeline`` command end to end: one run on a small simulated plate, then bad inputs.
+
+The plate is run once (module fixture) and many properties are checked on that output against
+independent truths: the OME-Zarr validator, the label image itself (scipy.ndimage statistics),
+the input pixels, and the input's file hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from scipy import ndimage
+
+from pipeline.cli import main
+from pipeline.io.omezarr import open_plate
+
+VALIDATOR = Path(sys.executable).with_name("ome-zarr-models")
+FIELDS = {"A/1": "A/1/0", "A/2": "A/2/0"}
+TABLE_COLUMNS = {
+    "label",
+    "t",
+    "y",
+    "x",
+    "area",
+    "track_id",
+    "parent_track_id",
+    "intensity_mean_nuclei",
+    "intensity_mean_cytoplasm",
+}
+
+
+def _pipeline(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline ARGS`` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """Lines of stderr, progress-bar redraws (carriage returns) split apart."""
+    return [line for line in re.split(r"[\r\n]+", result.stderr) if line.strip()]
+
+
+def _field_table(out: Path, field: str) -> pd.DataFrame:
+    return pd.read_parquet(out / field / "tables" / "cells" / "table.parquet")
+
+
+def _label_levels(out: Path, field: str) -> list[np.ndarray]:
+    labels = zarr.open_group(out / field / "labels" / "cells", mode="r")
+    paths = [d["path"] for d in labels.attrs["ome"]["multiscales"][0]["datasets"]]
+    return [labels[path][:] for path in paths]
+
+
+def _root_attrs(out: Path) -> dict:
+    return dict(zarr.open_group(out, mode="r").attrs)
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VALIDATOR), "validate", str(path)], capture_output=True, text=True, check=False
+    )
+
+
+def _dangling_well_images(out: Path) -> list[str]:
+    """Images listed by a well group of ``out`` that do not exist."""
+    missing = []
+    for well_json in out.glob("*/*/zarr.json"):
+        well = zarr.open_group(well_json.parent, mode="r").attrs.get("ome", {}).get("well")
+        for image in (well or {}).get("images", []):
+            if not (well_json.parent / image["path"] / "zarr.json").is_file():
+                missing.append(f"{well_json.parent.relative_to(out)}/{image['path']}")
+    return missing
+
+
+@dataclass
+class PlateRun:
+    """One ``pipeline run`` of the small plate."""
+
+    result: subprocess.CompletedProcess
+    out: Path
+    input_digests: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def plate_run(small_plate: Path, tmp_path_factory: pytest.TempPathFactory) -> PlateRun:
+    digests = _file_digests(small_plate)
+    folder = tmp_path_factory.mktemp("cli-run")
+    out = folder / "results.zarr"
+    result = _pipeline("run", small_plate, "--out", out, "--workers", "1", cwd=folder)
+    return PlateRun(result, out, digests)
+
+
+# --------------------------------------------------------------------------------------------
+# A successful run
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_succeeds_with_dashboard_link_and_cells_per_well(plate_run: PlateRun) -> None:
+    result = plate_run.result
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(r"https?://\S+/status", result.stdout)
+    reported = dict(re.findall(r"well (\S+): (\d+) cells", result.stdout))
+    assert reported.keys() == FIELDS.keys()
+    for well, field in FIELDS.items():
+        assert int(reported[well]) == len(_field_table(plate_run.out, field)) > 0
+
+
+@pytest.mark.parametrize("node", ["", "A/1/0", "A/1/0/labels/cells"])
+def test_output_is_valid_ome_zarr(plate_run: PlateRun, node: str) -> None:
+    checked = _validate(plate_run.out / node)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_root_status_is_complete_and_plate_lists_all_wells(plate_run: PlateRun) -> None:
+    attrs = _root_attrs(plate_run.out)
+    assert attrs["pipeline"]["status"] == "complete"
+    assert attrs["pipeline"]["failures"] == []
+    assert [w["path"] for w in attrs["ome"]["plate"]["wells"]] == list(FIELDS)
+
+
+def test_input_plate_is_unchanged(plate_run: PlateRun, small_plate: Path) -> None:
+    assert _file_digests(small_plate) == plate_run.input_digests
+
+
+@pytest.mark.parametrize("field", FIELDS.values())
+def test_label_pyramid_has_the_image_level_shapes(plate_run: PlateRun, field: str) -> None:
+    image = zarr.open_group(plate_run.out / field, mode="r")
+    multiscale = image.attrs["ome"]["multiscales"][0]
+    channel_axis = [a["name"] for a in multiscale["axes"]].index("c")
+    image_shapes = [
+        tuple(np.delete(image[d["path"]].shape, channel_axis)) for d in multiscale["datasets"]
+    ]
+    levels = _label_levels(plate_run.out, field)
+    assert len(image_shapes) == 2  # the 256-pixel plate has a pyramid
+    assert [level.shape for level in levels] == image_shapes
+    for coarse in levels[1:]:  # downsampled labels hold existing ids, never averaged ones
+        assert set(np.unique(coarse)) <= set(np.unique(levels[0]))
+
+
+@pytest.mark.parametrize("field", FIELDS.values())
+def test_labels_are_consecutive_over_the_time_series(plate_run: PlateRun, field: str) -> None:
+    labels = _label_levels(plate_run.out, field)[0]
+    ids = np.unique(labels[labels > 0])
+    np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))
+    per_frame = [set(np.unique(frame[frame > 0])) for frame in labels]
+    assert sum(len(s) for s in per_frame) == len(ids)  # no id in two frames
+
+
+@pytest.mark.parametrize("field", FIELDS.values())
+def test_field_table_matches_label_image_and_pixels(
+    plate_run: PlateRun, small_plate: Path, field: str
+) -> None:
+    table = _field_table(plate_run.out, field).set_index("label", drop=False).sort_index()
+    assert TABLE_COLUMNS <= set(table.columns)
+    labels = _label_levels(plate_run.out, field)[0]
+    ids = np.unique(labels[labels > 0])
+    np.testing.assert_array_equal(table.index.to_numpy(), ids)
+    np.testing.assert_array_equal(table["n_pixels"], np.bincount(labels.ravel())[ids])
+
+    multiscale = zarr.open_group(plate_run.out / field, mode="r").attrs["ome"]["multiscales"][0]
+    transforms = {t["type"]: t for t in multiscale["datasets"][0]["coordinateTransformations"]}
+    *_, scale_y, scale_x = transforms["scale"]["scale"]
+    *_, origin_y, origin_x = transforms.get("translation", {}).get("translation", [0.0] * 4)
+    np.testing.assert_allclose(table["area"], table["n_pixels"] * scale_y * scale_x)
+    pixels = zarr.open_group(small_plate / field, mode="r")["0"][:]
+    for frame, frame_labels in enumerate(labels):
+        rows = table[table["t"] == frame]
+        frame_ids = rows.index.to_numpy()
+        np.testing.assert_array_equal(frame_ids, np.unique(frame_labels[frame_labels > 0]))
+        centres = np.array(ndimage.center_of_mass(frame_labels > 0, frame_labels, frame_ids))
+        np.testing.assert_allclose(rows["y"], origin_y + centres[:, 0] * scale_y, atol=1e-6)
+        np.testing.assert_allclose(rows["x"], origin_x + centres[:, 1] * scale_x, atol=1e-6)
+        for channel, name in enumerate(["nuclei", "cytoplasm"]):
+            means = ndimage.mean(pixels[frame, channel], frame_labels, frame_ids)
+            np.testing.assert_allclose(rows[f"intensity_mean_{name}"], means, rtol=1e-9)
+    assert table["track_id"].min() >= 1
+
+
+def test_table_groups_follow_the_ngio_convention(plate_run: PlateRun) -> None:
+    tables = zarr.open_group(plate_run.out / "A/1/0/tables", mode="r")
+    assert "cells" in tables.attrs["tables"]
+    attrs = tables["cells"].attrs
+    assert attrs["type"] == "feature_table"
+    assert attrs["region"] == {"path": "../../labels/cells"}
+    assert attrs["instance_key"] == "label"
+    # the region path, resolved from the table group, is the label image
+    region = (plate_run.out / "A/1/0/tables/cells" / attrs["region"]["path"]).resolve()
+    assert region == (plate_run.out / "A/1/0/labels/cells").resolve()
+
+
+def test_plate_table_holds_the_rows_of_the_field_tables(plate_run: PlateRun) -> None:
+    plate_table = pd.read_parquet(plate_run.out / "tables" / "cells")
+    expected = pd.concat(
+        [
+            _field_table(plate_run.out, field).assign(well=well.replace("/", ""))
+            for well, field in FIELDS.items()
+        ]
+    )
+    columns = list(expected.columns)
+    got = plate_table.assign(well=plate_table["well"].astype(str))[columns]
+    key = ["well", "label"]
+    pd.testing.assert_frame_equal(
+        got.sort_values(key).reset_index(drop=True),
+        expected.sort_values(key).reset_index(drop=True),
+        check_dtype=False,
+    )
+
+
+def test_simulate_subcommand_writes_the_requested_layout(tmp_path: Path) -> None:
+    out = tmp_path / "sim.zarr"
+    args = ["simulate", str(out), "--rows", "2", "--columns", "1", "--fields", "2"]
+    assert main([*args, "--frames", "2", "--size", "64", "--seed", "1"]) == 0
+    plate = open_plate(out)
+    assert sorted(f.path for f in plate.fields) == ["A/1/0", "A/1/1", "B/1/0", "B/1/1"]
+    assert {(f.data.sizes["t"], f.data.sizes["y"], f.data.sizes["x"]) for f in plate.fields} == {
+        (2, 64, 64)
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line on stderr naming the problem and the path, exit code 2, no traceback
+# --------------------------------------------------------------------------------------------
+
+
+def _ome_image(path: Path, axes: list[str], shape: tuple[int, ...], dtype: str) -> Path:
+    """A minimal OME-Zarr 0.5 image written with zarr directly."""
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    kinds = {"c": "channel", "t": "time"}
+    scale = {"type": "scale", "scale": [1.0] * len(axes)}
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": a, "type": kinds.get(a, "space")} for a in axes],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [scale],
+                    }
+                ],
+            }
+        ],
+    }
+    group.create_array("0", shape=shape, dtype=dtype)
+    return path
+
+
+def _missing(tmp: Path, plate: Path) -> tuple[list, Path]:
+    return [tmp / "missing.zarr"], tmp / "missing.zarr"
+
+
+def _not_ome_zarr_folder(tmp: Path, plate: Path) -> tuple[list, Path]:
+    folder = tmp / "images"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a dataset")
+    return [folder], folder
+
+
+def _zarr_without_ome(tmp: Path, plate: Path) -> tuple[list, Path]:
+    path = tmp / "plain.zarr"
+    zarr.open_group(path, mode="w", zarr_format=3).create_array("0", shape=(8, 8), dtype="u2")
+    return [path], path
+
+
+def _unsupported_axes(tmp: Path, plate: Path) -> tuple[list, Path]:
+    path = _ome_image(tmp / "yxc.zarr", ["y", "x", "c"], (8, 8, 2), "uint16")
+    return [path], path
+
+
+def _unsupported_dtype(tmp: Path, plate: Path) -> tuple[list, Path]:
+    path = _ome_image(tmp / "complex.zarr", ["y", "x"], (8, 8), "complex64")
+    return [path], path
+
+
+def _config(text: str) -> Callable[[Path, Path], tuple[list, Path]]:
+    def build(tmp: Path, plate: Path) -> tuple[list, Path]:
+        config = tmp / "config.yaml"
+        config.write_text(text)
+        return [plate, "--config", config], config
+
+    return build
+
+
+def _existing_output(tmp: Path, plate: Path) -> tuple[list, Path]:
+    out = tmp / "results.zarr"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    return [plate], out
+
+
+BAD_INPUTS = {
+    "missing input": (_missing, "path does not exist"),
+    "folder that is not OME-Zarr": (_not_ome_zarr_folder, "not a zarr group"),
+    "zarr without OME metadata": (_zarr_without_ome, "not an OME-Zarr image or plate"),
+    "unsupported axes": (_unsupported_axes, "unsupported axes ['y', 'x', 'c']"),
+    "unsupported dtype": (_unsupported_dtype, "unsupported dtype complex64"),
+    "unknown config key": (
+        _config("segmentation: {methd: classical}\n"),
+        "unknown config key 'segmentation.methd'",
+    ),
+    "bad config value": (
+        _config("tracking: {max_distance_um: -1}\n"),
+        "bad config value for 'tracking.max_distance_um'",
+    ),
+    "output exists": (_existing_output, "output already exists"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, small_plate: Path) -> None:
+    build, problem = BAD_INPUTS[case]
+    inputs, named_path = build(tmp_path, small_plate)
+    out = tmp_path / "results.zarr"
+    result = _pipeline("run", *inputs, "--out", out, "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = _stderr_lines(result)
+    assert line.startswith(f"error: {problem}")
+    assert str(named_path) in line
+    if case == "output exists":
+        assert (out / "keep.txt").read_text() == "earlier results"
+    else:
+        assert not out.exists()
+
+
+def test_unreadable_chunk_fails_its_field_only(tmp_path: Path, small_plate: Path) -> None:
+    plate = tmp_path / "plate.zarr"
+    shutil.copytree(small_plate, plate)
+    array = plate / "A/2/0/0"
+    chunk = sorted(p for p in (array / "c").rglob("*") if p.is_file())[0]
+    chunk.write_bytes(b"\x00garbage, not a compressed chunk\xff" * 4)
+    key = chunk.relative_to(array).as_posix()
+    out = tmp_path / "results.zarr"
+
+    result = _pipeline("run", plate, "--out", out, "--workers", "1", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    failure_lines = [line for line in _stderr_lines(result) if key in line]
+    assert len(failure_lines) == 1
+    assert "A/2/0" in failure_lines[0] and str(array) in failure_lines[0]
+    pipeline_attrs = _root_attrs(out)["pipeline"]
+    assert pipeline_attrs["status"] == "partial"
+    [failure] = pipeline_attrs["failures"]
+    assert failure["field"] == "A/2/0" and key in failure["error"]
+    # the other field is complete and is the only one the plate lists
+    assert [w["path"] for w in _root_attrs(out)["ome"]["plate"]["wells"]] == ["A/1"]
+    assert len(_field_table(out, "A/1/0")) == len(np.unique(_label_levels(out, "A/1/0")[0])) - 1
+    assert set(pd.read_parquet(out / "tables" / "cells")["well"].astype(str)) == {"A1"}
+    assert _dangling_well_images(out) == []
+    checked = _validate(out)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
