@@ -15,12 +15,12 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 
 from pipeline.cluster import connect
-from pipeline.config import ClassicalConfig, HaloConfig, RunConfig, load_config
+from pipeline.config import HaloConfig, RunConfig, SegmentationConfig, load_config
 from pipeline.errors import CorruptChunkError, PipelineInputError
 from pipeline.graph import RunSummary, process_plate
 from pipeline.io.omezarr import Plate, open_plate
-from pipeline.segment.threshold import frame_thresholds
-from pipeline.segment.tiled import HaloTooSmall, label_frames, relabel_consecutive, sorted_ids
+from pipeline.segment.methods import estimate_field_diameter, instance_ids
+from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive, sorted_ids
 from pipeline.tiling import block_chunks, halo_pixels
 
 __all__ = ["open_plate", "run", "segment"]
@@ -50,11 +50,12 @@ def _image_layout(
 
 def segment(
     image: Any,
-    method: str = "classical",
+    method: str = "convnet",
     *,
     dims: str | None = None,
     pixel_size: Mapping[str, float] | None = None,
     channel: int = 0,
+    diameter: float | None = None,
     halo_um: Mapping[str, float] | None = None,
     **parameters: Any,
 ) -> Any:
@@ -65,6 +66,7 @@ def segment(
     image
         numpy, dask or xarray image with dims a subset of (t, c, z, y, x) in that order.
     method
+        ``"convnet"`` (the shipped U-Net, then seeds and watershed on its maps) or
         ``"classical"`` (Otsu, closing, hole filling, distance transform, watershed).
     dims
         Dims of ``image`` (default from a DataArray, else ``yx``/``zyx``/``tzyx`` by ndim).
@@ -72,10 +74,14 @@ def segment(
         Micrometres per pixel per spatial dim (default: from DataArray coords, else 1).
     channel
         Channel to segment when the image has a ``c`` axis.
+    diameter
+        Conv-net only: typical nucleus diameter in pixels; None estimates it from the middle
+        timepoint (computed at once, also for Dask input).
     halo_um
         Halo of the tiles, ``{"xy": ..., "z": ...}`` (Dask input only).
     **parameters
-        Classical recipe parameters (see :class:`pipeline.config.ClassicalConfig`).
+        Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
+        ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalConfig`.
 
     Returns
     -------
@@ -84,9 +90,9 @@ def segment(
         dims without ``c``. A Dask result raises ``HaloTooSmall`` on compute if a cell does not
         fit in the halo.
     """
-    if method != "classical":
-        raise ValueError(f"unknown segmentation method {method!r}; available: 'classical'")
-    params = ClassicalConfig(**parameters).parameters()
+    if method not in ("convnet", "classical"):
+        raise ValueError(f"unknown segmentation method {method!r}; use 'convnet' or 'classical'")
+    segmentation = SegmentationConfig(method=method, **{method: parameters})
     array, dims, sizes = _image_layout(image, dims, pixel_size)
     if "c" in dims:
         array = (
@@ -105,12 +111,14 @@ def segment(
         halo = (0,) * len(spatial)
         chunks = tuple((n,) for n in frames.shape[1:])
     frames = da.asarray(frames).rechunk(((1,) * frames.shape[0], *chunks))
-    ids = label_frames(
+    if method == "convnet" and diameter is None:
+        diameter = estimate_field_diameter(frames, segmentation).compute(scheduler="threads")
+    ids = instance_ids(
         frames,
-        frame_thresholds(frames),
+        segmentation,
         pixel_size=[sizes[d] for d in spatial],
         halo=halo,
-        params=params,
+        diameter_px=diameter,
     )
     labels = relabel_consecutive(ids, sorted_ids(ids))
     if "t" not in dims:

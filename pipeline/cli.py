@@ -100,6 +100,39 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    options = {} if args.thresholds is None else {"thresholds": args.thresholds}
+    report = evaluate(args.prediction, args.ground_truth, min_size=args.min_size, **options)
+    print(report.format())
+    if args.json:
+        path = report.to_json(args.json)
+        print(f"report written to {path}")
+    return 0
+
+
+def _iou_thresholds(text: str) -> tuple[float, ...]:
+    """Parse "0.5,0.75" into IoU thresholds in (0, 1]."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
+    if not all(0 < value <= 1 for value in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"thresholds must be distinct, in (0, 1]: {text}")
+    return values
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -153,6 +186,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiff.add_argument("--overwrite", action="store_true")
     tiff.set_defaults(handler=_import)
+
+    score = commands.add_parser(
+        "evaluate", help="score predicted labels against ground truth (AP, Jaccard, Dice, ARI)"
+    )
+    score.add_argument(
+        "prediction", help="predicted labels: a TIFF, a folder of TIFFs or an OME-Zarr label image"
+    )
+    score.add_argument(
+        "ground_truth", help="ground-truth labels: a TIFF, a folder of TIFFs or OME-Zarr labels"
+    )
+    score.add_argument(
+        "--min-size",
+        type=_non_negative_int,
+        default=0,
+        help="drop objects with fewer pixels from both sides first (default: 0, keep all)",
+    )
+    score.add_argument("--json", help="also write the report as JSON to this file")
+    score.add_argument(
+        "--thresholds",
+        type=_iou_thresholds,
+        help="comma-separated IoU thresholds (default: 0.5,0.55,...,0.95)",
+    )
+    score.set_defaults(handler=_evaluate)
     return parser
 
 

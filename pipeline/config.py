@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 
 from pipeline.errors import PipelineInputError
 from pipeline.segment.classical import ClassicalParameters
+from pipeline.segment.convnet import ConvNetParameters
 
 __all__ = ["RunConfig", "load_config"]
 
@@ -36,11 +37,40 @@ class ClassicalConfig(_Strict):
         return ClassicalParameters(**self.model_dump())
 
 
+class ConvNetConfig(_Strict):
+    """The conv-net segmenter: model, scale, how inference runs, and its post-processing."""
+
+    model: str | None = Field(None, description="model path (NAME or NAME.pt); None: shipped")
+    diameter_px: PositiveFloat | None = Field(
+        None, description="typical nucleus diameter in pixels; None: estimated per field"
+    )
+    tta: bool = Field(False, description="average the 8 rotations/reflections of each tile")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: PositiveInt | None = Field(
+        1, description="torch threads per inference task on a CPU (None: torch's default)"
+    )
+    batch_size: PositiveInt = 8
+    tile_px: PositiveInt = Field(512, description="tile edge at the model's scale")
+    frames_per_block: PositiveInt = Field(1, description="timepoints batched in one task")
+    foreground_threshold: float = Field(0.5, gt=0, lt=1)
+    seed_threshold: float = Field(0.3, ge=0)
+    seed_radius: PositiveFloat = Field(0.25, description="in nucleus diameters")
+    smoothing: float = Field(0.04, ge=0, description="Gaussian sigma in nucleus diameters")
+    min_size: float = Field(0.1, ge=0, description="fraction of a one-diameter disc or ball")
+    clear_border: bool = False
+
+    def parameters(self) -> ConvNetParameters:
+        """The post-processing parameters."""
+        names = ConvNetParameters.__dataclass_fields__
+        return ConvNetParameters(**{k: v for k, v in self.model_dump().items() if k in names})
+
+
 class SegmentationConfig(_Strict):
     """Which segmenter runs, on which channel."""
 
-    method: Literal["classical"] = "classical"
+    method: Literal["convnet", "classical"] = "convnet"
     channel: str | int = Field(0, description="channel name or index holding the nuclei")
+    convnet: ConvNetConfig = ConvNetConfig()
     classical: ClassicalConfig = ClassicalConfig()
 
 

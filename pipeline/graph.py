@@ -2,9 +2,13 @@
 
 A field (its whole time series) is processed in two graphs:
 
-1. *segment and measure*: per-frame Otsu thresholds, tiled classical segmentation giving global
-   cell ids (:mod:`pipeline.segment.tiled`), stored to a scratch array, and per-block partial
-   statistics tree-reduced into the field's cell table;
+1. *segment and measure*: tiled segmentation giving global cell ids (the conv-net, or the
+   classical recipe: :mod:`pipeline.segment.methods`), stored to a scratch array, and per-block
+   partial statistics tree-reduced into the field's cell table. The conv-net's nucleus diameter
+   is estimated per field first unless the config gives it. When the cluster has workers with a
+   ``GPU`` resource, the inference tasks (and the reads feeding them) are persisted there with
+   ``resources={"GPU": 1}`` and the post-processing runs on any worker (graph fusion would drop
+   a ``dask.annotate`` annotation, so the restriction is given at persist time);
 2. *write*: ids renumbered 1..n (in the order of the table), the label pyramid and a copy of the
    image written to the output plate.
 
@@ -33,10 +37,11 @@ from distributed import Client
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
+from pipeline.infer import loaded_model
 from pipeline.io import omezarr, tables
 from pipeline.measure import measure_dask
-from pipeline.segment.threshold import frame_thresholds
-from pipeline.segment.tiled import HaloTooSmall, label_frames, relabel_consecutive
+from pipeline.segment.methods import estimate_field_diameter, inference_settings, instance_ids
+from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.track import track
 
@@ -56,6 +61,7 @@ class FieldOutcome:
     n_cells: int = 0
     n_tracks: int = 0
     halo_um: dict[str, float] = field(default_factory=dict)
+    diameter_px: float | None = None
     error: str | None = None
 
 
@@ -134,6 +140,16 @@ class _FieldRun:
             n_pixels=int(np.prod(shape)) // shape[1],
         )
 
+    def _diameter(self, client: Client, frames: da.Array) -> float | None:
+        """The conv-net's nucleus diameter: from the config, or estimated on the field."""
+        segmentation = self.config.segmentation
+        if segmentation.method != "convnet":
+            return None
+        if segmentation.convnet.diameter_px is not None:
+            return segmentation.convnet.diameter_px
+        estimate = _on_gpu_workers(client, estimate_field_diameter(frames, segmentation))
+        return float(client.compute(estimate, sync=True))
+
     def _segment_and_measure(self, client: Client, halo_um: dict[str, float]):
         """Graph 1: global cell ids to the scratch array, and the merged cell table."""
         frames = self.data.data[:, self.channel]
@@ -142,12 +158,15 @@ class _FieldRun:
         min_block = [1 if d == "z" else self.config.tiling.min_block_px for d in self.spatial_dims]
         spatial_chunks = block_chunks(frames.shape[1:], storage, halo, min_block)
         frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
-        ids = label_frames(
+        if self.outcome.diameter_px is None:
+            self.outcome.diameter_px = self._diameter(client, frames)
+        ids = instance_ids(
             frames,
-            frame_thresholds(frames),
+            self.config.segmentation,
             pixel_size=[self.pixel_size[d] for d in self.spatial_dims],
             halo=halo,
-            params=self.config.segmentation.classical.parameters(),
+            diameter_px=self.outcome.diameter_px,
+            on_maps=lambda maps: _on_gpu_workers(client, maps),
         )
         scratch = zarr.open_array(
             _scratch_path(self.root) / (self.fov.path or "image"),
@@ -190,6 +209,13 @@ class _FieldRun:
         _, label_writes = omezarr.write_labels(image_group, CELLS, labels, compute=False)
         client.compute([*image_writes, *label_writes], sync=True)
         self.image_group = image_group
+
+    def _model_provenance(self) -> dict[str, object]:
+        if self.config.segmentation.method != "convnet":
+            return {}
+        settings = inference_settings(self.config.segmentation)
+        _, info = loaded_model(settings.model, "cpu")
+        return {"model_sha256": info.weights_sha256, "diameter_px": self.outcome.diameter_px}
 
     def _input_levels(self) -> list[zarr.Array]:
         group = zarr.open_group(self.fov.dataset_path, mode="r")
@@ -246,12 +272,25 @@ class _FieldRun:
             "version": __version__,
             "config_sha256": self.config.digest(),
             "halo_um": halo_um,
+            **self._model_provenance(),
         }
         self.outcome.n_cells = len(cells)
         self.outcome.n_tracks = int(cells["track_id"].nunique()) if len(cells) else 0
         self.outcome.halo_um = halo_um
         on_frames(self.outcome.n_frames)
         return self.outcome
+
+
+def _gpu_workers(client: Client) -> bool:
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
+
+
+def _on_gpu_workers(client: Client, collection):
+    """Persist ``collection`` on workers with a ``GPU`` resource, if the cluster has any."""
+    if not _gpu_workers(client):
+        return collection
+    return client.persist(collection, resources={"GPU": 1})
 
 
 def _scratch_path(root: zarr.Group) -> Path:

@@ -9,7 +9,7 @@ from skimage.filters import threshold_otsu
 
 from pipeline import segment
 from pipeline.metrics import average_precision
-from pipeline.segment.classical import ClassicalParameters, segment_region
+from pipeline.segment.classical import ClassicalParameters, ClassicalRecipe, segment_region
 from pipeline.segment.threshold import frame_threshold, frame_thresholds
 from pipeline.segment.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
@@ -82,6 +82,7 @@ def test_tiled_equals_whole_image_2d(field_2d, chunk):
     expected = whole_image_labels(frames, pixel, params)
     tiled = segment(
         da.from_array(field_2d.image[:, 0], chunks=(1, *chunk)),
+        "classical",
         dims="tyx",
         pixel_size=field_2d.pixel_size,
         halo_um={"xy": 60.0},
@@ -102,6 +103,7 @@ def test_tiled_equals_whole_image_3d_anisotropic(field_3d, chunk):
     (reference,) = whole_image_labels(volume[None], pixel, params)
     tiled = segment(
         da.from_array(volume, chunks=chunk),
+        "classical",
         dims="zyx",
         pixel_size=sizes,
         halo_um={"xy": 40.0, "z": 30.0},
@@ -117,9 +119,9 @@ def test_too_small_halo_is_detected_not_silently_cut(field_2d):
     labels = label_frames(
         frames,
         frame_thresholds(frames),
+        recipe=ClassicalRecipe(ClassicalParameters()),
         pixel_size=(0.5, 0.5),
         halo=(4, 4),
-        params=ClassicalParameters(),
     )
     with pytest.raises(HaloTooSmall, match="does not fit in the halo"):
         labels.compute()
@@ -127,20 +129,20 @@ def test_too_small_halo_is_detected_not_silently_cut(field_2d):
 
 def test_numpy_in_numpy_out_and_border_clearing(field_2d):
     image = field_2d.image[0, 0, 7:203, 11:191]  # a crop, so cells are cut by its border
-    labels = segment(image, pixel_size=field_2d.pixel_size, clear_border=True)
+    labels = segment(image, "classical", pixel_size=field_2d.pixel_size, clear_border=True)
     assert isinstance(labels, np.ndarray)
     edges = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     assert not edges.any()
-    kept = segment(image, pixel_size=field_2d.pixel_size)
+    kept = segment(image, "classical", pixel_size=field_2d.pixel_size)
     assert kept.max() > labels.max()
 
 
 def test_classical_accuracy_on_simulated_field(field_2d):
     """A floor, not the figure reported: the simulator is meant to be realistic, not easy."""
-    labels = segment(field_2d.image[0, 0], pixel_size=field_2d.pixel_size)
+    labels = segment(field_2d.image[0, 0], "classical", pixel_size=field_2d.pixel_size)
     assert average_precision(field_2d.labels[0], labels) > 0.6
 
 
 def test_unknown_parameter_is_rejected():
     with pytest.raises(ValueError, match="min_sise_um"):
-        segment(np.zeros((10, 10), np.uint8), min_sise_um=3)
+        segment(np.zeros((10, 10), np.uint8), "classical", min_sise_um=3)

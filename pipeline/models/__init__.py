@@ -71,7 +71,9 @@ def save_model(model: UNet, info: ModelInfo, path: str | Path) -> None:
     """Write ``PATH.pt`` (state dict) and ``PATH.json`` (info without the digest)."""
     weights, meta = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+    }
     torch.save(state, weights)
     record = asdict(info)
     record.pop("weights_sha256")
@@ -101,5 +103,7 @@ def load_model(
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise PipelineInputError(f"cannot load model ({error.__class__.__name__})", weights) from None
+        raise PipelineInputError(
+            f"cannot load model ({error.__class__.__name__})", weights
+        ) from None
     return model.to(device).eval(), info

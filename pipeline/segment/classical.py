@@ -22,9 +22,12 @@ from skimage.segmentation import watershed
 
 __all__ = [
     "ClassicalParameters",
+    "ClassicalRecipe",
     "ellipsoid_footprint",
     "filter_cells",
     "influence_radius_um",
+    "local_maxima_markers",
+    "remove_cells",
     "segment_region",
     "watershed_cells_with_distance",
 ]
@@ -97,13 +100,15 @@ def _fill_small_holes(foreground: np.ndarray, max_hole_pixels: float) -> np.ndar
     return foreground | small[hole_labels]
 
 
-def _markers(smoothed: np.ndarray, foreground: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """Label local maxima of ``smoothed`` in the foreground; plateaus become one marker."""
-    peaks = (
-        ndi.maximum_filter(smoothed, footprint=footprint, mode="nearest") == smoothed
-    ) & foreground
-    peaks &= smoothed > 0
-    structure = ndi.generate_binary_structure(smoothed.ndim, smoothed.ndim)
+def local_maxima_markers(
+    values: np.ndarray, allowed: np.ndarray, footprint: np.ndarray
+) -> np.ndarray:
+    """Label the local maxima of ``values`` (within ``footprint``) where ``allowed``.
+
+    A plateau of equal maxima becomes one marker (full connectivity).
+    """
+    peaks = (ndi.maximum_filter(values, footprint=footprint, mode="nearest") == values) & allowed
+    structure = ndi.generate_binary_structure(values.ndim, values.ndim)
     markers, _ = ndi.label(peaks, structure=structure)
     return markers
 
@@ -140,8 +145,10 @@ def watershed_cells_with_distance(
     distance = ndi.distance_transform_edt(foreground, sampling=pixel_size)
     sigma = [params.smoothing_sigma_um / step for step in pixel_size]
     smoothed = ndi.gaussian_filter(distance, sigma=sigma, mode="nearest", truncate=4.0)
-    markers = _markers(
-        smoothed, foreground, ellipsoid_footprint(params.min_distance_um, pixel_size)
+    markers = local_maxima_markers(
+        smoothed,
+        foreground & (smoothed > 0),
+        ellipsoid_footprint(params.min_distance_um, pixel_size),
     )
     labels = watershed(-smoothed, markers, mask=foreground).astype(np.int32, copy=False)
     return labels, distance
@@ -168,22 +175,25 @@ def segment_region(
     return filter_cells(cells, pixel_size, params, border_faces)
 
 
-def filter_cells(
+def remove_cells(
     labels: np.ndarray,
     pixel_size: Sequence[float],
-    params: ClassicalParameters,
+    *,
+    min_size: float = 0.0,
+    max_size: float | None = None,
+    clear_border: bool = False,
     border_faces: Sequence[tuple[bool, bool]] | None = None,
 ) -> np.ndarray:
-    """Drop cells outside the size range and, optionally, cells touching the image border.
+    """Drop cells outside a size range (um^2 or um^3) and, optionally, cells touching the border.
 
     ``border_faces`` gives, per axis, whether the region's low and high faces are borders of the
     whole image (default: all are).
     """
     sizes = np.bincount(labels.ravel()) * float(np.prod(pixel_size))
-    drop = sizes < params.min_size_um
-    if params.max_size_um is not None:
-        drop |= sizes > params.max_size_um
-    if params.clear_border:
+    drop = sizes < min_size
+    if max_size is not None:
+        drop |= sizes > max_size
+    if clear_border:
         faces = border_faces or [(True, True)] * labels.ndim
         for axis, (low, high) in enumerate(faces):
             if low:
@@ -192,3 +202,46 @@ def filter_cells(
                 drop[np.unique(np.take(labels, -1, axis=axis))] = True
     drop[0] = True
     return np.where(drop[labels], 0, labels)
+
+
+def filter_cells(
+    labels: np.ndarray,
+    pixel_size: Sequence[float],
+    params: ClassicalParameters,
+    border_faces: Sequence[tuple[bool, bool]] | None = None,
+) -> np.ndarray:
+    """The classical recipe's size and border filters (see :func:`remove_cells`)."""
+    return remove_cells(
+        labels,
+        pixel_size,
+        min_size=params.min_size_um,
+        max_size=params.max_size_um,
+        clear_border=params.clear_border,
+        border_faces=border_faces,
+    )
+
+
+@dataclass(frozen=True)
+class ClassicalRecipe:
+    """The classical recipe in the form :func:`pipeline.segment.tiled.label_frames` takes."""
+
+    params: ClassicalParameters
+
+    def influence_radius_um(self) -> float:
+        """See :func:`influence_radius_um`."""
+        return influence_radius_um(self.params)
+
+    def cells(
+        self, image: np.ndarray, threshold: float, pixel_size: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """See :func:`watershed_cells_with_distance`."""
+        return watershed_cells_with_distance(image, threshold, pixel_size, self.params)
+
+    def filter(
+        self,
+        cells: np.ndarray,
+        pixel_size: Sequence[float],
+        border_faces: Sequence[tuple[bool, bool]] | None = None,
+    ) -> np.ndarray:
+        """See :func:`filter_cells`."""
+        return filter_cells(cells, pixel_size, self.params, border_faces)

@@ -17,19 +17,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Protocol
 
 import dask
 import dask.array as da
 import numpy as np
 
-from pipeline.segment.classical import (
-    ClassicalParameters,
-    filter_cells,
-    influence_radius_um,
-    watershed_cells_with_distance,
-)
+__all__ = [
+    "HaloTooSmall",
+    "Recipe",
+    "label_dtype",
+    "label_frames",
+    "relabel_consecutive",
+    "sorted_ids",
+]
 
-__all__ = ["HaloTooSmall", "label_dtype", "label_frames", "relabel_consecutive", "sorted_ids"]
+
+class Recipe(Protocol):
+    """A segmentation recipe on one image region, as :func:`label_frames` runs it per block."""
+
+    def influence_radius_um(self) -> float:
+        """How far (um) a pixel's result depends on its surroundings beyond its own cell."""
+
+    def cells(
+        self, region: np.ndarray, frame_value: float, pixel_size: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cells (int labels) of a region ([k,] *spatial) and the foreground's EDT in um."""
+
+    def filter(
+        self,
+        cells: np.ndarray,
+        pixel_size: Sequence[float],
+        border_faces: Sequence[tuple[bool, bool]] | None = None,
+    ) -> np.ndarray:
+        """Cells that survive the recipe's size and border filters."""
 
 
 class HaloTooSmall(RuntimeError):
@@ -98,39 +119,40 @@ def _check_cells_fit(
 
 def _label_block(
     block: np.ndarray,
-    threshold: np.ndarray,
+    frame_value: np.ndarray,
     *,
     core_chunks: tuple[tuple[int, ...], ...],
     halo: tuple[int, ...],
     pixel_size: tuple[float, ...],
-    params: ClassicalParameters,
+    recipe: Recipe,
     dtype: np.dtype,
     block_id: tuple[int, ...],
 ) -> np.ndarray:
-    """Segment one extended block (1, *spatial) and return its core as global cell ids."""
+    """Segment one extended block (1, [k,] *spatial) and return its core as global cell ids."""
+    n_spatial = len(pixel_size)
+    lead = block.ndim - n_spatial
     t = int(sum(core_chunks[0][: block_id[0]]))
-    shape = tuple(int(sum(c)) for c in core_chunks[1:])
+    spatial_chunks, spatial_ids = core_chunks[-n_spatial:], block_id[-n_spatial:]
+    shape = tuple(int(sum(c)) for c in spatial_chunks)
     ext_start, core, inner, border = [], [], [], []
     for axis, (chunks, index, depth) in enumerate(
-        zip(core_chunks[1:], block_id[1:], halo, strict=True)
+        zip(spatial_chunks, spatial_ids, halo, strict=True)
     ):
         start, stop = _core_bounds(chunks, index)
         low, high = min(depth, start), min(depth, shape[axis] - stop)
-        if block.shape[axis + 1] != low + (stop - start) + high:
+        if block.shape[lead + axis] != low + (stop - start) + high:
             raise AssertionError("overlapped block does not match the block plan")
         ext_start.append(start - low)
         core.append(slice(low, low + stop - start))
         inner.append((start - low > 0, stop + high < shape[axis]))
         border.append((start - low == 0, stop + high == shape[axis]))
-    cells, distance = watershed_cells_with_distance(
-        block[0], float(threshold.ravel()[0]), pixel_size, params
-    )
+    cells, distance = recipe.cells(block[0], float(frame_value.ravel()[0]), pixel_size)
     origin = tuple(c.start + e for c, e in zip(core, ext_start, strict=True))
     where = f"t={t}, block starting at {origin}"
     _check_cells_fit(
-        cells, distance, tuple(core), pixel_size, inner, influence_radius_um(params), where
+        cells, distance, tuple(core), pixel_size, inner, recipe.influence_radius_um(), where
     )
-    cells = filter_cells(cells, pixel_size, params, border)
+    cells = recipe.filter(cells, pixel_size, border)
     values, first = np.unique(cells.ravel(), return_index=True)
     local = np.unravel_index(first, cells.shape)
     global_coords = (
@@ -146,27 +168,30 @@ def _label_block(
 
 def label_frames(
     frames: da.Array,
-    thresholds: da.Array,
+    frame_values: da.Array | None = None,
     *,
+    recipe: Recipe,
     pixel_size: Sequence[float],
     halo: Sequence[int],
-    params: ClassicalParameters,
 ) -> da.Array:
-    """Tiled classical segmentation of a (t, [z,] y, x) Dask array of one channel.
+    """Tiled instance segmentation of a (t, [k,] [z,] y, x) Dask array.
 
     Parameters
     ----------
     frames
-        Intensities, one chunk per timepoint along t; spatial chunks are the blocks (see
-        :func:`pipeline.tiling.block_chunks`), each at least as deep as ``halo``.
-    thresholds
-        Foreground threshold per timepoint, shape (t,).
+        One channel of intensities (t, *spatial), or k maps per pixel (t, k, *spatial) such as
+        the conv-net's outputs; one chunk per timepoint along t and one along k; spatial chunks
+        are the blocks (see :func:`pipeline.tiling.block_chunks`), each at least as deep as
+        ``halo``.
+    frame_values
+        A value per timepoint, shape (t,), that the recipe takes (the classical recipe's
+        threshold); None gives zeros.
+    recipe
+        The segmentation recipe run on each block (:class:`Recipe`).
     pixel_size
         Micrometres per pixel along each spatial axis.
     halo
         Halo depth in pixels per spatial axis.
-    params
-        Classical recipe parameters.
 
     Returns
     -------
@@ -174,23 +199,29 @@ def label_frames(
         Global cell ids (unsigned; 0 = background) with the chunks of ``frames``; renumber with
         :func:`relabel_consecutive`.
     """
-    if any(c != 1 for c in frames.chunks[0]):
-        frames = frames.rechunk({0: 1})
-    halo = tuple(int(min(h, n)) for h, n in zip(halo, frames.shape[1:], strict=True))
-    depth = {0: 0, **{axis + 1: h for axis, h in enumerate(halo)}}
+    lead = frames.ndim - len(pixel_size)
+    frames = frames.rechunk({axis: 1 if axis == 0 else -1 for axis in range(lead)})
+    spatial = frames.shape[lead:]
+    halo = tuple(int(min(h, n)) for h, n in zip(halo, spatial, strict=True))
+    depth = {axis: 0 for axis in range(lead)} | {lead + a: h for a, h in enumerate(halo)}
     overlapped = da.overlap.overlap(frames, depth=depth, boundary="none")
-    spatial_ones = (1,) * (frames.ndim - 1)
-    per_frame = thresholds.rechunk(1).reshape(thresholds.shape + spatial_ones)
-    dtype = label_dtype(int(np.prod(frames.shape)) + 1)
+    if frame_values is None:
+        frame_values = da.zeros(frames.shape[0], chunks=1)
+    per_frame = frame_values.rechunk(1).reshape(frame_values.shape + (1,) * (frames.ndim - 1))
+    dtype = label_dtype(frames.shape[0] * int(np.prod(spatial)) + 1)
     function = partial(
         _label_block,
         core_chunks=frames.chunks,
         halo=halo,
         pixel_size=tuple(float(s) for s in pixel_size),
-        params=params,
+        recipe=recipe,
         dtype=dtype,
     )
-    return da.map_blocks(function, overlapped, per_frame, chunks=frames.chunks, dtype=dtype)
+    out_chunks = (frames.chunks[0], *frames.chunks[lead:])
+    drop = tuple(range(1, lead))
+    return da.map_blocks(
+        function, overlapped, per_frame, chunks=out_chunks, drop_axis=drop, dtype=dtype
+    )
 
 
 def _unique_nonzero(block: np.ndarray) -> np.ndarray:

@@ -1,0 +1,431 @@
+"""Conv-net inference: whole images in numpy, and tiled on Dask with exactly the same result.
+
+The network (see :mod:`pipeline.models`) was trained on nuclei of ``ModelInfo.diameter_px``
+pixels, on images normalised by their own robust percentiles. Inference therefore
+
+1. normalises each frame (timepoint of one channel) by its whole-frame percentiles
+   (DESIGN contract 4; :mod:`pipeline.normalize`);
+2. rescales the image plane by ``model diameter / nucleus diameter`` (linear interpolation,
+   pixel centres aligned; z is never rescaled: z-stacks run slice by slice);
+3. runs the network on tiles: each tile is a core whose origin and size are multiples of the
+   network's measured total stride, plus a halo of at least its measured receptive-field radius
+   (also a multiple of the stride); only the core is kept (centre crop, no blending), so every
+   output pixel sees exactly the input it would see in one whole-image pass (contract 1);
+4. rescales the four output maps back to the image's grid.
+
+The model is loaded once per process (one Dask worker) and reused by every task on it; the device
+is chosen there: CUDA with bfloat16 autocast when the worker has a GPU, else the CPU with a set
+number of threads. Tiles of a block (its timepoints and z slices) are batched.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import dask.array as da
+import numpy as np
+import torch
+from dask_image.ndinterp import affine_transform
+from scipy import ndimage as ndi
+
+from pipeline.models import ModelInfo, load_model
+from pipeline.models.unet import UNet
+from pipeline.normalize import frame_percentiles, normalize
+from pipeline.segment.convnet import ConvNetParameters, cells_from_maps
+from pipeline.tiling import axis_blocks
+
+__all__ = [
+    "InferenceSettings",
+    "estimate_diameter",
+    "loaded_model",
+    "median_diameter",
+    "model_load_count",
+    "predict_maps",
+    "predict_maps_tiled",
+    "rescale_factor",
+    "run_network",
+]
+
+N_MAPS = 4
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the network runs: model file, device, threads, batch and tile sizes, TTA.
+
+    Attributes
+    ----------
+    model
+        Path of a model (``NAME`` or ``NAME.pt``; None: the shipped one).
+    device
+        ``"auto"`` (CUDA if this process sees a GPU, else CPU), ``"cpu"`` or ``"cuda"``.
+    cpu_threads
+        torch threads on the CPU (None: torch's default).
+    batch_size
+        Tiles per forward pass.
+    tile_px
+        Core tile edge at the model's scale (rounded up to a multiple of the stride).
+    tta
+        Average the 8 rotations/reflections of each tile (a cheap ensemble).
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    cpu_threads: int | None = None
+    batch_size: int = 8
+    tile_px: int = 512
+    tta: bool = False
+
+
+_MODELS: dict[tuple[str | None, str], tuple[UNet, ModelInfo]] = {}
+_MODELS_LOCK = threading.Lock()
+_LOADS = 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def loaded_model(model: str | None = None, device: str = "auto") -> tuple[UNet, ModelInfo]:
+    """The model on this process's device, loaded on first use and then reused."""
+    global _LOADS
+    key = (model, str(_device(device)))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_model(model, device=_device(device))
+            _LOADS += 1
+        return _MODELS[key]
+
+
+def model_load_count() -> int:
+    """How many times this process has loaded a model from disk (for tests and monitoring)."""
+    return _LOADS
+
+
+def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _undo_dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, -k, dims=(-2, -1))
+
+
+def _forward(model: UNet, batch: torch.Tensor) -> torch.Tensor:
+    """Probabilities of the three classes and the distance map, float32."""
+    if batch.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch)
+    else:
+        out = model(batch)
+    out = out.float()
+    return torch.cat([torch.softmax(out[:, :3], dim=1), out[:, 3:]], dim=1)
+
+
+def run_network(planes: np.ndarray, settings: InferenceSettings | None = None) -> np.ndarray:
+    """Run the network on normalised 2D planes at the model's scale.
+
+    Parameters
+    ----------
+    planes
+        (n, h, w) float32, already normalised and rescaled; h and w need not be multiples of
+        the stride (the planes are zero-padded at the high end, exactly as a whole image is).
+    settings
+        Inference settings (default: shipped model, automatic device).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 4, h, w) float32: p(background), p(boundary), p(interior), distance.
+    """
+    settings = settings or InferenceSettings()
+    model, _ = loaded_model(settings.model, settings.device)
+    device = next(model.parameters()).device
+    if device.type == "cpu" and settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    n, h, w = planes.shape
+    stride = model.stride
+    padded_h, padded_w = math.ceil(h / stride) * stride, math.ceil(w / stride) * stride
+    result = np.empty((n, N_MAPS, h, w), dtype=np.float32)
+    transforms = [(k, flip) for flip in (False, True) for k in range(4)] if settings.tta else []
+    with torch.inference_mode():
+        for start in range(0, n, settings.batch_size):
+            chunk = np.zeros(
+                (min(settings.batch_size, n - start), 1, padded_h, padded_w), dtype=np.float32
+            )
+            chunk[:, 0, :h, :w] = planes[start : start + settings.batch_size]
+            batch = torch.from_numpy(chunk).to(device)
+            if transforms:
+                out = sum(
+                    _undo_dihedral(_forward(model, _dihedral(batch, k, flip)), k, flip)
+                    for k, flip in transforms
+                ) / len(transforms)
+            else:
+                out = _forward(model, batch)
+            result[start : start + len(chunk)] = out[:, :, :h, :w].cpu().numpy()
+    return result
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Median equivalent diameter (pixels) of the instances of a 2D label image; NaN if none.
+
+    Each instance's diameter is that of the disc of its area (as Cellpose measures it).
+    """
+    sizes = np.bincount(np.asarray(labels).ravel())[1:]
+    sizes = sizes[sizes > 0]
+    if sizes.size == 0:
+        return float("nan")
+    return float(np.median(2.0 * np.sqrt(sizes / np.pi)))
+
+
+def rescale_factor(info: ModelInfo, diameter: float) -> float:
+    """Factor by which the image plane is scaled so its nuclei have the model's diameter."""
+    if not diameter > 0:
+        raise ValueError(f"diameter must be positive, got {diameter}")
+    return float(info.diameter_px) / float(diameter)
+
+
+def _scaled_length(n: int, factor: float) -> int:
+    return max(1, round(n * factor))
+
+
+def _plane_transform(ndim: int, factors: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Output-to-input matrix and offset scaling the last two axes, pixel centres aligned.
+
+    ``factors`` are output pixels per input pixel along y and x.
+    """
+    scale = np.ones(ndim)
+    offset = np.zeros(ndim)
+    for axis, factor in zip((ndim - 2, ndim - 1), factors, strict=True):
+        scale[axis] = 1.0 / factor
+        offset[axis] = 0.5 / factor - 0.5
+    return np.diag(scale), offset
+
+
+def _rescale_numpy(array: np.ndarray, shape_yx: Sequence[int]) -> np.ndarray:
+    if tuple(array.shape[-2:]) == tuple(shape_yx):
+        return array
+    factors = [o / i for o, i in zip(shape_yx, array.shape[-2:], strict=True)]
+    matrix, offset = _plane_transform(array.ndim, factors)
+    return ndi.affine_transform(
+        array,
+        matrix,
+        offset=offset,
+        output_shape=(*array.shape[:-2], *shape_yx),
+        order=1,
+        mode="nearest",
+    )
+
+
+def _rescale_dask(
+    array: da.Array, shape_yx: Sequence[int], chunks: Sequence[int | tuple[int, ...]]
+) -> da.Array:
+    if tuple(array.shape[-2:]) == tuple(shape_yx):
+        return array.rechunk(tuple(chunks))
+    factors = [o / i for o, i in zip(shape_yx, array.shape[-2:], strict=True)]
+    matrix, offset = _plane_transform(array.ndim, factors)
+    return affine_transform(
+        array,
+        matrix,
+        offset=offset,
+        output_shape=(*array.shape[:-2], *shape_yx),
+        output_chunks=tuple(chunks),
+        order=1,
+        mode="nearest",
+    )
+
+
+def _halo_and_tile(settings: InferenceSettings) -> tuple[int, int]:
+    """Halo (>= the receptive-field radius) and core tile edge, both multiples of the stride."""
+    _, info = loaded_model(settings.model, "cpu")
+    stride = info.stride
+    halo = math.ceil(info.receptive_field_radius_px / stride) * stride
+    tile = max(stride, math.ceil(settings.tile_px / stride) * stride)
+    return halo, tile
+
+
+def predict_maps(
+    image: np.ndarray,
+    *,
+    diameter: float | None = None,
+    settings: InferenceSettings | None = None,
+) -> np.ndarray:
+    """Whole-image inference on a 2D (y, x) or 3D (z, y, x) image of one channel and timepoint.
+
+    Parameters
+    ----------
+    image
+        Raw intensities.
+    diameter
+        Typical nucleus diameter in pixels (None: the model's own, i.e. no rescaling).
+    settings
+        Inference settings.
+
+    Returns
+    -------
+    numpy.ndarray
+        (4, [z,] y, x) float32 maps at the image's resolution: p(background), p(boundary),
+        p(interior), distance.
+    """
+    settings = settings or InferenceSettings()
+    _, info = loaded_model(settings.model, settings.device)
+    image = np.asarray(image)
+    low, high = frame_percentiles(image[np.newaxis], info.percentiles)[0]
+    planes = normalize(image, low, high).reshape(-1, *image.shape[-2:])
+    factor = 1.0 if diameter is None else rescale_factor(info, diameter)
+    scaled_shape = [_scaled_length(n, factor) for n in image.shape[-2:]]
+    maps = run_network(_rescale_numpy(planes, scaled_shape), settings)
+    maps = _rescale_numpy(maps, image.shape[-2:])
+    maps = maps.reshape(*image.shape[:-2], N_MAPS, *image.shape[-2:])
+    return np.moveaxis(maps, -3, 0) if image.ndim == 3 else maps
+
+
+def _core_slices(
+    chunks: Sequence[tuple[int, ...]], block_id: Sequence[int], halo: int
+) -> tuple[slice, ...]:
+    """Where the core of block ``block_id`` lies in its overlapped (halo-grown) block."""
+    slices = []
+    for axis_chunks, index in zip(chunks, block_id, strict=True):
+        start = sum(axis_chunks[:index])
+        low = min(halo, start)
+        slices.append(slice(low, low + axis_chunks[index]))
+    return tuple(slices)
+
+
+def _infer_block(
+    block: np.ndarray,
+    *,
+    settings: InferenceSettings,
+    chunks: tuple[tuple[int, ...], ...],
+    halo: int,
+    block_id: tuple[int, ...],
+) -> np.ndarray:
+    """Network maps of the core of one overlapped block (t, [z,] y, x) -> (t, 4, [z,] y, x)."""
+    planes = block.reshape(-1, *block.shape[-2:])
+    maps = run_network(planes.astype(np.float32, copy=False), settings)
+    maps = maps.reshape(*block.shape[:-2], N_MAPS, *block.shape[-2:])
+    maps = np.moveaxis(maps, -3, 1)
+    core = _core_slices(chunks[-2:], block_id[-2:], halo)
+    return maps[(Ellipsis, *core)]
+
+
+def _normalise_block(block: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    out = np.empty(block.shape, dtype=np.float32)
+    for i, (lo, hi) in enumerate(zip(low.ravel(), high.ravel(), strict=True)):
+        out[i] = normalize(block[i], lo, hi)
+    return out
+
+
+def predict_maps_tiled(
+    frames: da.Array,
+    *,
+    diameter: float | None = None,
+    settings: InferenceSettings | None = None,
+    output_chunks: Sequence[tuple[int, ...]] | None = None,
+    frames_per_block: int = 1,
+) -> da.Array:
+    """Tiled inference on Dask: (t, [z,] y, x) raw frames -> (t, 4, [z,] y, x) maps, lazily.
+
+    Equal (to float rounding) to :func:`predict_maps` on each frame. Normalisation statistics are
+    per whole frame, tiles are stride-aligned with a receptive-field halo and centre-cropped.
+
+    Parameters
+    ----------
+    frames
+        Raw intensities of one channel, any chunks.
+    diameter
+        Typical nucleus diameter in pixels (None: the model's own).
+    settings
+        Inference settings (model, device, batch and tile size, TTA).
+    output_chunks
+        Spatial chunks of the result at the image's scale (default: those of ``frames``).
+    frames_per_block
+        Timepoints batched together in one inference task.
+
+    Returns
+    -------
+    dask.array.Array
+        float32 maps; the inference tasks' layer name starts with ``"infer-"``.
+    """
+    settings = settings or InferenceSettings()
+    _, info = loaded_model(settings.model, "cpu")
+    halo, tile = _halo_and_tile(settings)
+    frames = frames.rechunk({0: 1})
+    lead = frames.ndim - 2
+    normalised = _normalise_frames(frames, frame_percentiles(frames, info.percentiles))
+    factor = 1.0 if diameter is None else rescale_factor(info, diameter)
+    scaled_shape = [_scaled_length(n, factor) for n in frames.shape[-2:]]
+    plan = tuple(axis_blocks(n, tile, halo) for n in scaled_shape)
+    batch_chunks = (frames_per_block, *frames.shape[1:lead])
+    scaled = _rescale_dask(normalised, scaled_shape, (*batch_chunks, *plan))
+    depth = {axis: 0 for axis in range(lead)} | {lead: halo, lead + 1: halo}
+    overlapped = da.overlap.overlap(scaled, depth=depth, boundary="none")
+    function = partial(_infer_block, settings=settings, chunks=scaled.chunks, halo=halo)
+    out_chunks = (scaled.chunks[0], (N_MAPS,), *scaled.chunks[1:])
+    maps = da.map_blocks(
+        function,
+        overlapped,
+        new_axis=1,
+        chunks=out_chunks,
+        dtype=np.float32,
+        name=f"infer-{da.core.tokenize(scaled, asdict(settings), halo)}",
+        meta=np.empty((0,) * (scaled.ndim + 1), dtype=np.float32),
+    )
+    spatial_chunks = output_chunks or frames.chunks[-2:]
+    target = ((1,) * frames.shape[0], (N_MAPS,), *frames.chunks[1:lead], *spatial_chunks)
+    return _rescale_dask(maps, frames.shape[-2:], target)
+
+
+def _normalise_frames(frames: da.Array, limits: da.Array) -> da.Array:
+    """Normalise every frame by its own (low, high) percentiles, ``limits`` of shape (t, 2)."""
+    broadcast = (frames.shape[0],) + (1,) * (frames.ndim - 1)
+    low = limits[:, 0].rechunk(frames.chunks[0]).reshape(broadcast)
+    high = limits[:, 1].rechunk(frames.chunks[0]).reshape(broadcast)
+    return da.map_blocks(_normalise_block, frames, low, high, dtype=np.float32)
+
+
+def estimate_diameter(
+    image: np.ndarray,
+    settings: InferenceSettings | None = None,
+    params: ConvNetParameters | None = None,
+    *,
+    max_rounds: int = 4,
+    max_pixels: int = 2048 * 2048,
+) -> float:
+    """Estimate the typical nucleus diameter (pixels) of a 2D image by segmenting it.
+
+    Starting at the model's own diameter, segment, measure the median equivalent diameter of the
+    nuclei found, rescale to it and repeat until it changes by less than 10% (Cellpose refines
+    its estimate the same way). A large image is estimated on its central crop.
+
+    Returns
+    -------
+    float
+        The estimate, or the model's diameter when no nucleus is found.
+    """
+    settings = settings or InferenceSettings()
+    _, info = loaded_model(settings.model, settings.device)
+    image = np.asarray(image)
+    side = int(np.sqrt(max_pixels))
+    crop = tuple(
+        slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in image.shape
+    )
+    image = image[crop]
+    diameter = float(info.diameter_px)
+    for _ in range(max_rounds):
+        maps = predict_maps(image, diameter=diameter, settings=settings)
+        found = median_diameter(cells_from_maps(maps, diameter, params))
+        if not np.isfinite(found):
+            return diameter
+        converged = abs(np.log(found / diameter)) < np.log(1.1)
+        diameter = found
+        if converged:
+            break
+    return diameter

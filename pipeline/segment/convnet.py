@@ -1,0 +1,137 @@
+"""Conv-net probabilities to nucleus instances (one image region; tiled by :mod:`.tiled`).
+
+The network gives, per pixel, p(background), p(boundary), p(interior) and a distance map that is
+1 at a nucleus' centre and falls to 0 at its boundary (:mod:`pipeline.models.unet`). Foreground is
+``1 - p(background) > foreground_threshold``; seeds are local maxima of the smoothed distance map
+above ``seed_threshold`` (one seed per nucleus, even where touching nuclei share foreground);
+a watershed of the inverted distance inside the foreground grows the seeds into cells; small
+cells are dropped.
+
+Lengths are fractions of the nucleus diameter, so the recipe fits any magnification; the
+diameter is the one inference rescaled to (given or estimated). Every step looks a bounded
+distance around each pixel (:meth:`ConvNetRecipe.influence_radius_um`), which the exact
+stitching of :mod:`pipeline.segment.tiled` relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from pipeline.segment.classical import ellipsoid_footprint, local_maxima_markers, remove_cells
+
+__all__ = ["ConvNetParameters", "ConvNetRecipe", "cells_from_maps"]
+
+
+@dataclass(frozen=True)
+class ConvNetParameters:
+    """Post-processing of the network's maps; lengths in nucleus diameters.
+
+    Attributes
+    ----------
+    foreground_threshold
+        A pixel is foreground when ``1 - p(background)`` exceeds this.
+    seed_threshold
+        Smallest (smoothed) distance-map value of a seed.
+    seed_radius
+        A seed must be the distance map's maximum within this radius.
+    smoothing
+        Gaussian sigma applied to the distance map.
+    min_size
+        Cells smaller than this fraction of a disc (ball in 3D) of one diameter are dropped.
+    clear_border
+        Drop cells that touch the border of the image.
+    """
+
+    foreground_threshold: float = 0.5
+    seed_threshold: float = 0.3
+    seed_radius: float = 0.25
+    smoothing: float = 0.04
+    min_size: float = 0.1
+    clear_border: bool = False
+
+
+@dataclass(frozen=True)
+class ConvNetRecipe:
+    """The post-processing recipe bound to a nucleus diameter in micrometres."""
+
+    params: ConvNetParameters
+    diameter_um: float
+
+    def influence_radius_um(self) -> float:
+        """Reach of the Gaussian (4 sigma, counted twice) and of the seed neighbourhood."""
+        return (8.0 * self.params.smoothing + self.params.seed_radius) * self.diameter_um
+
+    def cells(
+        self, maps: np.ndarray, frame_value: float, pixel_size: Sequence[float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cells of one region before filtering, and the foreground's distance transform (um).
+
+        ``maps`` is (4, [z,] y, x); ``frame_value`` is unused (the maps are already normalised).
+        """
+        del frame_value
+        pixel_size = tuple(float(s) for s in pixel_size)
+        foreground = (1.0 - maps[0]) > self.params.foreground_threshold
+        sigma = [self.params.smoothing * self.diameter_um / step for step in pixel_size]
+        smoothed = ndi.gaussian_filter(
+            maps[3].astype(np.float64), sigma=sigma, mode="nearest", truncate=4.0
+        )
+        footprint = ellipsoid_footprint(self.params.seed_radius * self.diameter_um, pixel_size)
+        markers = local_maxima_markers(
+            smoothed, foreground & (smoothed > self.params.seed_threshold), footprint
+        )
+        cells = watershed(-smoothed, markers, mask=foreground).astype(np.int32, copy=False)
+        return cells, ndi.distance_transform_edt(foreground, sampling=pixel_size)
+
+    def filter(
+        self,
+        cells: np.ndarray,
+        pixel_size: Sequence[float],
+        border_faces: Sequence[tuple[bool, bool]] | None = None,
+    ) -> np.ndarray:
+        """Drop cells below the minimum size and, if asked, those touching the image border."""
+        radius = self.diameter_um / 2.0
+        unit = np.pi * radius**2 if cells.ndim == 2 else 4.0 / 3.0 * np.pi * radius**3
+        return remove_cells(
+            cells,
+            pixel_size,
+            min_size=self.params.min_size * unit,
+            clear_border=self.params.clear_border,
+            border_faces=border_faces,
+        )
+
+
+def cells_from_maps(
+    maps: np.ndarray,
+    diameter_px: float,
+    params: ConvNetParameters | None = None,
+    pixel_size: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Nucleus instances of a whole image from its network maps.
+
+    Parameters
+    ----------
+    maps
+        (4, [z,] y, x): p(background), p(boundary), p(interior), distance (see
+        :func:`pipeline.infer.predict_maps`).
+    diameter_px
+        Typical nucleus diameter in pixels of the image plane.
+    params
+        Post-processing parameters (default: :class:`ConvNetParameters`).
+    pixel_size
+        Micrometres per pixel per spatial axis (default: 1; z may differ from y and x).
+
+    Returns
+    -------
+    numpy.ndarray
+        int32 labels, 0 for background; not necessarily consecutive.
+    """
+    spatial = maps.ndim - 1
+    pixel_size = tuple(pixel_size or (1.0,) * spatial)
+    recipe = ConvNetRecipe(params or ConvNetParameters(), diameter_px * pixel_size[-1])
+    cells, _ = recipe.cells(maps, 0.0, pixel_size)
+    return recipe.filter(cells, pixel_size)

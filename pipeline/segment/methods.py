@@ -1,0 +1,106 @@
+"""The segmenters a run can use, behind one function: frames in, global cell ids out (lazy).
+
+``convnet`` (default): tiled conv-net inference (:mod:`pipeline.infer`), then seeds and watershed
+on its maps (:mod:`pipeline.segment.convnet`). ``classical``: Otsu per frame, then the classical
+recipe (:mod:`pipeline.segment.classical`). Both are stitched exactly by
+:func:`pipeline.segment.tiled.label_frames`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import dask
+import dask.array as da
+
+from pipeline.config import SegmentationConfig
+from pipeline.infer import InferenceSettings, estimate_diameter, predict_maps_tiled
+from pipeline.segment.classical import ClassicalRecipe
+from pipeline.segment.convnet import ConvNetRecipe
+from pipeline.segment.threshold import frame_thresholds
+from pipeline.segment.tiled import label_frames
+
+__all__ = [
+    "diameter_sample",
+    "estimate_field_diameter",
+    "inference_settings",
+    "instance_ids",
+]
+
+
+def inference_settings(segmentation: SegmentationConfig) -> InferenceSettings:
+    """The inference settings of a segmentation configuration."""
+    convnet = segmentation.convnet
+    return InferenceSettings(
+        model=convnet.model,
+        device=convnet.device,
+        cpu_threads=convnet.cpu_threads,
+        batch_size=convnet.batch_size,
+        tile_px=convnet.tile_px,
+        tta=convnet.tta,
+    )
+
+
+def diameter_sample(frames: da.Array) -> da.Array:
+    """The plane a field's nucleus diameter is estimated on: middle timepoint, middle z."""
+    plane = frames[frames.shape[0] // 2]
+    while plane.ndim > 2:
+        plane = plane[plane.shape[0] // 2]
+    return plane
+
+
+def estimate_field_diameter(frames: da.Array, segmentation: SegmentationConfig):
+    """A lazy (delayed) estimate of the nucleus diameter of a field, in pixels."""
+    return dask.delayed(estimate_diameter, pure=True)(
+        diameter_sample(frames),
+        inference_settings(segmentation),
+        segmentation.convnet.parameters(),
+    )
+
+
+def instance_ids(
+    frames: da.Array,
+    segmentation: SegmentationConfig,
+    *,
+    pixel_size: Sequence[float],
+    halo: Sequence[int],
+    diameter_px: float | None = None,
+    on_maps: Callable[[da.Array], da.Array] | None = None,
+) -> da.Array:
+    """Global cell ids (see :func:`label_frames`) of (t, [z,] y, x) frames of one channel.
+
+    Parameters
+    ----------
+    frames
+        Raw intensities, one chunk per timepoint, spatial chunks = the block plan.
+    segmentation
+        Method and its parameters.
+    pixel_size
+        Micrometres per pixel per spatial axis.
+    halo
+        Halo of the instance stitching, in pixels per spatial axis.
+    diameter_px
+        Nucleus diameter in pixels for the conv-net (required for it; see
+        :func:`estimate_field_diameter`).
+    on_maps
+        Applied to the conv-net's maps before post-processing (e.g. to persist them on GPU
+        workers).
+    """
+    if segmentation.method == "classical":
+        recipe = ClassicalRecipe(segmentation.classical.parameters())
+        return label_frames(
+            frames, frame_thresholds(frames), recipe=recipe, pixel_size=pixel_size, halo=halo
+        )
+    if diameter_px is None:
+        raise ValueError("the conv-net needs a nucleus diameter (given or estimated)")
+    maps = predict_maps_tiled(
+        frames,
+        diameter=diameter_px,
+        settings=inference_settings(segmentation),
+        output_chunks=frames.chunks[-2:],
+        frames_per_block=segmentation.convnet.frames_per_block,
+    )
+    if on_maps is not None:
+        maps = on_maps(maps)
+    recipe = ConvNetRecipe(segmentation.convnet.parameters(), diameter_px * float(pixel_size[-1]))
+    return label_frames(maps, recipe=recipe, pixel_size=pixel_size, halo=halo)

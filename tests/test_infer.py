@@ -1,0 +1,179 @@
+"""Tiled conv-net inference equals whole-image inference (DESIGN contract 1)."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+from scipy import ndimage as ndi
+
+from pipeline.graph import _on_gpu_workers
+from pipeline.infer import (
+    InferenceSettings,
+    median_diameter,
+    model_load_count,
+    predict_maps,
+    predict_maps_tiled,
+)
+from pipeline.models import ModelInfo, load_model, save_model
+from pipeline.models.unet import UNet
+
+# Gradient (impulse) test of UNet(base_channels=8, depth=3) gives 46 px; stride 2**3.
+RANDOM_MODEL_RF = 46
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory) -> str:
+    """An untrained U-Net with non-trivial batch-norm statistics, saved like a shipped model."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, depth=3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    info = ModelInfo(
+        architecture=model.config,
+        diameter_px=30.0,
+        percentiles=(1.0, 99.9),
+        receptive_field_radius_px=RANDOM_MODEL_RF,
+        stride=8,
+    )
+    path = tmp_path_factory.mktemp("model") / "random_unet"
+    save_model(model, info, path)
+    return str(path)
+
+
+def _blobs(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = ndi.gaussian_filter(rng.random(shape), 4) * 4000 + rng.normal(0, 30, shape) + 500
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def test_weights_load_with_weights_only(random_model):
+    state = torch.load(random_model + ".pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    model, info = load_model(random_model)
+    assert not model.training
+    assert len(info.weights_sha256) == 64
+
+
+@pytest.mark.parametrize(
+    ("chunks", "tile_px", "diameter"),
+    [
+        ((64, 64), 64, None),
+        ((100, 90), 64, None),
+        ((77, 53), 128, 20.0),
+        ((300, 270), 64, 45.0),
+        ((150, 270), 96, 24.0),
+    ],
+)
+def test_tiled_inference_equals_whole_image(random_model, chunks, tile_px, diameter):
+    frames = np.stack([_blobs((300, 270), seed) for seed in (1, 2)])
+    settings = InferenceSettings(model=random_model, tile_px=tile_px, batch_size=3)
+    whole = np.stack(
+        [predict_maps(frame, diameter=diameter, settings=settings) for frame in frames]
+    )
+    lazy = predict_maps_tiled(
+        da.from_array(frames, chunks=(1, *chunks)), diameter=diameter, settings=settings
+    )
+    with dask.config.set(scheduler="threads"):
+        tiled = lazy.compute()
+    assert tiled.shape == whole.shape == (2, 4, 300, 270)
+    assert np.abs(tiled - whole).max() <= 1e-5
+    # the network really ran on several tiles per frame
+    layers = [name for name in lazy.dask.layers if name.startswith("infer-")]
+    assert len(layers) == 1
+    assert len(lazy.dask.layers[layers[0]]) > 2 * len(frames)
+
+
+def test_tiled_inference_3d_runs_slice_by_slice(random_model):
+    stack = _blobs((5, 120, 100), 3)
+    settings = InferenceSettings(model=random_model, tile_px=64)
+    whole = predict_maps(stack, diameter=25.0, settings=settings)
+    assert whole.shape == (4, 5, 120, 100)
+    # each z slice is an independent 2D pass, normalised by the whole stack's percentiles
+    tiled = predict_maps_tiled(
+        da.from_array(stack[np.newaxis], chunks=(1, 2, 50, 40)), diameter=25.0, settings=settings
+    ).compute(scheduler="threads")
+    assert np.abs(tiled[0] - whole).max() <= 1e-5
+
+
+def test_halo_smaller_than_receptive_field_breaks_equality(random_model, tmp_path):
+    """The check has teeth: a model that under-reports its receptive field gets seams."""
+    model, info = load_model(random_model)
+    liar = tmp_path / "liar"
+    save_model(model, ModelInfo(**{**info.__dict__, "receptive_field_radius_px": 8}), liar)
+    frame = _blobs((200, 200), 4)
+    settings = InferenceSettings(model=str(liar), tile_px=64)
+    whole = predict_maps(frame, settings=settings)
+    tiled = predict_maps_tiled(
+        da.from_array(frame[np.newaxis], chunks=(1, 64, 64)), settings=settings
+    ).compute(scheduler="threads")[0]
+    assert np.abs(tiled - whole).max() > 1e-5
+
+
+def test_probabilities_sum_to_one(random_model):
+    maps = predict_maps(_blobs((64, 64), 5), settings=InferenceSettings(model=random_model))
+    np.testing.assert_allclose(maps[:3].sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_median_diameter_of_discs():
+    labels = np.zeros((100, 100), dtype=np.int32)
+    yy, xx = np.mgrid[:100, :100]
+    for i, (cy, cx, r) in enumerate([(20, 20, 5), (50, 50, 10), (80, 80, 15)], start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    # discs of radius 5, 10, 15: the median is the middle one, diameter ~20 px
+    assert median_diameter(labels) == pytest.approx(20.0, abs=0.5)
+    assert np.isnan(median_diameter(np.zeros((5, 5), dtype=np.int32)))
+
+
+def _two_worker_cluster(gpu_resources: dict[str, float]) -> SpecCluster:
+    """Two worker processes, the first with ``gpu_resources``, on localhost."""
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
+    workers = {
+        "gpu": {"cls": Nanny, "options": {"nthreads": 2, "resources": gpu_resources}},
+        "cpu": {"cls": Nanny, "options": {"nthreads": 2}},
+    }
+    return SpecCluster(workers=workers, scheduler=scheduler)
+
+
+def test_model_is_loaded_once_per_worker(random_model):
+    frames = np.stack([_blobs((256, 256), seed) for seed in range(4)])
+    settings = InferenceSettings(model=random_model, tile_px=64, batch_size=4)
+    maps = predict_maps_tiled(da.from_array(frames, chunks=(1, 128, 128)), settings=settings)
+    n_tasks = len(next(v for k, v in maps.dask.layers.items() if k.startswith("infer-")))
+    with _two_worker_cluster({}) as cluster, Client(cluster) as client:
+        with get_task_stream(client) as stream:
+            result = client.compute(maps).result()
+        loads = client.run(model_load_count)
+        busy = {t["worker"] for t in stream.data if t["key"][0].startswith("infer-")}
+    assert result.shape == (4, 4, 256, 256)
+    assert n_tasks == 4 * 16
+    assert len(busy) == 2  # both workers ran inference tasks ...
+    assert sorted(loads.values()) == [1, 1]  # ... and each loaded the model exactly once
+
+
+def test_inference_runs_only_on_the_gpu_worker(random_model):
+    frames = np.stack([_blobs((192, 192), seed) for seed in range(3)])
+    settings = InferenceSettings(model=random_model, tile_px=64, device="cpu")
+    with _two_worker_cluster({"GPU": 1}) as cluster, Client(cluster) as client:
+        gpu_worker = next(
+            address
+            for address, info in client.scheduler_info()["workers"].items()
+            if info["resources"].get("GPU")
+        )
+        with get_task_stream(client) as stream:
+            maps = predict_maps_tiled(da.from_array(frames, chunks=(1, 64, 64)), settings=settings)
+            persisted = _on_gpu_workers(client, maps)
+            # downstream CPU work on the maps is not restricted
+            total = client.compute((persisted[:, 2] > 0.5).sum()).result()
+        loads = client.run(model_load_count)
+    inference = [t["worker"] for t in stream.data if t["key"][0].startswith("infer-")]
+    assert len(inference) == 3 * 9
+    assert set(inference) == {gpu_worker}
+    assert loads[gpu_worker] == 1
+    assert sum(loads.values()) == 1  # the worker without a GPU never loaded the model
+    assert 0 <= total <= 3 * 192 * 192
