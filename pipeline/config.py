@@ -49,9 +49,9 @@ class ConvNetConfig(_Strict):
     cpu_threads: PositiveInt | None = Field(
         1, description="torch threads per inference task on a CPU (None: torch's default)"
     )
-    batch_size: PositiveInt = 8
-    tile_px: PositiveInt = Field(512, description="tile edge at the model's scale")
-    frames_per_block: PositiveInt = Field(1, description="timepoints batched in one task")
+    batch_size: PositiveInt = 4
+    tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
+    frames_per_block: PositiveInt = Field(4, description="timepoints batched in one task")
     foreground_threshold: float = Field(0.5, gt=0, lt=1)
     seed_threshold: float = Field(0.3, ge=0)
     seed_radius: PositiveFloat = Field(0.25, description="in nucleus diameters")

@@ -76,8 +76,8 @@ class InferenceSettings:
     model: str | None = None
     device: str = "auto"
     cpu_threads: int | None = None
-    batch_size: int = 8
-    tile_px: int = 512
+    batch_size: int = 4
+    tile_px: int = 1024
     tta: bool = False
 
 

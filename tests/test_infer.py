@@ -61,18 +61,18 @@ def test_weights_load_with_weights_only(random_model):
 
 
 @pytest.mark.parametrize(
-    ("chunks", "tile_px", "diameter"),
+    ("chunks", "tile_px", "diameter", "tta"),
     [
-        ((64, 64), 64, None),
-        ((100, 90), 64, None),
-        ((77, 53), 128, 20.0),
-        ((300, 270), 64, 45.0),
-        ((150, 270), 96, 24.0),
+        ((64, 64), 64, None, False),
+        ((100, 90), 64, None, True),
+        ((77, 53), 128, 20.0, False),
+        ((300, 270), 64, 45.0, False),
+        ((150, 270), 96, 24.0, True),
     ],
 )
-def test_tiled_inference_equals_whole_image(random_model, chunks, tile_px, diameter):
+def test_tiled_inference_equals_whole_image(random_model, chunks, tile_px, diameter, tta):
     frames = np.stack([_blobs((300, 270), seed) for seed in (1, 2)])
-    settings = InferenceSettings(model=random_model, tile_px=tile_px, batch_size=3)
+    settings = InferenceSettings(model=random_model, tile_px=tile_px, batch_size=3, tta=tta)
     whole = np.stack(
         [predict_maps(frame, diameter=diameter, settings=settings) for frame in frames]
     )
