@@ -19,7 +19,11 @@ from pipeline.config import HaloConfig, RunConfig, SegmentationConfig, load_conf
 from pipeline.errors import CorruptChunkError, PipelineInputError
 from pipeline.graph import RunSummary, process_plate
 from pipeline.io.omezarr import Plate, open_plate
-from pipeline.segment.methods import estimate_field_diameter, instance_ids
+from pipeline.segment.methods import (
+    estimate_field_diameter,
+    instance_ids,
+    stitching_halo_um,
+)
 from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive, sorted_ids
 from pipeline.tiling import block_chunks, halo_pixels
 
@@ -78,7 +82,8 @@ def segment(
         Conv-net only: typical nucleus diameter in pixels; None estimates it from the middle
         timepoint (computed at once, also for Dask input).
     halo_um
-        Halo of the tiles, ``{"xy": ..., "z": ...}`` (Dask input only).
+        Halo of the tiles, ``{"xy": ..., "z": ...}`` (Dask input only); for the conv-net at
+        least four nucleus diameters are used.
     **parameters
         Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
         ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalConfig`.
@@ -104,15 +109,18 @@ def segment(
     lazy = isinstance(array, da.Array)
     frames = array if "t" in dims else array[np.newaxis]
     spatial = dims.replace("t", "")
+    if method == "convnet" and diameter is None:
+        estimate = estimate_field_diameter(da.asarray(frames), segmentation)
+        diameter = estimate.compute(scheduler="threads")
     if lazy:
-        halo = halo_pixels(HaloConfig(**(halo_um or {})).model_dump(), sizes, spatial)
+        diameter_um = None if method == "classical" else diameter * sizes[spatial[-1]]
+        halo_um = stitching_halo_um(HaloConfig(**(halo_um or {})).model_dump(), diameter_um)
+        halo = halo_pixels(halo_um, sizes, spatial)
         chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], halo)
     else:
         halo = (0,) * len(spatial)
         chunks = tuple((n,) for n in frames.shape[1:])
     frames = da.asarray(frames).rechunk(((1,) * frames.shape[0], *chunks))
-    if method == "convnet" and diameter is None:
-        diameter = estimate_field_diameter(frames, segmentation).compute(scheduler="threads")
     ids = instance_ids(
         frames,
         segmentation,

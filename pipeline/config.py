@@ -52,12 +52,18 @@ class ConvNetConfig(_Strict):
     batch_size: PositiveInt = 4
     tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
     frames_per_block: PositiveInt = Field(4, description="timepoints batched in one task")
-    foreground_threshold: float = Field(0.5, gt=0, lt=1)
-    seed_threshold: float = Field(0.3, ge=0)
-    seed_radius: PositiveFloat = Field(0.25, description="in nucleus diameters")
-    smoothing: float = Field(0.04, ge=0, description="Gaussian sigma in nucleus diameters")
-    min_size: float = Field(0.1, ge=0, description="fraction of a one-diameter disc or ball")
-    clear_border: bool = False
+    foreground_threshold: float = Field(ConvNetParameters.foreground_threshold, gt=0, lt=1)
+    seed_threshold: float = Field(ConvNetParameters.seed_threshold, ge=0)
+    seed_radius: PositiveFloat = Field(
+        ConvNetParameters.seed_radius, description="in nucleus diameters"
+    )
+    smoothing: float = Field(
+        ConvNetParameters.smoothing, ge=0, description="Gaussian sigma in nucleus diameters"
+    )
+    min_size: float = Field(
+        ConvNetParameters.min_size, ge=0, description="fraction of a one-diameter disc or ball"
+    )
+    clear_border: bool = ConvNetParameters.clear_border
 
     def parameters(self) -> ConvNetParameters:
         """The post-processing parameters."""

@@ -40,7 +40,12 @@ from pipeline.errors import PipelineInputError
 from pipeline.infer import loaded_model
 from pipeline.io import omezarr, tables
 from pipeline.measure import measure_dask
-from pipeline.segment.methods import estimate_field_diameter, inference_settings, instance_ids
+from pipeline.segment.methods import (
+    estimate_field_diameter,
+    inference_settings,
+    instance_ids,
+    stitching_halo_um,
+)
 from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.track import track
@@ -158,8 +163,6 @@ class _FieldRun:
         min_block = [1 if d == "z" else self.config.tiling.min_block_px for d in self.spatial_dims]
         spatial_chunks = block_chunks(frames.shape[1:], storage, halo, min_block)
         frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
-        if self.outcome.diameter_px is None:
-            self.outcome.diameter_px = self._diameter(client, frames)
         ids = instance_ids(
             frames,
             self.config.segmentation,
@@ -235,7 +238,13 @@ class _FieldRun:
 
     def run(self, client: Client, on_frames: Callable[[int], None]) -> FieldOutcome:
         """Process the field, retrying with a larger halo when a cell does not fit."""
-        halo_um = self.config.tiling.halo_um.model_dump()
+        self.outcome.diameter_px = self._diameter(client, self.data.data[:, self.channel])
+        diameter_um = (
+            None
+            if self.outcome.diameter_px is None
+            else self.outcome.diameter_px * self.pixel_size["x"]
+        )
+        halo_um = stitching_halo_um(self.config.tiling.halo_um.model_dump(), diameter_um)
         for attempt in range(self.config.tiling.halo_retries + 1):
             try:
                 scratch, chunks, cells = self._segment_and_measure(client, halo_um)

@@ -48,9 +48,9 @@ class ConvNetParameters:
     """
 
     foreground_threshold: float = 0.5
-    seed_threshold: float = 0.3
-    seed_radius: float = 0.25
-    smoothing: float = 0.04
+    seed_threshold: float = 0.5
+    seed_radius: float = 0.4
+    smoothing: float = 0.1
     min_size: float = 0.1
     clear_border: bool = False
 

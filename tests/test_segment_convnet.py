@@ -1,0 +1,97 @@
+"""The conv-net segmenter: tiled instances equal whole-image instances, and it finds nuclei."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from pipeline import segment
+from pipeline.infer import InferenceSettings, estimate_diameter, median_diameter, predict_maps
+from pipeline.metrics import average_precision
+from pipeline.segment.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
+from pipeline.segment.tiled import HaloTooSmall, label_frames
+from pipeline.synthetic import simulate_field
+from tests.test_segment import same_up_to_renumbering
+
+
+@pytest.fixture(scope="module")
+def field_2d():
+    # nuclei ~20 px across at 0.5 um per pixel
+    return simulate_field(n_frames=2, size=(300, 270), seed=11)
+
+
+@pytest.mark.parametrize("chunk", [(64, 64), (100, 90), (77, 53), (150, 270)])
+def test_tiled_equals_whole_image(field_2d, chunk):
+    frames = field_2d.image[:, 0]
+    sizes = field_2d.pixel_size
+    expected = [segment(frame, pixel_size=sizes, diameter=20.0) for frame in frames]
+    tiled = segment(
+        da.from_array(frames, chunks=(1, *chunk)),
+        dims="tyx",
+        pixel_size=sizes,
+        diameter=20.0,
+        halo_um={"xy": 60.0},
+        tile_px=64,
+    ).compute()
+    for reference, labels in zip(expected, tiled, strict=True):
+        assert reference.max() > 20
+        assert same_up_to_renumbering(labels, reference)
+
+
+def test_tiled_3d_equals_whole_stack():
+    field = simulate_field(n_frames=1, size=(96, 90), z_slices=10, seed=5)
+    volume = field.image[0, 0]
+    sizes = field.pixel_size
+    reference = segment(volume, pixel_size=sizes, diameter=20.0)
+    tiled = segment(
+        da.from_array(volume, chunks=(4, 40, 45)),
+        pixel_size=sizes,
+        diameter=20.0,
+        halo_um={"xy": 40.0, "z": 30.0},
+        tile_px=64,
+    ).compute()
+    assert reference.max() > 3
+    assert same_up_to_renumbering(tiled, reference)
+
+
+def test_too_small_halo_is_detected(field_2d):
+    maps = predict_maps(field_2d.image[0, 0], diameter=20.0)
+    lazy = da.from_array(maps[np.newaxis], chunks=(1, 4, 64, 64))
+    recipe = ConvNetRecipe(ConvNetParameters(), diameter_um=10.0)
+    labels = label_frames(lazy, recipe=recipe, pixel_size=(0.5, 0.5), halo=(4, 4))
+    with pytest.raises(HaloTooSmall):
+        labels.compute()
+
+
+def test_finds_simulated_nuclei_better_than_chance(field_2d):
+    """A floor for the shipped model; the reported figures are in BENCHMARKS.md."""
+    labels = segment(field_2d.image[0, 0], diameter=20.0)
+    assert average_precision(field_2d.labels[0], labels) > 0.8
+
+
+def test_diameter_is_estimated_within_20_percent(field_2d):
+    truth = median_diameter(field_2d.labels[0])
+    # the same nuclei shown at twice the magnification must be estimated twice as large
+    image = np.kron(field_2d.image[0, 0], np.ones((2, 2), dtype=field_2d.image.dtype))
+    for picture, expected in ((field_2d.image[0, 0], truth), (image, 2 * truth)):
+        assert estimate_diameter(picture) == pytest.approx(expected, rel=0.2)
+
+
+def test_cells_from_maps_separates_two_touching_seeds():
+    """Hand-made maps: one foreground blob with two distance peaks gives two cells."""
+    yy, xx = np.mgrid[:40, :60]
+    left = np.clip(1 - np.hypot(yy - 20, xx - 20) / 10, 0, None)
+    right = np.clip(1 - np.hypot(yy - 20, xx - 38) / 10, 0, None)
+    distance = np.maximum(left, right)
+    foreground = distance > 0
+    maps = np.stack([~foreground, np.zeros_like(distance), foreground, distance]).astype(np.float32)
+    labels = cells_from_maps(maps, diameter_px=20.0)
+    assert len(np.unique(labels[labels > 0])) == 2
+    assert labels[20, 20] != labels[20, 38]
+    assert np.array_equal(labels > 0, foreground)
+
+
+def test_settings_reach_the_model():
+    with pytest.raises(Exception, match="model file not found"):
+        predict_maps(np.zeros((16, 16)), settings=InferenceSettings(model="/nonexistent/m"))
