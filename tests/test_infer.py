@@ -177,3 +177,27 @@ def test_inference_runs_only_on_the_gpu_worker(random_model):
     assert loads[gpu_worker] == 1
     assert sum(loads.values()) == 1  # the worker without a GPU never loaded the model
     assert 0 <= total <= 3 * 192 * 192
+
+
+def test_run_on_a_cluster_with_one_gpu_worker(small_plate, tmp_path):
+    """``pipeline run``: inference (and the diameter estimate) only where ``GPU=1``."""
+    import zarr
+
+    from pipeline import run
+
+    with _two_worker_cluster({"GPU": 1}) as cluster, Client(cluster) as client:
+        gpu_worker = next(
+            address
+            for address, info in client.scheduler_info()["workers"].items()
+            if info["resources"].get("GPU")
+        )
+        with get_task_stream(client) as stream:
+            summary = run(small_plate, tmp_path / "out.zarr", scheduler=cluster.scheduler_address)
+        loads = client.run(model_load_count)
+    assert not summary.failed
+    assert all(outcome.n_cells > 0 for outcome in summary.fields)
+    inference = {t["worker"] for t in stream.data if t["key"][0].startswith("infer-")}
+    assert inference == {gpu_worker}
+    assert loads[gpu_worker] == 1
+    assert sum(loads.values()) == 1
+    assert zarr.open_group(tmp_path / "out.zarr").attrs["pipeline"]["status"] == "complete"
