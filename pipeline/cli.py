@@ -133,6 +133,49 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pipeline.models.train import TrainingConfig, train
+
+    config = TrainingConfig(
+        diameter_px=args.diameter,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        learning_rate=args.lr,
+        distance_weight=args.distance_weight,
+        ignore_unannotated=not args.keep_unannotated,
+        base_channels=args.base_channels,
+        depth=args.depth,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+    )
+    zarr = [(path, args.label, args.channel) for path in args.zarr]
+    if zarr and not args.label:
+        raise PipelineInputError("--zarr needs --label (the label image's name)", args.zarr[0])
+    exclude = [name for item in args.exclude for name in item.split(",") if name.strip()]
+    command = shlex.join(["pipeline", *args.argv])
+    _, info = train(
+        out=args.out,
+        data=args.data,
+        zarr=zarr,
+        simulated=args.simulated,
+        exclude=exclude,
+        config=config,
+        command=command,
+    )
+    print(
+        f"model written to {args.out}.pt/.json: best validation loss "
+        f"{info.training['best_val_loss']:.4f} (epoch {info.training['best_epoch']}), "
+        f"receptive field {info.receptive_field_radius_px} px, stride {info.stride}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -209,12 +252,48 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated IoU thresholds (default: 0.5,0.55,...,0.95)",
     )
     score.set_defaults(handler=_evaluate)
+
+    fit = commands.add_parser("train", help="train the nuclear segmentation conv-net")
+    fit.add_argument("--out", required=True, help="model path without suffix (writes .pt, .json)")
+    fit.add_argument(
+        "--data", action="append", default=[], help="folder with images/ and masks/ TIFFs"
+    )
+    fit.add_argument("--zarr", action="append", default=[], help="OME-Zarr image or plate")
+    fit.add_argument("--label", help="label image name in the OME-Zarr (labels/NAME)")
+    fit.add_argument("--channel", default="0", help="nuclear channel name or index (OME-Zarr)")
+    fit.add_argument("--simulated", type=int, default=0, help="simulated fields to add")
+    fit.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="held-out images, comma-separated names or path ends (e.g. gowt1/t21.tif)",
+    )
+    fit.add_argument("--diameter", type=float, default=30.0, help="training nucleus diameter (px)")
+    fit.add_argument("--crop", type=int, default=128)
+    fit.add_argument("--batch-size", type=int, default=16)
+    fit.add_argument("--steps-per-epoch", type=int, default=100)
+    fit.add_argument("--epochs", type=int, default=20, help="most epochs")
+    fit.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument("--distance-weight", type=float, default=8.0)
+    fit.add_argument(
+        "--keep-unannotated",
+        action="store_true",
+        help="teach bright unannotated blobs of real masks as background (default: ignore them)",
+    )
+    fit.add_argument("--base-channels", type=int, default=16)
+    fit.add_argument("--depth", type=int, default=3)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    fit.add_argument("--threads", type=int, help="CPU threads for torch")
+    fit.set_defaults(handler=_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pipeline`` command; returns the exit code."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except PipelineInputError as error:

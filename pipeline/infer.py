@@ -47,7 +47,9 @@ __all__ = [
     "predict_maps",
     "predict_maps_tiled",
     "rescale_factor",
+    "rescale_planes",
     "run_network",
+    "scaled_shape",
 ]
 
 N_MAPS = 4
@@ -192,8 +194,9 @@ def rescale_factor(info: ModelInfo, diameter: float) -> float:
     return float(info.diameter_px) / float(diameter)
 
 
-def _scaled_length(n: int, factor: float) -> int:
-    return max(1, round(n * factor))
+def scaled_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
+    """The shape of an image plane rescaled by ``factor`` (rounded, at least one pixel)."""
+    return tuple(max(1, round(n * factor)) for n in shape)
 
 
 def _plane_transform(ndim: int, factors: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +212,11 @@ def _plane_transform(ndim: int, factors: Sequence[float]) -> tuple[np.ndarray, n
     return np.diag(scale), offset
 
 
-def _rescale_numpy(array: np.ndarray, shape_yx: Sequence[int]) -> np.ndarray:
+def rescale_planes(array: np.ndarray, shape_yx: Sequence[int]) -> np.ndarray:
+    """Rescale the last two axes to ``shape_yx``: linear, pixel centres aligned, edges repeated.
+
+    Training and inference rescale the same way (the Dask path gives the same values).
+    """
     if tuple(array.shape[-2:]) == tuple(shape_yx):
         return array
     factors = [o / i for o, i in zip(shape_yx, array.shape[-2:], strict=True)]
@@ -280,9 +287,8 @@ def predict_maps(
     low, high = frame_percentiles(image[np.newaxis], info.percentiles)[0]
     planes = normalize(image, low, high).reshape(-1, *image.shape[-2:])
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
-    scaled_shape = [_scaled_length(n, factor) for n in image.shape[-2:]]
-    maps = run_network(_rescale_numpy(planes, scaled_shape), settings)
-    maps = _rescale_numpy(maps, image.shape[-2:])
+    maps = run_network(rescale_planes(planes, scaled_shape(image.shape[-2:], factor)), settings)
+    maps = rescale_planes(maps, image.shape[-2:])
     maps = maps.reshape(*image.shape[:-2], N_MAPS, *image.shape[-2:])
     return np.moveaxis(maps, -3, 0) if image.ndim == 3 else maps
 
@@ -361,10 +367,10 @@ def predict_maps_tiled(
     lead = frames.ndim - 2
     normalised = _normalise_frames(frames, frame_percentiles(frames, info.percentiles))
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
-    scaled_shape = [_scaled_length(n, factor) for n in frames.shape[-2:]]
-    plan = tuple(axis_blocks(n, tile, halo) for n in scaled_shape)
+    plane_shape = scaled_shape(frames.shape[-2:], factor)
+    plan = tuple(axis_blocks(n, tile, halo) for n in plane_shape)
     batch_chunks = (frames_per_block, *frames.shape[1:lead])
-    scaled = _rescale_dask(normalised, scaled_shape, (*batch_chunks, *plan))
+    scaled = _rescale_dask(normalised, plane_shape, (*batch_chunks, *plan))
     depth = {axis: 0 for axis in range(lead)} | {lead: halo, lead + 1: halo}
     overlapped = da.overlap.overlap(scaled, depth=depth, boundary="none")
     function = partial(_infer_block, settings=settings, chunks=scaled.chunks, halo=halo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
+from test_segment import same_up_to_renumbering
 
 from pipeline import segment
 from pipeline.infer import InferenceSettings, estimate_diameter, median_diameter, predict_maps
@@ -12,7 +13,6 @@ from pipeline.metrics import average_precision
 from pipeline.segment.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
 from pipeline.segment.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
-from tests.test_segment import same_up_to_renumbering
 
 
 @pytest.fixture(scope="module")

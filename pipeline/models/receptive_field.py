@@ -13,7 +13,9 @@ Receptive field
     network with the same geometry: max-pooling becomes average pooling over the same window,
     activations become the identity, every convolution averages its inputs with positive weights
     and batch normalisation (evaluation mode) becomes the identity. In that copy every path of
-    the computation graph carries a strictly positive gradient, so the support of the gradient
+    the computation graph carries a strictly positive gradient (the input is positive, so
+    activations applied as functions rather than modules pass gradient too; max-pooling must be a
+    module), so the support of the gradient
     of an output pixel with respect to the input is exactly the set of input pixels that can
     influence it for *some* weights and inputs, an upper bound valid for any trained weights.
     The gradient of one output pixel per position modulo the stride (the receptive field of a
@@ -157,7 +159,9 @@ def _gradient_support_radius(
     whether any support reaches the canvas border (then the canvas is too small)."""
     centre = (size // 2) - (size // 2) % stride
     offsets = [(dy, dx) for dy in range(stride) for dx in range(stride)]
-    inputs = torch.zeros(len(offsets), in_channels, size, size, dtype=torch.float32)
+    # A positive input keeps any activation applied as a function (not a module) in its
+    # positive, non-zero-gradient range too.
+    inputs = torch.ones(len(offsets), in_channels, size, size, dtype=torch.float32)
     inputs.requires_grad_(True)
     outputs = linear(inputs)
     if outputs.shape[-2:] != inputs.shape[-2:]:

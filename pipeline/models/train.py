@@ -1,0 +1,855 @@
+"""Train the nuclear segmentation U-Net from images and instance masks.
+
+Data
+    Folders holding ``images/NAME.tif`` and ``masks/NAME.tif`` (instance labels, 0 background),
+    paired by name; OME-Zarr images or plates with a label image (every field, timepoint and z
+    plane is one 2D sample); simulated fields (:func:`pipeline.synthetic.simulate_field`, nuclear
+    channel, several timepoints, seeds derived from the run seed). ``exclude`` removes held-out
+    images by name (``t21.tif``) or by the end of their path (``gowt1/t21.tif``).
+
+Preparation (once per image, exactly as inference sees an image)
+    1. Normalise the whole image with its robust percentiles
+       (:func:`pipeline.normalize.frame_percentiles`, :func:`pipeline.normalize.normalize`).
+    2. Rescale it (linear) and its mask (nearest) so that the median nucleus diameter of the
+       mask becomes :attr:`TrainingConfig.diameter_px`, and also at the jitter factors
+       :attr:`TrainingConfig.scales` around it (scale augmentation, targets recomputed at each).
+    3. Masks are relabelled by connected components first (a few ground-truth labels of the Cell
+       Tracking Challenge masks cover two or three separate nuclei, e.g. daughters sharing
+       their mother's id).
+       Targets: class 1 "boundary" is ``find_boundaries(mode="inner")`` of the instance mask
+       (touching nuclei get a two-pixel line between them), class 2 "interior" the rest of each
+       nucleus, class 0 background; the distance target is the Euclidean distance of every
+       interior pixel to its nucleus' boundary divided by that nucleus' largest such distance
+       (1 at the centre, 0 on the boundary and outside).
+       Unannotated nuclei: real masks leave some nuclei out (the Cell Tracking Challenge masks
+       omit almost every nucleus cut by the image border, and a few others). Pixels of bright
+       blobs of at least 0.15 nucleus areas outside the (slightly dilated) annotated nuclei
+       are given no weight in the loss rather than being taught as background
+       (:func:`unannotated_mask`; not for simulated fields, whose ground truth is complete).
+    4. Validation split: the last :attr:`TrainingConfig.validation_fraction` of the rows of every
+       image (the same region of every frame, so a slowly moving nucleus does not appear in the
+       training part of one frame and the validation part of the next). Training crops never
+       reach into it.
+
+Training
+    Random crops (sources drawn equally often, images within a source by training area),
+    rotations by 90 degrees and reflections, intensity augmentation (gamma on the [0, 1] range,
+    gain and offset, Gaussian noise), loss = class-weighted cross-entropy + ``distance_weight``
+    times a masked mean squared error on the distance map (weight 1 on nuclei, 0.1 on
+    background). Class weights are ``frequency ** -class_weight_power`` normalised so that the
+    mean weight per pixel is 1 (power 0.5: on the shipped data the boundary class, 2.7 % of the
+    pixels, counts about five times more than background, not thirty times as with inverse
+    frequencies, which would thicken predicted boundaries and shrink masks).
+    AdamW with a warm-up and cosine decay; validation loss after every epoch; early stopping
+    keeps the best weights. Deterministic for a seed on CPU (``torch.manual_seed``, a numpy
+    ``Generator`` and ``torch.use_deterministic_algorithms``); on CUDA bf16 autocast is used and
+    determinism is requested but not enforced (some CUDA kernels have no deterministic version).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.measure import label as label_components
+from skimage.segmentation import find_boundaries
+
+from pipeline.errors import PipelineInputError
+from pipeline.infer import median_diameter, rescale_planes, scaled_shape
+from pipeline.models import ModelInfo, save_model
+from pipeline.models.receptive_field import measure_receptive_field_radius, measure_stride
+from pipeline.models.unet import CLASS_NAMES, UNet
+from pipeline.normalize import DEFAULT_PERCENTILES, frame_percentiles, normalize
+
+__all__ = [
+    "LabelledImage",
+    "PreparedImage",
+    "TrainingConfig",
+    "class_weights",
+    "load_image_folder",
+    "load_simulated",
+    "load_zarr",
+    "prepare_image",
+    "rescale_labels",
+    "targets_from_labels",
+    "train",
+    "unannotated_mask",
+]
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_BACKGROUND_DISTANCE_WEIGHT = 0.1
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters of a training run (all recorded in the model's training record).
+
+    Attributes
+    ----------
+    diameter_px
+        Median nucleus diameter every image is rescaled to; stored as ``ModelInfo.diameter_px``.
+    scales
+        Extra rescaling factors around ``diameter_px`` (scale augmentation); 1.0 must be one.
+    crop, batch_size
+        Training crop size (a multiple of the network's stride) and crops per step.
+    steps_per_epoch, max_epochs, patience
+        Steps between validations, most epochs, epochs without improvement before stopping.
+    learning_rate, weight_decay, warmup_steps
+        AdamW with a linear warm-up and cosine decay to 1/50 of the rate over all epochs.
+    distance_weight
+        Weight of the distance-map loss relative to the cross-entropy.
+    class_weight_power
+        Class weights are ``frequency ** -power`` (0: no balancing, 1: inverse frequency).
+    validation_fraction
+        Fraction of every image's rows (at the bottom) used for validation only.
+    ignore_unannotated
+        Give no loss weight to bright unannotated blobs of real masks (:func:`unannotated_mask`).
+    base_channels, depth
+        U-Net width and number of poolings.
+    seed
+        Seed of weights, crops, augmentation and simulated fields.
+    simulated_frames, simulated_size
+        Frames per simulated field and its size in pixels (before rescaling).
+    device
+        ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
+    threads
+        CPU threads for torch (``None``: leave as is).
+    """
+
+    diameter_px: float = 30.0
+    scales: tuple[float, ...] = (0.8, 1.0, 1.25)
+    crop: int = 128
+    batch_size: int = 16
+    steps_per_epoch: int = 100
+    max_epochs: int = 20
+    patience: int = 5
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    distance_weight: float = 8.0
+    class_weight_power: float = 0.5
+    validation_fraction: float = 0.2
+    ignore_unannotated: bool = True
+    base_channels: int = 16
+    depth: int = 3
+    seed: int = 0
+    simulated_frames: tuple[int, ...] = (0, 3, 7)
+    simulated_size: int = 256
+    device: str | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One 2D image with its instance mask, as read.
+
+    ``name`` identifies it in the training record (``folder/file`` for TIFF folders), ``source``
+    groups images that are sampled together (a folder, a zarr store, the simulated fields);
+    ``complete`` says every nucleus is annotated (simulated ground truth).
+    """
+
+    name: str
+    source: str
+    image: np.ndarray
+    labels: np.ndarray
+    complete: bool = False
+
+
+@dataclass
+class PreparedImage:
+    """A normalised, rescaled image with its targets at every scale of the run.
+
+    ``images[k]``, ``classes[k]``, ``distance[k]``, ``valid[k]`` (pixels that count in the
+    loss) belong to ``scales[k]`` (relative to the training diameter); ``train_rows[k]`` rows at
+    the top are for training, the rest validation.
+    """
+
+    name: str
+    source: str
+    factor: float
+    median_diameter: float
+    scales: tuple[float, ...]
+    images: list[np.ndarray] = field(default_factory=list)
+    classes: list[np.ndarray] = field(default_factory=list)
+    distance: list[np.ndarray] = field(default_factory=list)
+    valid: list[np.ndarray] = field(default_factory=list)
+    train_rows: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _excluded(name: str, patterns: Sequence[str]) -> str | None:
+    """The first pattern naming ``name`` (equal to its file name or to the end of its path)."""
+    for pattern in patterns:
+        pattern = pattern.strip().strip("/")
+        if pattern and (name == pattern or name.endswith("/" + pattern)):
+            return pattern
+    return None
+
+
+def load_image_folder(
+    folder: str | Path, exclude: Sequence[str] = (), excluded: list[str] | None = None
+) -> list[LabelledImage]:
+    """Image/mask pairs of a folder with ``images/`` and ``masks/`` TIFFs paired by name.
+
+    Parameters
+    ----------
+    folder
+        Holds ``images/NAME.tif`` and ``masks/NAME.tif``.
+    exclude
+        Names (``t21.tif``) or path ends (``gowt1/t21.tif``) of images to leave out.
+    excluded
+        If given, the names of the images left out are appended to it.
+    """
+    folder = Path(folder)
+    images, masks = folder / "images", folder / "masks"
+    if not images.is_dir() or not masks.is_dir():
+        raise PipelineInputError("training folder needs images/ and masks/ subfolders", folder)
+    pairs = []
+    for path in sorted(images.iterdir()):
+        if path.suffix.lower() not in _TIFF_SUFFIXES:
+            continue
+        name = f"{folder.name}/{path.name}"
+        if _excluded(name, exclude):
+            if excluded is not None:
+                excluded.append(name)
+            continue
+        mask_path = masks / path.name
+        if not mask_path.is_file():
+            raise PipelineInputError("image has no mask of the same name", mask_path)
+        image = np.squeeze(tifffile.imread(path))
+        labels = np.squeeze(tifffile.imread(mask_path))
+        _check_pair(image, labels, path)
+        pairs.append(LabelledImage(name, str(folder), image, labels))
+    if not pairs and not excluded:
+        raise PipelineInputError("no TIFF images found", images)
+    return pairs
+
+
+def _check_pair(image: np.ndarray, labels: np.ndarray, where: str | Path) -> None:
+    if image.ndim != 2 or image.shape != labels.shape:
+        raise PipelineInputError(
+            f"expected a 2D image and mask of one shape, got {image.shape} and {labels.shape}",
+            where,
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise PipelineInputError(f"mask must hold integer labels, got {labels.dtype}", where)
+
+
+def load_zarr(
+    path: str | Path,
+    label: str,
+    channel: str | int = 0,
+    exclude: Sequence[str] = (),
+    excluded: list[str] | None = None,
+) -> list[LabelledImage]:
+    """Every 2D plane (field, timepoint, z) of an OME-Zarr image or plate with a label image.
+
+    Parameters
+    ----------
+    path
+        OME-Zarr image or plate.
+    label
+        Name of the label image (``labels/NAME`` of each field).
+    channel
+        Channel name or index of the nuclear channel.
+    exclude, excluded
+        As in :func:`load_image_folder`; names are ``STORE/FIELD/tT`` (``/zZ`` in 3D).
+    """
+    from pipeline.io.omezarr import open_image, open_plate
+
+    plate = open_plate(path)
+    store = Path(plate.path).name
+    samples = []
+    for fov in plate.fields:
+        labels_path = f"{fov.path}/labels/{label}" if fov.path else f"labels/{label}"
+        label_image = open_image(plate.path, image_path=labels_path).data
+        data = fov.data
+        if "c" in data.dims:
+            if isinstance(channel, str) and not channel.isdigit():
+                if channel not in fov.channel_names:
+                    raise PipelineInputError(
+                        f"no channel {channel!r} (channels: {', '.join(fov.channel_names)})",
+                        plate.path,
+                    )
+                data = data.sel(c=channel)
+            else:
+                data = data.isel(c=int(channel))
+        image = np.asarray(data.values)
+        labels = np.asarray(label_image.values)
+        if "c" in label_image.dims:
+            labels = labels.take(0, axis=label_image.dims.index("c"))
+        if image.shape != labels.shape:
+            raise PipelineInputError(
+                f"label image {label!r} has shape {labels.shape}, the image {image.shape}",
+                plate.path,
+            )
+        dims = [dim for dim in data.dims if dim not in ("y", "x")]
+        for index in np.ndindex(*image.shape[: len(dims)]):
+            suffix = "/".join(f"{dim}{i}" for dim, i in zip(dims, index, strict=True))
+            name = "/".join(part for part in (store, fov.path or "image", suffix) if part)
+            if _excluded(name, exclude):
+                if excluded is not None:
+                    excluded.append(name)
+                continue
+            samples.append(LabelledImage(name, plate.path, image[index], labels[index]))
+    return samples
+
+
+def simulated_seeds(count: int, seed: int) -> list[int]:
+    """Seeds of the simulated training fields of a run (derived from the run seed)."""
+    sequence = np.random.SeedSequence([seed, 0x5EED])
+    return [int(s.generate_state(1, dtype=np.uint32)[0]) for s in sequence.spawn(count)]
+
+
+def load_simulated(
+    count: int, seed: int, frames: Sequence[int] = (0, 3, 7), size: int = 256
+) -> list[LabelledImage]:
+    """Nuclear channel and ground truth of ``count`` simulated fields at the given frames."""
+    from pipeline.synthetic import simulate_field
+
+    samples = []
+    for field_seed in simulated_seeds(count, seed):
+        simulated = simulate_field(n_frames=max(frames) + 1, size=size, seed=field_seed)
+        for t in frames:
+            samples.append(
+                LabelledImage(
+                    f"simulated/{field_seed}/t{t}",
+                    "simulated",
+                    simulated.image[t, 0],
+                    simulated.labels[t],
+                    complete=True,
+                )
+            )
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation
+# --------------------------------------------------------------------------------------------
+
+
+def rescale_labels(labels: np.ndarray, factor: float) -> np.ndarray:
+    """Rescale a 2D label image by ``factor`` with nearest-neighbour sampling."""
+    shape = scaled_shape(labels.shape, factor)
+    if shape == labels.shape:
+        return labels
+    rows = np.minimum(
+        ((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(np.int64),
+        labels.shape[0] - 1,
+    )
+    cols = np.minimum(
+        ((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(np.int64),
+        labels.shape[1] - 1,
+    )
+    return labels[np.ix_(rows, cols)]
+
+
+def targets_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class map (0 background, 1 boundary, 2 interior; uint8) and distance map (float32)."""
+    labels = np.asarray(labels)
+    foreground = labels > 0
+    boundary = find_boundaries(labels, mode="inner") & foreground
+    interior = foreground & ~boundary
+    classes = np.zeros(labels.shape, dtype=np.uint8)
+    classes[boundary] = 1
+    classes[interior] = 2
+    distance = ndi.distance_transform_edt(interior).astype(np.float32)
+    if interior.any():
+        largest = np.zeros(int(labels.max()) + 1, dtype=np.float32)
+        np.maximum.at(largest, labels[interior], distance[interior])
+        scale = largest[labels]
+        distance = np.divide(distance, scale, out=np.zeros_like(distance), where=scale > 0)
+    return classes, distance
+
+
+def unannotated_mask(image: np.ndarray, labels: np.ndarray, diameter: float) -> np.ndarray:
+    """Background pixels of the mask that probably belong to unannotated nuclei.
+
+    The normalised image is smoothed (sigma = diameter / 20) and thresholded half-way between
+    the median of the annotated background and Otsu's threshold; what lies farther than a tenth
+    of a diameter from every annotated nucleus and forms blobs of at least 0.15 nucleus areas
+    is returned, grown by a tenth of a diameter, minus the annotated nuclei.
+    """
+    labels = np.asarray(labels)
+    background = labels == 0
+    if not background.any() or background.all():
+        return np.zeros(labels.shape, dtype=bool)
+    smooth = ndi.gaussian_filter(np.asarray(image, np.float32), sigma=max(1.0, diameter / 20))
+    level = float(np.median(smooth[background]))
+    bright = smooth > level + 0.5 * (threshold_otsu(smooth) - level)
+    margin = max(1, round(0.1 * diameter))
+    candidates = bright & ~ndi.binary_dilation(~background, iterations=margin)
+    blobs, _ = ndi.label(candidates)
+    area = np.bincount(blobs.ravel())
+    keep = area >= 0.15 * np.pi * (diameter / 2) ** 2
+    keep[0] = False
+    return ndi.binary_dilation(keep[blobs], iterations=margin) & background
+
+
+def prepare_image(
+    sample: LabelledImage,
+    diameter_px: float,
+    scales: Sequence[float] = (1.0,),
+    validation_fraction: float = 0.2,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    ignore_unannotated: bool = True,
+) -> PreparedImage:
+    """Normalise the whole image, rescale it to ``diameter_px`` (times each scale) and make
+    its targets; see the module notes."""
+    labels = label_components(np.asarray(sample.labels), connectivity=1).astype(np.int32)
+    diameter = median_diameter(labels)
+    if not diameter > 0:
+        raise PipelineInputError("mask has no nuclei; cannot set the image's scale", sample.name)
+    low, high = frame_percentiles(sample.image[np.newaxis], percentiles)[0]
+    normalised = normalize(sample.image, low, high)
+    if ignore_unannotated and not sample.complete:
+        ignored = unannotated_mask(normalised, labels, diameter)
+    else:
+        ignored = np.zeros(labels.shape, dtype=bool)
+    factor = float(diameter_px) / diameter
+    prepared = PreparedImage(sample.name, sample.source, factor, diameter, tuple(scales))
+    for scale in scales:
+        image = rescale_planes(normalised, scaled_shape(normalised.shape, factor * scale))
+        scaled = rescale_labels(labels, factor * scale)
+        classes, distance = targets_from_labels(scaled)
+        prepared.images.append(image)
+        prepared.classes.append(classes)
+        prepared.distance.append(distance)
+        prepared.valid.append(~rescale_labels(ignored, factor * scale))
+        prepared.train_rows.append(round(image.shape[0] * (1.0 - validation_fraction)))
+    return prepared
+
+
+def class_weights(prepared: Sequence[PreparedImage], power: float) -> tuple[np.ndarray, np.ndarray]:
+    """Class frequencies over the training regions (scale 1, pixels that count) and weights
+    ``f ** -power``
+    normalised to a mean weight of 1 per pixel."""
+    counts = np.zeros(3, dtype=np.float64)
+    for item in prepared:
+        k = item.scales.index(1.0)
+        rows = slice(0, item.train_rows[k])
+        classes = item.classes[k][rows][item.valid[k][rows]]
+        counts += np.bincount(classes.ravel(), minlength=3)[:3]
+    frequency = counts / counts.sum()
+    weights = np.where(frequency > 0, np.maximum(frequency, 1e-12) ** -power, 0.0)
+    weights /= float(np.sum(frequency * weights))
+    return frequency, weights
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and augmentation
+# --------------------------------------------------------------------------------------------
+
+
+class _Sampler:
+    """Random training crops with geometric and intensity augmentation (numpy Generator)."""
+
+    def __init__(self, prepared: Sequence[PreparedImage], crop: int, seed: int) -> None:
+        self.prepared = list(prepared)
+        self.crop = crop
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC80F]))
+        sources = sorted({item.source for item in self.prepared})
+        self.by_source = [
+            [i for i, item in enumerate(self.prepared) if item.source == source]
+            for source in sources
+        ]
+        self.area = [self._train_area(item) for item in self.prepared]
+        if all(a == 0 for a in self.area):
+            raise PipelineInputError("no training region left after the validation split", "")
+
+    @staticmethod
+    def _train_area(item: PreparedImage) -> float:
+        k = item.scales.index(1.0)
+        return float(item.train_rows[k] * item.images[k].shape[1])
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        images = np.empty((size, 1, self.crop, self.crop), dtype=np.float32)
+        classes = np.empty((size, self.crop, self.crop), dtype=np.int64)
+        distance = np.empty((size, self.crop, self.crop), dtype=np.float32)
+        valid = np.empty((size, self.crop, self.crop), dtype=bool)
+        for n in range(size):
+            images[n, 0], classes[n], distance[n], valid[n] = self.sample()
+        return images, classes, distance, valid
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rng = self.rng
+        candidates = [group for group in self.by_source if any(self.area[i] for i in group)]
+        group = candidates[rng.integers(len(candidates))]
+        weights = np.array([self.area[i] for i in group], dtype=np.float64)
+        item = self.prepared[group[rng.choice(len(group), p=weights / weights.sum())]]
+        k = int(rng.integers(len(item.scales)))
+        rows, cols = item.train_rows[k], item.images[k].shape[1]
+        y0 = int(rng.integers(max(rows - self.crop, 0) + 1))
+        x0 = int(rng.integers(max(cols - self.crop, 0) + 1))
+        window = (slice(y0, min(y0 + self.crop, rows)), slice(x0, x0 + self.crop))
+        image = _pad_to(item.images[k][window], self.crop)
+        classes = _pad_to(item.classes[k][window], self.crop)
+        distance = _pad_to(item.distance[k][window], self.crop)
+        valid = _pad_to(item.valid[k][window], self.crop, True)
+        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+        image, classes, distance, valid = (
+            _orient(a, turns, flip) for a in (image, classes, distance, valid)
+        )
+        return _intensity(image, rng), classes, distance, valid
+
+
+def _pad_to(array: np.ndarray, size: int, value: float | bool = 0) -> np.ndarray:
+    pad = [(0, size - n) for n in array.shape]
+    return np.pad(array, pad, constant_values=value) if any(p for _, p in pad) else array
+
+
+def _orient(array: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    array = np.rot90(array, turns)
+    return np.ascontiguousarray(array[:, ::-1] if flip else array)
+
+
+def _intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma on the [0, 1] part of the normalised range, gain and offset, Gaussian noise."""
+    gamma = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    clipped = np.clip(image, 0.0, 1.0)
+    image = clipped**gamma + (image - clipped)
+    gain = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
+    offset = rng.uniform(-0.1, 0.1)
+    noise = rng.uniform(0.0, 0.05)
+    image = gain * image + offset + noise * rng.standard_normal(image.shape)
+    return image.astype(np.float32)
+
+
+AUGMENTATIONS = {
+    "crop": "random crops of the training region (sources equally often, images by area)",
+    "scale": "rescaled by each factor of `scales` around diameter_px, targets recomputed",
+    "geometry": "rotations by 0/90/180/270 degrees and a left-right reflection",
+    "gamma": "x -> clip(x, 0, 1) ** g + (x - clip(x, 0, 1)), g log-uniform in [0.6, 1.6]",
+    "gain_offset": "x -> a x + b, a log-uniform in [0.75, 1.33], b uniform in [-0.1, 0.1]",
+    "noise": "additive Gaussian, sigma uniform in [0, 0.05] (normalised units)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and training loop
+# --------------------------------------------------------------------------------------------
+
+
+def _loss(
+    output: torch.Tensor,
+    classes: torch.Tensor,
+    distance: torch.Tensor,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
+    distance_weight: float,
+) -> torch.Tensor:
+    """Class-weighted cross-entropy (weighted mean over the pixels that count) plus
+    ``distance_weight`` times the masked mean squared error of the distance map."""
+    output = output.float()
+    valid = valid.float()
+    pixel_weight = weights[classes] * valid
+    cross_entropy = F.cross_entropy(output[:, :3], classes, reduction="none")
+    cross_entropy = (cross_entropy * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-6)
+    mask = torch.where(classes > 0, 1.0, _BACKGROUND_DISTANCE_WEIGHT) * valid
+    squared = (output[:, 3] - distance) ** 2
+    return cross_entropy + distance_weight * (squared * mask).sum() / mask.sum().clamp_min(1e-6)
+
+
+def _validation_sets(
+    prepared: Sequence[PreparedImage], stride: int
+) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per source, the validation strips (scale 1) trimmed to multiples of the stride."""
+    sources = sorted({item.source for item in prepared})
+    sets = []
+    for source in sources:
+        strips = []
+        for item in (p for p in prepared if p.source == source):
+            k = item.scales.index(1.0)
+            top = item.train_rows[k]
+            height, width = item.images[k].shape
+            rows = (height - top) // stride * stride
+            cols = width // stride * stride
+            if rows == 0 or cols == 0:
+                continue
+            window = (slice(top, top + rows), slice(0, cols))
+            strips.append(
+                (
+                    item.images[k][window],
+                    item.classes[k][window],
+                    item.distance[k][window],
+                    item.valid[k][window],
+                )
+            )
+        if strips:
+            sets.append(strips)
+    return sets
+
+
+def _validate(model, sets, weights, config, device, autocast) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for strips in sets:
+            source = []
+            for image, classes, distance, valid in strips:
+                x = torch.from_numpy(image)[None, None].to(device)
+                with autocast():
+                    output = model(x)
+                loss = _loss(
+                    output,
+                    torch.from_numpy(classes.astype(np.int64))[None].to(device),
+                    torch.from_numpy(distance)[None].to(device),
+                    torch.from_numpy(np.ascontiguousarray(valid))[None].to(device),
+                    weights,
+                    config.distance_weight,
+                )
+                source.append(float(loss))
+            losses.append(float(np.mean(source)))
+    model.train()
+    return float(np.mean(losses))
+
+
+def _learning_rate(step: int, total: int, config: TrainingConfig) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    floor = config.learning_rate / 50
+    return floor + (config.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Determinism:
+    """Seed everything and request deterministic algorithms; restore the global state after."""
+
+    def __init__(self, seed: int, device: torch.device, threads: int | None) -> None:
+        self.seed, self.device, self.threads = seed, device, threads
+
+    def __enter__(self) -> _Determinism:
+        self.previous = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.get_num_threads(),
+        )
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cpu")
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        enabled, warn_only, threads = self.previous
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.set_num_threads(threads)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineInputError("CUDA requested but not available", name)
+    return device
+
+
+def train(
+    *,
+    out: str | Path | None,
+    data: Iterable[str | Path] = (),
+    zarr: Iterable[tuple[str | Path, str, str | int]] = (),
+    simulated: int = 0,
+    exclude: Sequence[str] = (),
+    config: TrainingConfig | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[UNet, ModelInfo]:
+    """Train a :class:`UNet` and save it (``OUT.pt`` and ``OUT.json``) with its training record.
+
+    Parameters
+    ----------
+    out
+        Where to save the model (``None``: do not save).
+    data
+        Folders with ``images/`` and ``masks/`` TIFFs.
+    zarr
+        ``(path, label name, channel)`` of OME-Zarr images or plates with a label image.
+    simulated
+        Number of simulated fields added (frames ``config.simulated_frames`` of each).
+    exclude
+        Held-out images: names or path ends (``gowt1/t21.tif``); each must match an image.
+    config
+        Hyper-parameters (default :class:`TrainingConfig`).
+    command
+        The command line to record (default: none recorded).
+    log
+        Receives one line per epoch (default: ``print``).
+
+    Returns
+    -------
+    model, info
+        The best model (lowest validation loss) in evaluation mode on the CPU, and its info.
+    """
+    config = config or TrainingConfig()
+    log = log or (lambda line: print(line, flush=True))
+    if 1.0 not in config.scales:
+        raise PipelineInputError("scales must include 1.0", str(config.scales))
+    started = time.perf_counter()
+    device = _device(config.device)
+    data = [Path(folder) for folder in data]
+    zarr = list(zarr)
+    excluded: list[str] = []
+    samples: list[LabelledImage] = []
+    for folder in data:
+        samples += load_image_folder(folder, exclude, excluded)
+    for path, label, channel in zarr:
+        samples += load_zarr(path, label, channel, exclude, excluded)
+    unused = [p for p in exclude if p.strip() and not any(_excluded(n, [p]) for n in excluded)]
+    if unused:
+        raise PipelineInputError("--exclude names no image", ", ".join(unused))
+    if simulated:
+        samples += load_simulated(
+            simulated, config.seed, config.simulated_frames, config.simulated_size
+        )
+    if not samples:
+        raise PipelineInputError("no training images", "give --data, --zarr or --simulated")
+    prepared = [
+        prepare_image(
+            s,
+            config.diameter_px,
+            config.scales,
+            config.validation_fraction,
+            ignore_unannotated=config.ignore_unannotated,
+        )
+        for s in samples
+    ]
+    frequency, weights = class_weights(prepared, config.class_weight_power)
+
+    with _Determinism(config.seed, device, config.threads):
+        model = UNet(in_channels=1, base_channels=config.base_channels, depth=config.depth)
+        stride = model.stride
+        if config.crop % stride:
+            raise PipelineInputError(f"crop must be a multiple of the stride {stride}", "")
+        model.to(device).train()
+        sampler = _Sampler(prepared, config.crop, config.seed)
+        validation = _validation_sets(prepared, stride)
+        if not validation:
+            raise PipelineInputError("validation split is empty", "raise validation_fraction")
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        weight_tensor = torch.tensor(weights, dtype=torch.float32, device=device)
+
+        def autocast():
+            return torch.autocast(
+                device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+            )
+
+        total_steps = config.steps_per_epoch * config.max_epochs
+        best_loss, best_epoch, best_state = math.inf, 0, None
+        history = []
+        step = 0
+        for epoch in range(1, config.max_epochs + 1):
+            running = []
+            for _ in range(config.steps_per_epoch):
+                for group in optimizer.param_groups:
+                    group["lr"] = _learning_rate(step, total_steps, config)
+                images, classes, distance, valid = sampler.batch(config.batch_size)
+                with autocast():
+                    output = model(torch.from_numpy(images).to(device))
+                loss = _loss(
+                    output,
+                    torch.from_numpy(classes).to(device),
+                    torch.from_numpy(distance).to(device),
+                    torch.from_numpy(valid).to(device),
+                    weight_tensor,
+                    config.distance_weight,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running.append(float(loss.detach()))
+                step += 1
+            val_loss = _validate(model, validation, weight_tensor, config, device, autocast)
+            train_loss = float(np.mean(running))
+            improved = val_loss < best_loss
+            if improved:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            log(
+                f"epoch {epoch:3d}/{config.max_epochs}  train {train_loss:.4f}  "
+                f"val {val_loss:.4f}{' *' if improved else '  '}  "
+                f"lr {optimizer.param_groups[0]['lr']:.1e}  "
+                f"elapsed {time.perf_counter() - started:6.0f} s"
+            )
+            if epoch - best_epoch >= config.patience:
+                log(f"early stop: no improvement for {config.patience} epochs")
+                break
+        model.load_state_dict(best_state)
+        model = model.cpu().float().eval()
+        radius = measure_receptive_field_radius(model)
+        measured_stride = measure_stride(model, radius=radius)
+
+    record: dict[str, Any] = {
+        "command": command,
+        "seed": config.seed,
+        "config": asdict(config),
+        "data": [str(folder) for folder in data],
+        "zarr": [{"path": str(p), "label": lbl, "channel": ch} for p, lbl, ch in zarr],
+        "simulated": {
+            "fields": simulated,
+            "seeds": simulated_seeds(simulated, config.seed) if simulated else [],
+            "frames": list(config.simulated_frames),
+            "size": config.simulated_size,
+        },
+        "excluded": sorted(excluded),
+        "images": [
+            {
+                "name": item.name,
+                "median_diameter_px": round(item.median_diameter, 2),
+                "factor": round(item.factor, 4),
+                "ignored_fraction": round(1.0 - float(np.mean(item.valid[0])), 4),
+            }
+            for item in prepared
+            if item.source != "simulated"
+        ],
+        "steps": step,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "best_val_loss": best_loss,
+        "history": history,
+        "validation": f"last {config.validation_fraction:.0%} of the rows of every image",
+        "augmentations": AUGMENTATIONS,
+        "class_frequencies": dict(zip(CLASS_NAMES, frequency.tolist(), strict=True)),
+        "class_weights": dict(zip(CLASS_NAMES, weights.tolist(), strict=True)),
+        "loss": (
+            f"class-weighted cross-entropy + {config.distance_weight} x masked MSE of the "
+            f"distance map (weight 1 on nuclei, {_BACKGROUND_DISTANCE_WEIGHT} on background)"
+        ),
+        "device": str(device),
+        "torch": torch.__version__,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    info = ModelInfo(
+        architecture=dict(model.config),
+        diameter_px=float(config.diameter_px),
+        percentiles=tuple(float(p) for p in DEFAULT_PERCENTILES),
+        receptive_field_radius_px=int(radius),
+        stride=int(measured_stride),
+        training=record,
+    )
+    if out is not None:
+        save_model(model, info, out)
+    return model, info
