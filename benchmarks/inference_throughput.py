@@ -1,14 +1,14 @@
 """Throughput of conv-net inference: one whole-image forward pass vs the tiled Dask inference.
 
 Usage: python benchmarks/inference_throughput.py [--size 2048] [--repeats 3] [--tile 1024]
-       [--model PATH] [--device auto] [--diameter D]
+       [--model PATH] [--device auto] [--diameter D] [--threads N]
 
 On one synthetic nuclear image of SIZE x SIZE pixels, in one run, side by side:
 
-(a) whole: a single forward pass of the network over the whole (normalised) image, using all
-    torch threads of the process (the ceiling for this hardware);
+(a) whole: a single forward pass of the network over the whole (normalised) image, with N
+    torch threads (default: all cores);
 (b) tiled: :func:`pipeline.infer.predict_maps_tiled` on the same image as a Dask array computed
-    with the threaded scheduler (one thread per core, one torch thread per task on a CPU):
+    with the threaded scheduler (N threads, one torch thread per task on a CPU):
     whole-frame percentiles, stride-aligned tiles with their receptive-field halo, batching and
     centre-crop stitching all included;
 (c) segmentation: (b) plus instances (seeds, watershed, exact stitching, renumbering), i.e.
@@ -61,9 +61,15 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--diameter", type=float, default=None, help="nucleus diameter (px)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for both (a) and (b) (default: cores)",
+    )
     args = parser.parse_args()
 
-    cores = os.cpu_count() or 1
+    cores = args.threads or os.cpu_count() or 1
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     image = simulate_field(n_frames=1, size=args.size, seed=0).image[0, 0]
@@ -109,7 +115,7 @@ def main() -> None:
             ).compute(),
         )
     torch.set_num_threads(cores)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {cores} cores"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {cores} threads"
     print(f"device: {name}; image {args.size}x{args.size}; diameter {diameter:g} px")
     print(f"model scale {scaled}x{scaled}; tile {args.tile}; best of {args.repeats}")
     print(f"{'':32s}{'seconds':>10s}{'MP/s':>10s}")

@@ -83,7 +83,7 @@ def segment(
         timepoint (computed at once, also for Dask input).
     halo_um
         Halo of the tiles, ``{"xy": ..., "z": ...}`` (Dask input only); for the conv-net at
-        least four nucleus diameters are used.
+        least six nucleus diameters are used.
     **parameters
         Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
         ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalConfig`.

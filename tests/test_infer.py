@@ -19,10 +19,8 @@ from pipeline.infer import (
     predict_maps_tiled,
 )
 from pipeline.models import ModelInfo, load_model, save_model
+from pipeline.models.receptive_field import measure_receptive_field_radius, measure_stride
 from pipeline.models.unet import UNet
-
-# Gradient (impulse) test of UNet(base_channels=8, depth=3) gives 46 px; stride 2**3.
-RANDOM_MODEL_RF = 46
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +32,15 @@ def random_model(tmp_path_factory) -> str:
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
+    model.eval()
     info = ModelInfo(
         architecture=model.config,
         diameter_px=30.0,
         percentiles=(1.0, 99.9),
-        receptive_field_radius_px=RANDOM_MODEL_RF,
-        stride=8,
+        receptive_field_radius_px=measure_receptive_field_radius(model),
+        stride=measure_stride(model),
     )
+    assert (info.receptive_field_radius_px, info.stride) == (51, 8)
     path = tmp_path_factory.mktemp("model") / "random_unet"
     save_model(model, info, path)
     return str(path)

@@ -59,7 +59,7 @@ def estimate_field_diameter(frames: da.Array, segmentation: SegmentationConfig):
     )
 
 
-HALO_DIAMETERS = 4.0
+HALO_DIAMETERS = 6.0
 
 
 def stitching_halo_um(halo_um: dict[str, float], diameter_um: float | None) -> dict[str, float]:
