@@ -60,6 +60,23 @@ def test_weights_load_with_weights_only(random_model):
     assert len(info.weights_sha256) == 64
 
 
+def test_shipped_model_loads_with_weights_only_and_matches_its_record():
+    import importlib.resources
+
+    path = importlib.resources.files("pipeline.models") / "nuclei_unet.pt"
+    state = torch.load(str(path), weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert path.stat().st_size < 8 * 2**20
+    model, info = load_model()
+    # the record's receptive field and stride are what the network measures now
+    assert info.receptive_field_radius_px == measure_receptive_field_radius(model)
+    assert info.stride == measure_stride(model) == model.stride
+    # the held-out images of the accuracy figures were never trained on
+    held_out = {"gowt1/t21.tif", "gowt1/t72.tif", "hela/t52.tif", "hela/t79.tif"}
+    assert set(info.training["excluded"]) == held_out
+    assert not held_out & {image["name"] for image in info.training["images"]}
+
+
 @pytest.mark.parametrize(
     ("chunks", "tile_px", "diameter", "tta"),
     [
