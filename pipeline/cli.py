@@ -112,6 +112,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_ctc(args: argparse.Namespace) -> int:
+    from pipeline.io.ctc import export_ctc, read_track_file
+
+    folder = export_ctc(args.output, args.field, args.dir, overwrite=args.overwrite)
+    lines = read_track_file(folder / "res_track.txt")
+    n_frames = len(list(folder.glob("mask*.tif")))
+    print(f"CTC result written to {folder}: {len(lines)} tracks over {n_frames} frames")
+    return 0
+
+
 def _iou_thresholds(text: str) -> tuple[float, ...]:
     """Parse "0.5,0.75" into IoU thresholds in (0, 1]."""
     try:
@@ -252,6 +262,15 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated IoU thresholds (default: 0.5,0.55,...,0.95)",
     )
     score.set_defaults(handler=_evaluate)
+
+    ctc = commands.add_parser(
+        "export-ctc", help="export one field's tracked cells in Cell Tracking Challenge format"
+    )
+    ctc.add_argument("output", help="OME-Zarr written by pipeline run")
+    ctc.add_argument("field", help='field path, e.g. A/1/0 ("" for a lone image)')
+    ctc.add_argument("dir", help="result folder for maskTTT.tif and res_track.txt")
+    ctc.add_argument("--overwrite", action="store_true", help="replace an existing result")
+    ctc.set_defaults(handler=_export_ctc)
 
     fit = commands.add_parser("train", help="train the nuclear segmentation conv-net")
     fit.add_argument("--out", required=True, help="model path without suffix (writes .pt, .json)")
