@@ -4,7 +4,9 @@ The work is split as in laptrack: candidate link costs (:func:`_link_costs`), th
 assignment matrix with birth and death alternatives (:func:`_augmented_cost_matrix`), its
 solution (:func:`_solve_assignment`) and the assembly of links into tracks
 (:func:`_assemble_tracks`). Everything is sparse: only pairs closer than ``max_distance`` are
-ever stored, so frames with tens of thousands of cells link in seconds.
+ever stored, so frames with tens of thousands of cells link in seconds. A second assignment
+over the resulting segments (:func:`_close_gaps_and_split`) closes gaps of missed frames and
+detects divisions.
 """
 
 from __future__ import annotations
@@ -31,15 +33,35 @@ def track(
     max_distance: float = 15.0,
     frame_column: str = "t",
     coordinate_columns: Sequence[str] | None = None,
+    max_gap: int = 2,
+    gap_closing_max_distance: float | None = None,
+    divisions: bool = True,
+    splitting_max_distance: float | None = None,
+    alternative_cost: float | None = None,
 ) -> pd.DataFrame:
-    """Link objects between consecutive frames into tracks by linear assignment.
+    """Link objects into tracks by the two-step linear assignment of Jaqaman et al. (2008).
 
-    Each pair of consecutive frames is solved as one global assignment problem (Jaqaman et
-    al. 2008): linking two objects costs their squared distance, pairs farther apart than
-    ``max_distance`` are never linked, and an object may instead end (death) or start
-    (birth) a track at a cost of ``NO_LINK_COST_FACTOR * max_distance**2`` each.
-    Frames with no rows break every track: nothing is linked across a missing frame.
-    Divisions are not detected, so ``parent_track_id`` is always 0 in this version.
+    Step 1 solves each pair of consecutive frames as one global assignment problem: linking
+    two objects costs their squared distance, pairs farther apart than ``max_distance`` are
+    never linked, and an object may instead end (death) or start (birth) a track at a cost of
+    ``NO_LINK_COST_FACTOR * max_distance**2`` each. The resulting track segments are then
+    joined by one more global assignment (step 2) over all segments at once:
+
+    - gap closing: the end of a segment at frame ``f`` may link to the start of another at
+      frame ``f + 2`` .. ``f + 1 + max_gap`` (the cell was missed in between), at most
+      ``gap_closing_max_distance`` away;
+    - splitting (division, when ``divisions``): the start of a segment at frame ``f`` may link
+      to an object of another segment at frame ``f - 1`` that the other segment continues
+      from, at most ``splitting_max_distance`` away: that object divides.
+
+    Each candidate costs the squared distance; leaving a segment end, start or dividing
+    object unlinked costs ``alternative_cost`` (by default ``NO_LINK_COST_FACTOR`` times the
+    90th percentile of the candidate costs, as laptrack does). Only candidates are stored, so
+    both steps stay sparse.
+
+    Track ids follow the Cell Tracking Challenge: a track ends where its cell divides, each
+    daughter starts a new track whose ``parent_track_id`` is the mother's track, and
+    segments joined across a gap share one track id.
 
     Parameters
     ----------
@@ -52,6 +74,19 @@ def track(
         Name of the column holding the integer frame number.
     coordinate_columns
         Columns holding the position. Default: those of ``z``, ``y``, ``x`` present.
+    max_gap
+        Largest number of consecutive frames a cell may be missed and its track closed
+        across; 0 disables gap closing.
+    gap_closing_max_distance
+        Largest distance between the two ends of a closed gap. Default: ``max_distance``.
+    divisions
+        Detect divisions (splitting). False leaves ``parent_track_id`` 0 everywhere.
+    splitting_max_distance
+        Largest distance between a dividing object and the daughter that starts a new
+        segment. Default: ``max_distance``.
+    alternative_cost
+        Cost of leaving a segment end, start or candidate division unlinked in step 2.
+        Default: from the data, see above.
 
     Returns
     -------
@@ -63,13 +98,38 @@ def track(
     Raises
     ------
     ValueError
-        If a column is missing, a coordinate is not finite, a frame is not an integer or
-        ``max_distance`` is not positive.
+        If a column is missing, a coordinate is not finite, a frame is not an integer, a
+        distance or ``alternative_cost`` is not positive or ``max_gap`` is negative.
     """
-    if not max_distance > 0:
-        raise ValueError(f"max_distance must be positive, got {max_distance}")
+    gap_closing_max_distance = (
+        max_distance if gap_closing_max_distance is None else gap_closing_max_distance
+    )
+    splitting_max_distance = (
+        max_distance if splitting_max_distance is None else splitting_max_distance
+    )
+    for name, value in [
+        ("max_distance", max_distance),
+        ("gap_closing_max_distance", gap_closing_max_distance),
+        ("splitting_max_distance", splitting_max_distance),
+    ]:
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if alternative_cost is not None and not alternative_cost > 0:
+        raise ValueError(f"alternative_cost must be positive, got {alternative_cost}")
+    if int(max_gap) != max_gap or max_gap < 0:
+        raise ValueError(f"max_gap must be a non-negative integer, got {max_gap}")
     frames, coordinates = _validated_positions(objects, frame_column, coordinate_columns)
     edges = _link_consecutive_frames(frames, coordinates, max_distance)
+    if len(frames) and (max_gap > 0 or divisions):
+        edges = _close_gaps_and_split(
+            frames,
+            coordinates,
+            edges,
+            max_gap=int(max_gap),
+            gap_closing_max_distance=gap_closing_max_distance,
+            splitting_max_distance=splitting_max_distance if divisions else None,
+            alternative_cost=alternative_cost,
+        )
     track_ids, parent_track_ids = _assemble_tracks(frames, edges)
     tracked = objects.copy()
     tracked["track_id"] = track_ids
@@ -182,13 +242,102 @@ def _solve_assignment(
     return rows[is_link], cols[is_link]
 
 
+def _close_gaps_and_split(
+    frames: np.ndarray,
+    coordinates: np.ndarray,
+    edges: np.ndarray,
+    *,
+    max_gap: int,
+    gap_closing_max_distance: float,
+    splitting_max_distance: float | None,
+    alternative_cost: float | None,
+) -> np.ndarray:
+    """Step 2: join the segments of the frame-to-frame ``edges`` by gap closing and splitting.
+
+    Returns the edges with the chosen gap-closing (segment end -> segment start) and
+    splitting (dividing object -> segment start) links appended.
+    """
+    n_rows = len(frames)
+    successor = np.full(n_rows, -1, dtype=np.int64)
+    successor[edges[:, 0]] = edges[:, 1]
+    has_predecessor = np.zeros(n_rows, dtype=bool)
+    has_predecessor[edges[:, 1]] = True
+    starts = np.flatnonzero(~has_predecessor)  # one per segment
+    ends = np.flatnonzero(successor < 0)  # one per segment
+    starts_by_frame = _rows_by_frame(frames, starts)
+    ends_by_frame = _rows_by_frame(frames, ends)
+    continuing_by_frame = _rows_by_frame(frames, np.flatnonzero(successor >= 0))
+    start_column = np.full(n_rows, -1, dtype=np.int64)
+    start_column[starts] = np.arange(len(starts))
+
+    gap_sources, gap_targets, gap_costs = [], [], []
+    for frame, end_rows in ends_by_frame.items():
+        for gap in range(2, max_gap + 2):
+            start_rows = starts_by_frame.get(frame + gap)
+            if start_rows is None:
+                continue
+            i, j, cost = _link_costs(
+                coordinates[end_rows], coordinates[start_rows], gap_closing_max_distance
+            )
+            gap_sources.append(end_rows[i])
+            gap_targets.append(start_rows[j])
+            gap_costs.append(cost)
+    split_sources, split_targets, split_costs = [], [], []
+    if splitting_max_distance is not None:
+        for frame, start_rows in starts_by_frame.items():
+            mother_rows = continuing_by_frame.get(frame - 1)
+            if mother_rows is None:
+                continue
+            i, j, cost = _link_costs(
+                coordinates[mother_rows], coordinates[start_rows], splitting_max_distance
+            )
+            split_sources.append(mother_rows[i])
+            split_targets.append(start_rows[j])
+            split_costs.append(cost)
+    empty = [np.empty(0, dtype=np.int64)]
+    gap_sources = np.concatenate(empty + gap_sources)
+    gap_targets = np.concatenate(empty + gap_targets)
+    split_sources = np.concatenate(empty + split_sources)
+    split_targets = np.concatenate(empty + split_targets)
+    costs = np.concatenate([np.empty(0), *gap_costs, *split_costs])
+    if len(costs) == 0:
+        return edges
+
+    # Source rows of the matrix: every segment end, then each candidate dividing object.
+    mothers, mother_index = np.unique(split_sources, return_inverse=True)
+    end_index = np.full(n_rows, -1, dtype=np.int64)
+    end_index[ends] = np.arange(len(ends))
+    source_rows = np.concatenate([ends, mothers])
+    source = np.concatenate([end_index[gap_sources], len(ends) + mother_index])
+    target = start_column[np.concatenate([gap_targets, split_targets])]
+    if alternative_cost is None:
+        alternative_cost = NO_LINK_COST_FACTOR * float(np.percentile(costs, 90))
+        if not alternative_cost > 0:
+            alternative_cost = 1.0
+    matrix = _augmented_cost_matrix(
+        len(source_rows), len(starts), source, target, costs, alternative_cost
+    )
+    linked_source, linked_target = _solve_assignment(matrix, len(source_rows), len(starts))
+    return np.concatenate(
+        [edges, np.column_stack([source_rows[linked_source], starts[linked_target]])]
+    )
+
+
+def _rows_by_frame(frames: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """Group ``rows`` by their frame number."""
+    if len(rows) == 0:
+        return {}
+    order = rows[np.argsort(frames[rows], kind="stable")]
+    present, first = np.unique(frames[order], return_index=True)
+    return dict(zip(present.tolist(), np.split(order, first[1:]), strict=True))
+
+
 def _assemble_tracks(frames: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Turn links between rows into track ids and parent track ids.
 
     A row continues the track of its predecessor when that link is the only one out of the
     predecessor and the only one into the row; otherwise it starts a new track whose parent
-    is the predecessor's track (a division, once a later solver yields two links out of one
-    row). Tracks are numbered from 1 in order of frame, then row.
+    is the predecessor's track (a division). Tracks are numbered from 1 in order of frame, then row.
     """
     n_rows = len(frames)
     predecessor = np.full(n_rows, -1, dtype=np.int64)

@@ -89,9 +89,103 @@ def test_three_dimensional_links_use_z() -> None:
     assert _same_track(yx_only, 1, 2)
 
 
-def test_no_link_across_an_empty_frame() -> None:
+def test_no_link_across_an_empty_frame_without_gap_closing() -> None:
     objects = _objects([(0, 0, 0), (1, 0, 1), (3, 0, 1), (4, 0, 1)])
-    assert track(objects)["track_id"].tolist() == [1, 1, 2, 2]
+    assert track(objects, max_gap=0)["track_id"].tolist() == [1, 1, 2, 2]
+    assert track(objects)["track_id"].tolist() == [1, 1, 1, 1]
+
+
+def test_gap_of_one_missed_frame_is_closed() -> None:
+    # Cell A is missed at t=2; cell B (far away) is seen throughout.
+    objects = _objects(
+        [(0, 0, 0), (0, 50, 0), (1, 0, 2), (1, 50, 2), (2, 50, 4), (3, 0, 6), (3, 50, 6)]
+    )
+    tracked = track(objects, max_distance=5)
+    assert tracked["track_id"].tolist() == [1, 2, 1, 2, 2, 1, 2]
+    assert tracked["parent_track_id"].tolist() == [0] * 7
+
+
+def test_gap_longer_than_max_gap_is_not_closed() -> None:
+    # Missed at t=1, 2 and 3: three frames.
+    objects = _objects([(0, 0, 0), (4, 0, 1)])
+    assert track(objects, max_gap=2)["track_id"].tolist() == [1, 2]
+    assert track(objects, max_gap=3)["track_id"].tolist() == [1, 1]
+
+
+def test_gap_closing_respects_its_distance() -> None:
+    objects = _objects([(0, 0, 0), (2, 0, 8)])
+    assert track(objects, max_distance=5)["track_id"].tolist() == [1, 2]
+    tracked = track(objects, max_distance=5, gap_closing_max_distance=10)
+    assert tracked["track_id"].tolist() == [1, 1]
+
+
+def test_division_gives_a_mother_and_two_daughter_tracks() -> None:
+    # Mother at x=0 for t=0..2 divides; daughters at y=-3 and y=+3 from t=3.
+    objects = _objects(
+        [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, -3, 0), (3, 3, 0), (4, -5, 0), (4, 5, 0)]
+    )
+    tracked = track(objects, max_distance=5)
+    assert tracked["track_id"].tolist() == [1, 1, 1, 2, 3, 2, 3]
+    assert tracked["parent_track_id"].tolist() == [0, 0, 0, 1, 1, 1, 1]
+    undivided = track(objects, max_distance=5, divisions=False)
+    assert undivided["parent_track_id"].tolist() == [0] * 7
+    assert undivided["track_id"].nunique() == 2
+
+
+def test_division_of_a_daughter_track_is_nested() -> None:
+    objects = _objects(
+        [(0, 0, 0), (1, -3, 0), (1, 3, 0), (2, -3, 0), (2, 3, 0), (3, -3, 0), (3, 7, 0), (3, 1, 0)]
+    )
+    tracked = track(objects, max_distance=5)
+    # 1 divides into 2 (y=-3) and 3 (y=3); 3 divides into 4 (y=1) and 5 (y=7) at t=3.
+    assert tracked["track_id"].tolist() == [1, 2, 3, 2, 3, 2, 4, 5]
+    assert tracked["parent_track_id"].tolist() == [0, 1, 1, 1, 1, 1, 3, 3]
+
+
+def test_splitting_respects_its_distance() -> None:
+    objects = _objects([(0, 0, 0), (1, 0, 0), (1, 8, 0)])
+    assert track(objects, max_distance=5)["parent_track_id"].tolist() == [0, 0, 0]
+    tracked = track(objects, max_distance=5, splitting_max_distance=10)
+    assert tracked["track_id"].tolist() == [1, 2, 3]
+    assert tracked["parent_track_id"].tolist() == [0, 1, 1]
+
+
+def test_birth_far_from_any_cell_is_not_a_division() -> None:
+    objects = _objects([(0, 0, 0), (1, 0, 1), (2, 0, 2), (2, 40, 40), (3, 0, 3), (3, 40, 41)])
+    tracked = track(objects, max_distance=10)
+    assert tracked["track_id"].tolist() == [1, 1, 1, 2, 1, 2]
+    assert tracked["parent_track_id"].tolist() == [0] * 6
+
+
+def test_death_is_not_gap_closed_to_a_distant_start() -> None:
+    objects = _objects([(0, 0, 0), (1, 0, 1), (3, 40, 40), (4, 40, 41)])
+    tracked = track(objects, max_distance=10)
+    assert tracked["track_id"].tolist() == [1, 1, 2, 2]
+    assert tracked["parent_track_id"].tolist() == [0] * 4
+
+
+def test_crossing_pair_keeps_identities() -> None:
+    # A moves right, B moves left, 2 apart in y: they pass 2 apart at t=2.
+    rows = [(t, 0, 4.0 * t) for t in range(5)]
+    rows += [(t, 2, 16.0 - 4.0 * t) for t in range(5)]
+    tracked = track(_objects(rows), max_distance=5)
+    assert tracked["track_id"].tolist() == [1] * 5 + [2] * 5
+    assert tracked["parent_track_id"].tolist() == [0] * 10
+
+
+def test_three_dimensional_division_uses_z() -> None:
+    # Daughters split along z only; a distant cell in z at the same y/x is not a candidate.
+    objects = pd.DataFrame(
+        {
+            "t": [0, 1, 2, 2, 0, 1, 2],
+            "z": [0.0, 0.0, -3.0, 3.0, 30.0, 30.0, 30.0],
+            "y": [0.0] * 7,
+            "x": [0.0] * 7,
+        }
+    )
+    tracked = track(objects, max_distance=5)
+    assert tracked["track_id"].tolist() == [1, 1, 3, 4, 2, 2, 2]
+    assert tracked["parent_track_id"].tolist() == [0, 0, 1, 1, 0, 0, 0]
 
 
 def test_single_row_and_no_rows() -> None:
@@ -192,6 +286,22 @@ def test_twenty_thousand_cells_link_fast_and_sparse() -> None:
 def test_invalid_input_raises_value_error(objects: pd.DataFrame, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         track(objects)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_distance": 0}, "max_distance"),
+        ({"gap_closing_max_distance": -1}, "gap_closing_max_distance"),
+        ({"splitting_max_distance": 0}, "splitting_max_distance"),
+        ({"alternative_cost": 0}, "alternative_cost"),
+        ({"max_gap": -1}, "max_gap"),
+        ({"max_gap": 1.5}, "max_gap"),
+    ],
+)
+def test_invalid_parameters_raise_value_error(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        track(_objects([(0, 0, 0)]), **options)
 
 
 def test_missing_explicit_coordinate_column_raises() -> None:
