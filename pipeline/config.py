@@ -102,9 +102,35 @@ class TilingConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Frame-to-frame linking."""
+    """Linear-assignment tracking (see :func:`pipeline.track.track`)."""
 
-    max_distance_um: PositiveFloat = 8.0
+    max_distance_um: PositiveFloat = Field(8.0, description="largest move between two frames")
+    max_gap: int = Field(2, ge=0, description="frames a cell may be missed (0: no gap closing)")
+    gap_closing_max_distance_um: PositiveFloat | None = Field(
+        None, description="largest distance across a gap (None: max_distance_um)"
+    )
+    divisions: bool = True
+    splitting_max_distance_um: PositiveFloat | None = Field(
+        None, description="largest mother-daughter distance (None: max_distance_um)"
+    )
+    feature_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="e.g. {area: 1.0}: link cost times 1 + weight * |ln ratio| of the feature",
+    )
+    write_track_labels: bool = Field(
+        False, description="also write labels/tracks whose ids are track ids (as CTC expects)"
+    )
+
+    def parameters(self) -> dict[str, object]:
+        """Keyword arguments of :func:`pipeline.track.track`."""
+        return {
+            "max_distance": self.max_distance_um,
+            "max_gap": self.max_gap,
+            "gap_closing_max_distance": self.gap_closing_max_distance_um,
+            "divisions": self.divisions,
+            "splitting_max_distance": self.splitting_max_distance_um,
+            "feature_weights": dict(self.feature_weights),
+        }
 
 
 class ComputeConfig(_Strict):

@@ -53,6 +53,7 @@ from pipeline.track import track
 __all__ = ["FieldOutcome", "RunSummary", "process_plate"]
 
 CELLS = "cells"
+TRACKS = "tracks"
 
 
 @dataclass
@@ -213,6 +214,17 @@ class _FieldRun:
         client.compute([*image_writes, *label_writes], sync=True)
         self.image_group = image_group
 
+    def _write_track_labels(self, client: Client, cells: pd.DataFrame) -> None:
+        """``labels/tracks``: the cell labels with each cell's track id (as CTC expects)."""
+        group = self.image_group["labels"][CELLS]
+        level0 = group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]
+        labels = da.from_zarr(group[level0])
+        lookup = np.zeros(len(cells) + 1, dtype=labels.dtype)
+        lookup[cells["label"].to_numpy()] = cells["track_id"].to_numpy()
+        tracks = da.map_blocks(np.take, lookup, labels, dtype=labels.dtype)
+        _, writes = omezarr.write_labels(self.image_group, TRACKS, tracks, compute=False)
+        client.compute(writes, sync=True)
+
     def _model_provenance(self) -> dict[str, object]:
         if self.config.segmentation.method != "convnet":
             return {}
@@ -258,8 +270,10 @@ class _FieldRun:
         ids = np.sort(cells["label"].to_numpy())
         cells = cells.assign(label=np.searchsorted(ids, cells["label"].to_numpy()) + 1)
         cells = client.submit(
-            track, cells, max_distance=self.config.tracking.max_distance_um, pure=False
+            track, cells, **self.config.tracking.parameters(), pure=False
         ).result()
+        if self.config.tracking.write_track_labels:
+            self._write_track_labels(client, cells)
         tables.write_table(
             self.image_group,
             CELLS,

@@ -11,7 +11,7 @@ detects divisions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,7 @@ def track(
     divisions: bool = True,
     splitting_max_distance: float | None = None,
     alternative_cost: float | None = None,
+    feature_weights: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Link objects into tracks by the two-step linear assignment of Jaqaman et al. (2008).
 
@@ -87,6 +88,12 @@ def track(
     alternative_cost
         Cost of leaving a segment end, start or candidate division unlinked in step 2.
         Default: from the data, see above.
+    feature_weights
+        ``{column: weight}`` of positive features (e.g. ``area``, ``intensity_mean_nuclei``):
+        a frame-to-frame or gap-closing link costs its squared distance times
+        ``1 + sum(weight * |ln(feature_a / feature_b)|)``, so cells that change size or
+        brightness abruptly link less readily. Distance cutoffs are unchanged; divisions
+        (where the size halves by nature) are not weighted.
 
     Returns
     -------
@@ -119,11 +126,13 @@ def track(
     if int(max_gap) != max_gap or max_gap < 0:
         raise ValueError(f"max_gap must be a non-negative integer, got {max_gap}")
     frames, coordinates = _validated_positions(objects, frame_column, coordinate_columns)
-    edges = _link_consecutive_frames(frames, coordinates, max_distance)
+    features = _weighted_log_features(objects, feature_weights or {})
+    edges = _link_consecutive_frames(frames, coordinates, max_distance, features)
     if len(frames) and (max_gap > 0 or divisions):
         edges = _close_gaps_and_split(
             frames,
             coordinates,
+            features,
             edges,
             max_gap=int(max_gap),
             gap_closing_max_distance=gap_closing_max_distance,
@@ -167,8 +176,23 @@ def _validated_positions(
     return frame_values.astype(np.int64), coordinates
 
 
+def _weighted_log_features(objects: pd.DataFrame, weights: Mapping[str, float]) -> np.ndarray:
+    """``weight * ln(feature)`` per object and weighted feature, shape (n_objects, n_features)."""
+    columns = []
+    for name, weight in weights.items():
+        if name not in objects.columns:
+            raise ValueError(f"feature {name!r} is not a column of objects")
+        if not weight >= 0:
+            raise ValueError(f"feature weight of {name!r} must be >= 0, got {weight}")
+        values = objects[name].to_numpy(dtype=np.float64)
+        if not (np.isfinite(values) & (values > 0)).all():
+            raise ValueError(f"feature {name!r} must be positive and finite to be weighted")
+        columns.append(weight * np.log(values))
+    return np.column_stack(columns) if columns else np.zeros((len(objects), 0))
+
+
 def _link_consecutive_frames(
-    frames: np.ndarray, coordinates: np.ndarray, max_distance: float
+    frames: np.ndarray, coordinates: np.ndarray, max_distance: float, features: np.ndarray
 ) -> np.ndarray:
     """Solve one assignment per pair of consecutive frames; return links as (source, target)
     row positions, shape (n_links, 2)."""
@@ -184,6 +208,7 @@ def _link_consecutive_frames(
         source, target, cost = _link_costs(
             coordinates[source_rows], coordinates[target_rows], max_distance
         )
+        cost = cost * _feature_factor(features, source_rows[source], target_rows[target])
         matrix = _augmented_cost_matrix(
             len(source_rows), len(target_rows), source, target, cost, no_link_cost
         )
@@ -200,6 +225,11 @@ def _link_costs(
         cKDTree(target_points), max_distance, output_type="ndarray"
     )
     return pairs["i"], pairs["j"], pairs["v"] ** 2
+
+
+def _feature_factor(features: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``1 + sum |weighted log feature difference|`` of each candidate link (1 without features)."""
+    return 1.0 + np.abs(features[source] - features[target]).sum(axis=1)
 
 
 def _augmented_cost_matrix(
@@ -245,6 +275,7 @@ def _solve_assignment(
 def _close_gaps_and_split(
     frames: np.ndarray,
     coordinates: np.ndarray,
+    features: np.ndarray,
     edges: np.ndarray,
     *,
     max_gap: int,
@@ -281,7 +312,7 @@ def _close_gaps_and_split(
             )
             gap_sources.append(end_rows[i])
             gap_targets.append(start_rows[j])
-            gap_costs.append(cost)
+            gap_costs.append(cost * _feature_factor(features, end_rows[i], start_rows[j]))
     split_sources, split_targets, split_costs = [], [], []
     if splitting_max_distance is not None:
         for frame, start_rows in starts_by_frame.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import zarr
 from scipy import ndimage
 
@@ -375,3 +376,25 @@ def test_unreadable_chunk_fails_its_field_only(tmp_path: Path, small_plate: Path
     assert _dangling_well_images(out) == []
     checked = _validate(out)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_track_labels_are_written_and_exported_as_ctc(tmp_path: Path, small_plate: Path) -> None:
+    """``tracking.write_track_labels``: labels/tracks holds each cell's track id; the CTC
+    export of the field gives the same masks and one track-file line per track."""
+    config = tmp_path / "config.yaml"
+    config.write_text("tracking: {write_track_labels: true}\n")
+    out = tmp_path / "results.zarr"
+    assert main(["run", str(small_plate), "--out", str(out), "--config", str(config)]) == 0
+    field = zarr.open_group(out / "A" / "1" / "0", mode="r")
+    cells = np.asarray(field["labels/cells/0"])
+    tracks = np.asarray(field["labels/tracks/0"])
+    table = pd.read_parquet(out / "A" / "1" / "0" / "tables" / "cells" / "table.parquet")
+    expected = np.zeros(cells.max() + 1, dtype=np.int64)
+    expected[table["label"].to_numpy()] = table["track_id"].to_numpy()
+    np.testing.assert_array_equal(tracks, expected[cells])
+    assert main(["export-ctc", str(out), "A/1/0", str(tmp_path / "ctc")]) == 0
+    for t, frame in enumerate(tracks):
+        exported = tifffile.imread(tmp_path / "ctc" / f"mask{t:03d}.tif")
+        np.testing.assert_array_equal(exported, frame)
+    lines = (tmp_path / "ctc" / "res_track.txt").read_text().split("\n")
+    assert len([line for line in lines if line.strip()]) == table["track_id"].nunique()

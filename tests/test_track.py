@@ -307,3 +307,27 @@ def test_invalid_parameters_raise_value_error(options: dict, message: str) -> No
 def test_missing_explicit_coordinate_column_raises() -> None:
     with pytest.raises(ValueError, match="'z'"):
         track(_objects([(0, 0, 0)]), coordinate_columns=["z", "y", "x"])
+
+
+def test_feature_weights_prefer_links_that_keep_the_size():
+    # A (small) and B (large) swap nearest neighbours between the frames. By distance alone
+    # A->P and B->Q cost 16 + 16 = 32 < 36 + 36. With weight 10 on ln(area), A->P costs
+    # 16 * (1 + 10 ln 4) = 237.8, so A->Q and B->P (36 + 36) win.
+    objects = pd.DataFrame(
+        {
+            "t": [0, 0, 1, 1],
+            "y": [0.0, 10.0, 4.0, 6.0],
+            "x": [0.0, 0.0, 0.0, 0.0],
+            "area": [100.0, 400.0, 400.0, 100.0],
+        },
+        index=["A", "B", "P", "Q"],
+    )
+    plain = track(objects, max_distance=10.0, max_gap=0, divisions=False)
+    assert plain.loc["A", "track_id"] == plain.loc["P", "track_id"]
+    weighted = track(
+        objects, max_distance=10.0, max_gap=0, divisions=False, feature_weights={"area": 10.0}
+    )
+    assert weighted.loc["A", "track_id"] == weighted.loc["Q", "track_id"]
+    assert weighted.loc["B", "track_id"] == weighted.loc["P", "track_id"]
+    with pytest.raises(ValueError, match="feature 'volume'"):
+        track(objects, feature_weights={"volume": 1.0})
