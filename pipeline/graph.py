@@ -12,8 +12,11 @@ A field (its whole time series) is processed in two graphs:
 2. *write*: ids renumbered 1..n (in the order of the table), the label pyramid and a copy of the
    image written to the output plate.
 
-Then the cells are tracked (one task per field), the tables written, and the field is marked
-complete. At most ``compute.fields_in_flight`` fields are on the scheduler at once, so a 384-well
+Then the cells are tracked (one task per field), each cell gets its growth rate along its track,
+the tables written (``cells``, and ``tracks`` with one row per track), and the field is marked
+complete with the merge QC (share of frame-to-frame links whose size grows by 30% or more).
+
+At most ``compute.fields_in_flight`` fields are on the scheduler at once, so a 384-well
 plate never puts millions of tasks on it. A field whose cells do not fit in the halo is recomputed
 with a doubled halo; a field that fails is recorded and the others go on.
 """
@@ -49,6 +52,7 @@ from pipeline.segment.methods import (
 from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.track import track
+from pipeline.track_measure import growth_rates, merge_qc, track_table
 
 __all__ = ["FieldOutcome", "RunSummary", "process_plate"]
 
@@ -274,6 +278,14 @@ class _FieldRun:
         ).result()
         if self.config.tracking.write_track_labels:
             self._write_track_labels(client, cells)
+        frame_interval = float(self.fov.levels[0].scale.get("t", 1.0))
+        cells = cells.assign(growth_rate=growth_rates(cells, frame_interval=frame_interval))
+        tables.write_table(
+            self.image_group,
+            TRACKS,
+            track_table(cells, frame_interval=frame_interval),
+            table_type="generic_table",
+        )
         tables.write_table(
             self.image_group,
             CELLS,
@@ -296,6 +308,7 @@ class _FieldRun:
             "config_sha256": self.config.digest(),
             "halo_um": halo_um,
             **self._model_provenance(),
+            "merge_qc": merge_qc(cells),
         }
         self.outcome.n_cells = len(cells)
         self.outcome.n_tracks = int(cells["track_id"].nunique()) if len(cells) else 0

@@ -398,3 +398,22 @@ def test_track_labels_are_written_and_exported_as_ctc(tmp_path: Path, small_plat
         np.testing.assert_array_equal(exported, frame)
     lines = (tmp_path / "ctc" / "res_track.txt").read_text().split("\n")
     assert len([line for line in lines if line.strip()]) == table["track_id"].nunique()
+
+
+def test_track_table_growth_rates_and_merge_qc(plate_run: PlateRun) -> None:
+    field = plate_run.out / "A" / "1" / "0"
+    cells = pd.read_parquet(field / "tables" / "cells" / "table.parquet")
+    tracks = pd.read_parquet(field / "tables" / "tracks" / "table.parquet")
+    assert sorted(tracks["track_id"]) == sorted(cells["track_id"].unique())
+    # growth rate of a cell = ln(area / previous area of its track) per time unit
+    interval = float(open_plate(plate_run.out).fields[0].levels[0].scale["t"])
+    longest = cells[cells["track_id"] == tracks.loc[tracks["n_frames"].idxmax(), "track_id"]]
+    longest = longest.sort_values("t")
+    expected = np.log(longest["area"].to_numpy()[1:] / longest["area"].to_numpy()[:-1]) / (
+        np.diff(longest["t"].to_numpy()) * interval
+    )
+    np.testing.assert_allclose(longest["growth_rate"].to_numpy()[1:], expected)
+    qc = zarr.open_group(field, mode="r").attrs["pipeline"]["merge_qc"]
+    # one link between consecutive observations of a track
+    assert qc["links"] == len(cells) - cells["track_id"].nunique()
+    assert 0 <= qc["fraction"] <= 1
