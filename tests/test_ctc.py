@@ -15,7 +15,7 @@ from scipy import ndimage
 from pipeline.cli import main
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr
-from pipeline.io.ctc import read_ctc, read_track_file, write_ctc
+from pipeline.io.ctc import read_ctc, read_track_file, split_at_gaps, write_ctc
 from pipeline.io.tables import write_table
 from pipeline.synthetic import simulate_field, simulate_plate
 
@@ -281,3 +281,31 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a lone image (here the field group opened as the root) exports with field ""
     assert main(["export-ctc", str(plate / "A/1/0"), "", str(tmp_path / "y")]) == 0
     assert (tmp_path / "y" / "res_track.txt").read_text() == (out / "res_track.txt").read_text()
+
+
+def test_a_track_closed_across_a_gap_becomes_two_ctc_tracks():
+    # track 4 is seen at t = 0, 1, then missed at t = 2, and seen again at t = 3, 4; track 7
+    # is a daughter of 4 starting at t = 5. Expected by hand: the run after the gap gets the
+    # new id 8 (max id 7 + 1) with parent 4, and the daughter points to the last run, 8.
+    tracks = pd.DataFrame(
+        {
+            "t": [0, 1, 3, 4, 5, 0],
+            "label": [1, 2, 3, 4, 5, 6],
+            "track_id": [4, 4, 4, 4, 7, 2],
+            "parent_track_id": [0, 0, 0, 0, 4, 0],
+        }
+    )
+    split = split_at_gaps(tracks)
+    assert split["track_id"].tolist() == [4, 4, 8, 8, 7, 2]
+    assert split["parent_track_id"].tolist() == [0, 0, 4, 4, 8, 0]
+    assert split[["t", "label"]].equals(tracks[["t", "label"]])
+    # tracks without gaps are unchanged
+    no_gap = pd.DataFrame(
+        {
+            "t": [0, 1, 2, 3],
+            "label": [1, 2, 3, 4],
+            "track_id": [4, 4, 7, 7],
+            "parent_track_id": [0, 0, 4, 4],
+        }
+    )
+    assert split_at_gaps(no_gap).equals(no_gap)

@@ -1,0 +1,5 @@
+"""Reading and writing: OME-Zarr, TIFF import, Parquet tables, Cell Tracking Challenge folders."""
+
+from pipeline.io.ctc import export_ctc, read_ctc, write_ctc
+
+__all__ = ["export_ctc", "read_ctc", "write_ctc"]

@@ -30,7 +30,7 @@ import tifffile
 
 from pipeline.errors import PipelineInputError
 
-__all__ = ["export_ctc", "read_ctc", "read_track_file", "write_ctc"]
+__all__ = ["export_ctc", "read_ctc", "read_track_file", "split_at_gaps", "write_ctc"]
 
 RESULT_TRACK_FILE = "res_track.txt"
 GROUND_TRUTH_TRACK_FILE = "man_track.txt"
@@ -97,7 +97,13 @@ def write_ctc(
             folder,
         )
     n_frames = labels.shape[0]
-    table = _validated_tracks(tracks, n_frames, folder)
+    table = split_at_gaps(_validated_tracks(tracks, n_frames, folder))
+    if len(table) and table["track_id"].max() > _MAX_TRACK_ID:
+        raise PipelineInputError(
+            f"splitting tracks at their gaps needs ids up to {table['track_id'].max()}: CTC "
+            "masks are uint16, so track ids must be renumbered below 65536 first",
+            folder,
+        )
     _prepare_folder(folder, overwrite)
 
     width = max(3, len(str(n_frames - 1)))
@@ -114,6 +120,41 @@ def write_ctc(
     written = pd.concat(present, ignore_index=True)
     _track_lines(written).to_csv(folder / RESULT_TRACK_FILE, sep=" ", header=False, index=False)
     return folder
+
+
+def split_at_gaps(tracks: pd.DataFrame) -> pd.DataFrame:
+    """Give each run of consecutive frames of a track its own id, as the CTC format requires.
+
+    A track closed across a gap (missing frames) becomes one CTC track per run: the first run
+    keeps the track id, each later run gets a new id (above every id in the table) whose
+    parent is the run before the gap; daughters of a track point to its last run. Tracks
+    without gaps are unchanged. Rows keep their order; only ``track_id`` and
+    ``parent_track_id`` change.
+    """
+    if tracks.empty:
+        return tracks.copy()
+    track_ids = tracks["track_id"].to_numpy(dtype=np.int64)
+    frames = tracks["t"].to_numpy(dtype=np.int64)
+    order = np.lexsort((frames, track_ids))
+    ids, times = track_ids[order], frames[order]
+    new_track = np.r_[True, ids[1:] != ids[:-1]]
+    new_run = new_track | np.r_[True, times[1:] != times[:-1] + 1]
+    run_of_row = np.cumsum(new_run) - 1
+    run_starts = np.flatnonzero(new_run)
+    run_ids = ids[run_starts].copy()
+    continuations = np.flatnonzero(~new_track[run_starts])
+    run_ids[continuations] = ids.max() + 1 + np.arange(len(continuations))
+    last_run_of_track = pd.Series(run_ids, index=ids[run_starts]).groupby(level=0).last()
+    parents = tracks["parent_track_id"].fillna(0).to_numpy(dtype=np.int64)[order][run_starts]
+    run_parents = pd.Series(parents).map(last_run_of_track).fillna(0).to_numpy(dtype=np.int64)
+    run_parents[continuations] = run_ids[continuations - 1]
+    result = tracks.copy()
+    new_ids, new_parents = np.empty_like(track_ids), np.empty_like(track_ids)
+    new_ids[order] = run_ids[run_of_row]
+    new_parents[order] = run_parents[run_of_row]
+    result["track_id"] = new_ids
+    result["parent_track_id"] = new_parents
+    return result
 
 
 def _validated_tracks(tracks: pd.DataFrame, n_frames: int, folder: Path) -> pd.DataFrame:
