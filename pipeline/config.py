@@ -141,17 +141,31 @@ class ComputeConfig(_Strict):
     )
 
 
-class RunConfig(_Strict):
-    """Everything that decides a run's results (hashed for provenance)."""
+class InputConfig(_Strict):
+    """How the input is read."""
 
+    missing_chunks: Literal["error", "fill"] = Field(
+        "error",
+        description="a chunk absent from the input store fails its field (error) or reads as "
+        "the array's fill value (fill: for writers that skip empty chunks)",
+    )
+
+
+class RunConfig(_Strict):
+    """A run's settings; all but ``compute`` decide its results (and are hashed)."""
+
+    input: InputConfig = InputConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
     tiling: TilingConfig = TilingConfig()
     tracking: TrackingConfig = TrackingConfig()
     compute: ComputeConfig = ComputeConfig()
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON form of the configuration."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """sha256 of the canonical JSON of the settings that decide results (not ``compute``).
+
+        A unit of work whose recorded digest differs from this one is recomputed on resume.
+        """
+        text = json.dumps(self.model_dump(mode="json", exclude={"compute"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -25,9 +25,9 @@ import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -55,6 +55,8 @@ AXIS_ORDER = ("t", "c", "z", "y", "x")
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 _AXIS_UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
 _DEFAULT_CHUNKS = {"t": 1, "c": 1, "z": 16, "y": 256, "x": 256}
+MissingChunks = Literal["error", "fill"]
+
 _SUPPORTED_DTYPES = frozenset(
     np.dtype(name)
     for name in "uint8 uint16 uint32 uint64 int8 int16 int32 int64 float32 float64".split()
@@ -79,6 +81,19 @@ class PyramidLevel:
     shape: tuple[int, ...]
     scale: dict[str, float]
     translation: dict[str, float]
+    reader: ChunkReader = field(repr=False, compare=False)
+
+    def dask_array(self) -> da.Array:
+        """The level as a Dask array on its storage chunks, read through :attr:`reader`."""
+        reader = self.reader
+        return da.from_array(
+            reader,
+            chunks=reader.chunks,
+            asarray=False,
+            fancy=False,
+            meta=np.empty((0,) * reader.ndim, dtype=reader.dtype),
+            name=f"read-{tokenize(reader.location, reader.shape, reader.chunks, reader.missing)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -146,11 +161,16 @@ class ChunkReader:
         Filesystem path of the zarr hierarchy root.
     array_path
         Path of the array inside the hierarchy, e.g. "B/3/0/0".
+    missing
+        ``"error"``: a chunk absent from the store raises :class:`CorruptChunkError` (a lost
+        file must not read as an empty image); ``"fill"``: it reads as the fill value, as zarr
+        does (for writers that skip empty chunks).
     """
 
-    def __init__(self, store_root: str, array_path: str) -> None:
+    def __init__(self, store_root: str, array_path: str, missing: MissingChunks = "fill") -> None:
         self.store_root = store_root
         self.array_path = array_path
+        self.missing = missing
         array = self._array()
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -177,6 +197,15 @@ class ChunkReader:
         return state
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if self.missing == "error":
+            for cell in self._grid_cells(key):
+                chunk_key = self._metadata.encode_chunk_key(cell)
+                if not os.path.exists(os.path.join(self.location, chunk_key)):
+                    raise CorruptChunkError(
+                        f"chunk {chunk_key} is missing (set input.missing_chunks: fill if the "
+                        "writer skips empty chunks)",
+                        self.location,
+                    )
         try:
             return np.asarray(self._array()[key])
         except Exception as error:
@@ -187,6 +216,20 @@ class ChunkReader:
 
     def _failing_chunk_key(self, key: Any) -> str:
         """Storage key of the first chunk in ``key`` that cannot be read."""
+        grid_cells = self._grid_cells(key)
+        for cell in grid_cells:
+            region = tuple(
+                slice(c * stored, min((c + 1) * stored, size))
+                for c, stored, size in zip(cell, self._stored_chunks, self.shape, strict=True)
+            )
+            try:
+                self._array()[region]
+            except Exception:
+                return self._metadata.encode_chunk_key(cell)
+        return self._metadata.encode_chunk_key(grid_cells[0])
+
+    def _grid_cells(self, key: Any) -> list[tuple[int, ...]]:
+        """Grid positions of the stored chunks (or shards) that ``key`` touches."""
         key = key if isinstance(key, tuple) else (key,)
         key = key + (slice(None),) * (self.ndim - len(key))
         index_ranges = []
@@ -199,17 +242,7 @@ class ChunkReader:
             else:
                 start, stop = 0, size
             index_ranges.append(range(start // stored, max(start, stop - 1) // stored + 1))
-        grid_cells = list(itertools.product(*index_ranges))
-        for cell in grid_cells:
-            region = tuple(
-                slice(c * stored, min((c + 1) * stored, size))
-                for c, stored, size in zip(cell, self._stored_chunks, self.shape, strict=True)
-            )
-            try:
-                self._array()[region]
-            except Exception:
-                return self._metadata.encode_chunk_key(cell)
-        return self._metadata.encode_chunk_key(grid_cells[0])
+        return list(itertools.product(*index_ranges))
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,13 +250,16 @@ class ChunkReader:
 # --------------------------------------------------------------------------------------------
 
 
-def open_plate(path: str | Path) -> Plate:
+def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "fill") -> Plate:
     """Open an OME-Zarr HCS plate, or a lone multiscale image as a one-field plate.
 
     Parameters
     ----------
     path
         Root of an OME-Zarr 0.4 (zarr v2) or 0.5 (zarr v3) plate or image.
+    missing_chunks
+        ``"error"``: reading a chunk absent from the store raises
+        :class:`~pipeline.errors.CorruptChunkError`; ``"fill"``: it reads as the fill value.
 
     Returns
     -------
@@ -238,9 +274,9 @@ def open_plate(path: str | Path) -> Plate:
     root_path, root = _open_root(path)
     metadata, version = _ome_metadata(root)
     if "plate" in metadata:
-        return _read_plate(root_path, root, metadata["plate"], version)
+        return _read_plate(root_path, root, metadata["plate"], version, missing_chunks)
     if "multiscales" in metadata:
-        field = _read_field(root_path, root, "")
+        field = _read_field(root_path, root, "", missing_chunks=missing_chunks)
         return Plate(
             path=root_path,
             version=version,
@@ -316,7 +352,13 @@ def _child_group(root: zarr.Group, root_path: str, child: str, what: str) -> zar
     return node
 
 
-def _read_plate(root_path: str, root: zarr.Group, plate: dict[str, Any], version: str) -> Plate:
+def _read_plate(
+    root_path: str,
+    root: zarr.Group,
+    plate: dict[str, Any],
+    version: str,
+    missing_chunks: MissingChunks,
+) -> Plate:
     rows = tuple(str(row["name"]) for row in plate.get("rows", []))
     columns = tuple(str(column["name"]) for column in plate.get("columns", []))
     wells = sorted(
@@ -347,6 +389,7 @@ def _read_plate(root_path: str, root: zarr.Group, plate: dict[str, Any], version
                     row=row,
                     column=column,
                     field=field,
+                    missing_chunks=missing_chunks,
                 )
             )
     return Plate(
@@ -368,6 +411,7 @@ def _read_field(
     row: str | None = None,
     column: str | None = None,
     field: str | None = None,
+    missing_chunks: MissingChunks = "fill",
 ) -> FieldOfView:
     group = _child_group(root, root_path, image_path, "image")
     location = os.path.join(root_path, image_path) if image_path else root_path
@@ -384,12 +428,11 @@ def _read_field(
     global_transforms = multiscale.get("coordinateTransformations") or []
 
     levels = []
-    readers = []
     for dataset in multiscale.get("datasets", []):
         dataset_path = str(dataset["path"]).strip("/")
         array_path = f"{image_path}/{dataset_path}" if image_path else dataset_path
         try:
-            reader = ChunkReader(root_path, array_path)
+            reader = ChunkReader(root_path, array_path, missing_chunks)
         except Exception as error:
             raise PipelineInputError(
                 f"cannot open multiscale level '{dataset_path}' ({type(error).__name__})",
@@ -416,25 +459,17 @@ def _read_field(
                 shape=reader.shape,
                 scale=dict(zip(dims, scale, strict=True)),
                 translation=dict(zip(dims, translation, strict=True)),
+                reader=reader,
             )
         )
-        readers.append(reader)
     if not levels:
         raise PipelineInputError("multiscale image has no datasets", location)
 
     n_channels = levels[0].shape[dims.index("c")] if "c" in dims else 1
     channel_names = _channel_names(metadata.get("omero"), n_channels)
-    base = readers[0]
-    array = da.from_array(
-        base,
-        chunks=base.chunks,
-        asarray=False,
-        fancy=False,
-        meta=np.empty((0,) * base.ndim, dtype=base.dtype),
-        name=f"read-{tokenize(base.location, base.shape, base.dtype, base.chunks)}",
-    )
+    array = levels[0].dask_array()
     coords: dict[str, Any] = {}
-    for dim, size in zip(dims, base.shape, strict=True):
+    for dim, size in zip(dims, levels[0].shape, strict=True):
         if dim == "c":
             coords[dim] = list(channel_names)
         else:

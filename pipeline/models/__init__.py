@@ -12,18 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import PipelineInputError
+from pipeline.model_files import DEFAULT_MODEL, model_paths
 from pipeline.models.unet import UNet
 
 __all__ = ["DEFAULT_MODEL", "ModelInfo", "load_model", "save_model"]
-
-DEFAULT_MODEL = "nuclei_unet"
 
 
 @dataclass(frozen=True)
@@ -57,19 +55,9 @@ class ModelInfo:
     weights_sha256: str = ""
 
 
-def _paths(path: str | Path | None) -> tuple[Path, Path]:
-    if path is None:
-        base = Path(str(resources.files("pipeline.models") / DEFAULT_MODEL))
-    else:
-        base = Path(path)
-        if base.suffix in (".pt", ".json"):
-            base = base.with_suffix("")
-    return base.with_suffix(".pt"), base.with_suffix(".json")
-
-
 def save_model(model: UNet, info: ModelInfo, path: str | Path) -> None:
     """Write ``PATH.pt`` (state dict) and ``PATH.json`` (info without the digest)."""
-    weights, meta = _paths(path)
+    weights, meta = model_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {
         name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
@@ -90,7 +78,7 @@ def load_model(
     PipelineInputError
         If the weights or their description are missing or unreadable.
     """
-    weights, meta = _paths(path)
+    weights, meta = model_paths(path)
     for required in (weights, meta):
         if not required.is_file():
             raise PipelineInputError("model file not found", required)
