@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import xarray as xr
-from distributed.diagnostics.plugin import WorkerPlugin
-from tqdm import tqdm
 
-from pipeline.cluster import connect
-from pipeline.config import HaloConfig, RunConfig, SegmentationConfig, load_config
-from pipeline.errors import CorruptChunkError, PipelineInputError
-from pipeline.graph import RunSummary, process_plate
-from pipeline.io.omezarr import Plate, open_plate
-from pipeline.segment.methods import (
-    estimate_field_diameter,
-    instance_ids,
-    stitching_halo_um,
-)
-from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive, sorted_ids
+from pipeline.config import HaloConfig, SegmentationConfig
+from pipeline.io.omezarr import open_plate
+from pipeline.runner import run
+from pipeline.segment.tiled import relabel_consecutive, sorted_ids
 from pipeline.tiling import block_chunks, halo_pixels
 
 __all__ = ["open_plate", "run", "segment"]
@@ -95,6 +83,9 @@ def segment(
         dims without ``c``. A Dask result raises ``HaloTooSmall`` on compute if a cell does not
         fit in the halo.
     """
+    # Imported here, so that `import pipeline` (and the command) starts without torch.
+    from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
+
     if method not in ("convnet", "classical"):
         raise ValueError(f"unknown segmentation method {method!r}; use 'convnet' or 'classical'")
     segmentation = SegmentationConfig(method=method, **{method: parameters})
@@ -132,94 +123,3 @@ def segment(
     if "t" not in dims:
         labels = labels[0]
     return labels if lazy else labels.compute(scheduler="threads")
-
-
-_HANDLED_ERRORS = tuple(
-    f"{error.__name__}(" for error in (PipelineInputError, CorruptChunkError, HaloTooSmall)
-)
-
-
-class _DropHandledFailures(logging.Filter):
-    """Drops a worker's "Compute Failed" traceback of errors the run reports or retries."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (
-            message.startswith("Compute Failed")
-            and any(error in message for error in _HANDLED_ERRORS)
-        )
-
-
-class _QuietHandledFailures(WorkerPlugin):
-    """Installs :class:`_DropHandledFailures` on each worker of the run's own local cluster."""
-
-    def setup(self, worker: Any) -> None:
-        logging.getLogger("distributed.worker").addFilter(_DropHandledFailures())
-
-
-def _print_summary(summary: RunSummary) -> None:
-    frames = sum(f.n_frames for f in summary.fields)
-    print(f"\nfields: {len(summary.fields)} ({len(summary.failed)} failed), timepoints: {frames}")
-    for well, cells in summary.cells_per_well().items():
-        print(f"  well {well}: {cells} cells")
-    print(
-        f"wall time: {summary.wall_seconds:.1f} s, "
-        f"{summary.pixels_per_second / 1e6:.2f} megapixels per second"
-    )
-    for failure in summary.failed:
-        print(f"FAILED {failure.path}: {failure.error}", file=sys.stderr)
-    print(f"results: {summary.output_path}")
-
-
-def run(
-    input_path: str | Path | Plate,
-    out: str | Path,
-    *,
-    config: RunConfig | str | Path | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
-    overwrite: bool = False,
-    show_progress: bool = False,
-) -> RunSummary:
-    """Process a whole plate (or image): segment, measure and track every field, on Dask.
-
-    Parameters
-    ----------
-    input_path
-        OME-Zarr 0.4/0.5 plate or image (path or an opened :class:`Plate`).
-    out
-        New OME-Zarr 0.5 output (labels ``cells`` per field, tables ``cells``).
-    config
-        A :class:`RunConfig`, a YAML path, or None for the defaults.
-    workers
-        Local worker processes when no ``scheduler`` is given.
-    scheduler
-        Address of an existing Dask scheduler.
-    overwrite
-        Replace an existing output.
-    show_progress
-        Print the dashboard link, a progress bar and a summary.
-
-    Returns
-    -------
-    RunSummary
-        Per-field outcomes (failures included), wall time and throughput.
-    """
-    if not isinstance(config, RunConfig):
-        config = load_config(config)
-    plate = input_path if isinstance(input_path, Plate) else open_plate(input_path)
-    if Path(out).exists() and not overwrite:  # before a cluster is started for nothing
-        raise PipelineInputError("output already exists", Path(out).absolute())
-    total = 2 * sum(f.data.sizes.get("t", 1) for f in plate.fields)
-    with connect(scheduler, workers) as client:
-        if scheduler is None:
-            client.register_plugin(_QuietHandledFailures())
-        if show_progress:
-            print(f"Dask dashboard: {client.dashboard_link}")
-        with tqdm(total=total, unit="frame-step", disable=not show_progress) as bar:
-            summary = process_plate(
-                plate, out, config, client, overwrite=overwrite, progress=bar.update
-            )
-    if show_progress:
-        _print_summary(summary)
-    return summary

@@ -1,4 +1,8 @@
-"""The ``pipeline`` command: parse, call the API, report; user errors exit 2, no traceback."""
+"""The ``pipeline`` command: parse, call the API, report.
+
+Exit codes: 0 everything done; 2 a user error (bad input, config or arguments: one line, no
+traceback); 3 partial (some fields or plates failed, the others are done and recorded).
+"""
 
 from __future__ import annotations
 
@@ -13,21 +17,75 @@ from pipeline.errors import PipelineInputError
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
+EXIT_PARTIAL = 3
+
+
+def _cluster_options(args: argparse.Namespace):
+    from pipeline.runner import ClusterOptions
+
+    return ClusterOptions(
+        cluster=args.cluster,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        cluster_config=args.cluster_config,
+        max_jobs=args.max_jobs,
+        scheduler_host=args.scheduler_host,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.api import run
+    from dataclasses import asdict
+
+    from pipeline.runner import run
 
     summary = run(
         args.input,
         args.out,
         config=args.config,
-        workers=args.workers,
-        scheduler=args.scheduler,
-        overwrite=args.overwrite,
+        force=args.force,
+        only_failed=args.only_failed,
+        show_progress=True,
+        **asdict(_cluster_options(args)),
+    )
+    return EXIT_PARTIAL if summary.failed else 0
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    from pipeline.runner import reprocess
+
+    items = reprocess(
+        args.inputs,
+        args.out_dir,
+        config=args.config,
+        cluster=_cluster_options(args),
+        force=args.force,
         show_progress=True,
     )
-    return EXIT_USER_ERROR if summary.failed else 0
+    return EXIT_PARTIAL if any(item.failed for item in items) else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.resume import unit_states
+
+    ledger, states = unit_states(args.output)
+    counts = {state: 0 for state in ("done", "failed", "pending")}
+    for unit in states:
+        counts[unit.state] += 1
+    print(f"{args.output}: input {ledger['input']}, last run {ledger['status']}")
+    print(", ".join(f"{n} {state}" for state, n in counts.items()))
+    for unit in states:
+        line = f"  {unit.path or '(image)'}\t{unit.state}\t{unit.time or '-'}"
+        print(f"{line}\t{unit.error}" if unit.error else line)
+    return 0 if counts["done"] == len(states) else EXIT_PARTIAL
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_qc_report
+    from pipeline.runner import report_folder
+
+    index = write_qc_report(args.output, args.dir or report_folder(args.output))
+    print(f"QC report: {index}")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -49,24 +107,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.api import run
+    from pipeline.runner import run
     from pipeline.synthetic import simulate_plate
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="pipeline-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
-    plate = simulate_plate(
-        folder / "demo-plate.zarr",
-        rows=1,
-        columns=2,
-        fields=2,
-        n_frames=8,
-        size=256,
-        seed=0,
-        overwrite=True,
-    )
-    print(f"simulated demo plate: {plate}")
+    plate = folder / "demo-plate.zarr"
+    if not plate.exists():  # deterministic: a second demo in the same folder resumes, a no-op
+        simulate_plate(plate, rows=1, columns=2, fields=2, n_frames=8, size=256, seed=0)
+    print(f"demo plate: {plate}")
     out = folder / "demo-results.zarr"
-    summary = run(plate, out, workers=args.workers, overwrite=True, show_progress=True)
+    summary = run(plate, out, workers=args.workers, show_progress=True)
     print(
         "\nOpen the results:\n"
         f"  labels + image (napari with napari-ome-zarr): napari {out}\n"
@@ -75,7 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"  plate-wide table: pandas.read_parquet('{out}/tables/cells')\n"
         f"  in Python: pipeline.open_plate('{out}')"
     )
-    return EXIT_USER_ERROR if summary.failed else 0
+    return EXIT_PARTIAL if summary.failed else 0
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -186,6 +237,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cluster",
+        default="local",
+        choices=["local", "slurm", "slurm-gpu"],
+        help="where workers run: this machine, or SLURM jobs via dask-jobqueue (default: local)",
+    )
+    parser.add_argument(
+        "--cluster-config", help="dask-jobqueue YAML for SLURM (e.g. deploy/slurm/jobqueue.yaml)"
+    )
+    parser.add_argument("--max-jobs", type=int, help="most SLURM jobs the cluster scales to")
+    parser.add_argument("--workers", type=int, help="local worker processes (default: cores, ≤4)")
+    parser.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    parser.add_argument(
+        "--scheduler-host",
+        default="127.0.0.1",
+        help="interface of the local scheduler (default: localhost; others need TLS)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -193,14 +264,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="process a plate (or image) end to end")
+    run = commands.add_parser(
+        "run", help="process a plate (or image): the fields not yet done, or stale"
+    )
     run.add_argument("input", help="input OME-Zarr plate or image (0.4 or 0.5)")
-    run.add_argument("--out", required=True, help="output OME-Zarr 0.5 (must not exist)")
+    run.add_argument(
+        "--out", required=True, help="output OME-Zarr 0.5 (new, or resumed if it exists)"
+    )
     run.add_argument("--config", help="run configuration (YAML)")
-    run.add_argument("--workers", type=int, help="local worker processes (default: cores, max 4)")
-    run.add_argument("--scheduler", help="address of an existing Dask scheduler")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_cluster_arguments(run)
+    run.add_argument("--force", action="store_true", help="recompute every field")
+    run.add_argument(
+        "--only-failed", action="store_true", help="retry only the fields that failed last time"
+    )
     run.set_defaults(handler=_run)
+
+    again = commands.add_parser(
+        "reprocess", help="bring many plates' results up to date (new or stale fields only)"
+    )
+    again.add_argument("inputs", nargs="+", help="plates or quoted glob patterns ('/data/*.zarr')")
+    again.add_argument("--out-dir", required=True, help="folder of the outputs (OUT_DIR/NAME)")
+    again.add_argument("--config", help="run configuration (YAML)")
+    _add_cluster_arguments(again)
+    again.add_argument("--force", action="store_true", help="recompute every field")
+    again.set_defaults(handler=_reprocess)
+
+    status = commands.add_parser(
+        "status", help="done / failed / pending fields of an output, with errors"
+    )
+    status.add_argument("output", help="OME-Zarr written by pipeline run")
+    status.set_defaults(handler=_status)
+
+    report = commands.add_parser("report", help="(re)write the QC report of an output")
+    report.add_argument("output", help="OME-Zarr written by pipeline run")
+    report.add_argument("--dir", help="report folder (default: OUTPUT.report beside it)")
+    report.set_defaults(handler=_report)
 
     simulate = commands.add_parser("simulate", help="write a simulated plate with ground truth")
     simulate.add_argument("out")

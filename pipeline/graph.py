@@ -13,8 +13,10 @@ A field (its whole time series) is processed in two graphs:
    image written to the output plate.
 
 Then the cells are tracked (one task per field), each cell gets its growth rate along its track,
-the tables written (``cells``, and ``tracks`` with one row per track), and the field is marked
-complete with the merge QC (share of frame-to-frame links whose size grows by 30% or more).
+the tables written (``cells``, and ``tracks`` with one row per track), and last the field gets
+its completion record: provenance (:mod:`pipeline.resume`), timestamps, counts and the merge QC
+(share of frame-to-frame links whose size grows by 30% or more). Only the fields the run's plan
+lists are computed; the others are done already and kept.
 
 At most ``compute.fields_in_flight`` fields are on the scheduler at once, so a 384-well
 plate never puts millions of tasks on it. A field whose cells do not fit in the halo is recomputed
@@ -28,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask.array as da
@@ -40,68 +41,20 @@ from distributed import Client
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
-from pipeline.infer import loaded_model
 from pipeline.io import omezarr, tables
 from pipeline.measure import measure_dask
-from pipeline.segment.methods import (
-    estimate_field_diameter,
-    inference_settings,
-    instance_ids,
-    stitching_halo_um,
-)
+from pipeline.outcomes import FieldOutcome, RunSummary, failed_outcome, skipped_outcome
+from pipeline.resume import ATTRIBUTE, Ledger, RunPlan, clear_unit, now
+from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
 from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.track import track
 from pipeline.track_measure import growth_rates, merge_qc, track_table
 
-__all__ = ["FieldOutcome", "RunSummary", "process_plate"]
+__all__ = ["process_plate"]
 
 CELLS = "cells"
 TRACKS = "tracks"
-
-
-@dataclass
-class FieldOutcome:
-    """What happened to one field of view."""
-
-    path: str
-    well: str | None
-    n_frames: int
-    n_pixels: int
-    n_cells: int = 0
-    n_tracks: int = 0
-    halo_um: dict[str, float] = field(default_factory=dict)
-    diameter_px: float | None = None
-    error: str | None = None
-
-
-@dataclass
-class RunSummary:
-    """What a run did, for the terminal summary and the output's provenance."""
-
-    input_path: str
-    output_path: str
-    fields: list[FieldOutcome]
-    wall_seconds: float
-
-    @property
-    def failed(self) -> list[FieldOutcome]:
-        """Fields that did not complete."""
-        return [f for f in self.fields if f.error is not None]
-
-    def cells_per_well(self) -> dict[str, int]:
-        """Cells found per well (summed over fields and timepoints)."""
-        counts: dict[str, int] = {}
-        for outcome in self.fields:
-            key = outcome.well or "image"
-            counts[key] = counts.get(key, 0) + outcome.n_cells
-        return counts
-
-    @property
-    def pixels_per_second(self) -> float:
-        """Segmentation-channel pixels of completed fields per second of wall time."""
-        done = sum(f.n_pixels for f in self.fields if f.error is None)
-        return done / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
 def _canonical(fov: omezarr.FieldOfView):
@@ -134,10 +87,21 @@ def _channel_index(fov: omezarr.FieldOfView, channel: str | int) -> int:
 class _FieldRun:
     """The graphs and writes of one field of view."""
 
-    def __init__(self, fov: omezarr.FieldOfView, root: zarr.Group, config: RunConfig) -> None:
+    def __init__(
+        self,
+        fov: omezarr.FieldOfView,
+        root: zarr.Group,
+        config: RunConfig,
+        provenance: dict[str, object],
+        gpu_workers: bool,
+        ledger: Ledger,
+    ) -> None:
         self.fov = fov
         self.root = root
         self.config = config
+        self.provenance = provenance
+        self.gpu_workers = gpu_workers
+        self.ledger = ledger
         self.data, self.spatial_dims = _canonical(fov)
         self.channel = _channel_index(fov, config.segmentation.channel)
         self.pixel_size = {d: fov.pixel_size.get(d, 1.0) for d in self.spatial_dims}
@@ -157,7 +121,7 @@ class _FieldRun:
             return None
         if segmentation.convnet.diameter_px is not None:
             return segmentation.convnet.diameter_px
-        estimate = _on_gpu_workers(client, estimate_field_diameter(frames, segmentation))
+        estimate = self._on_gpu_workers(client, estimate_field_diameter(frames, segmentation))
         return float(client.compute(estimate, sync=True))
 
     def _segment_and_measure(self, client: Client, halo_um: dict[str, float]):
@@ -174,7 +138,7 @@ class _FieldRun:
             pixel_size=[self.pixel_size[d] for d in self.spatial_dims],
             halo=halo,
             diameter_px=self.outcome.diameter_px,
-            on_maps=lambda maps: _on_gpu_workers(client, maps),
+            on_maps=lambda maps: self._on_gpu_workers(client, maps),
         )
         scratch = zarr.open_array(
             _scratch_path(self.root) / (self.fov.path or "image"),
@@ -201,7 +165,7 @@ class _FieldRun:
         ids = np.sort(cells["label"].to_numpy().astype(scratch.dtype))
         labels = relabel_consecutive(da.from_zarr(scratch, chunks=chunks), ids)
         parent, name = self._parent_and_name()
-        levels = [da.from_zarr(level) for level in self._input_levels()]
+        levels = [level.dask_array() for level in self.fov.levels]
         image_group, image_writes = omezarr.write_image(
             parent,
             name,
@@ -213,6 +177,8 @@ class _FieldRun:
             level_shapes=[level.shape for level in self.fov.levels],
             compute=False,
         )
+        if not self.fov.path:  # a lone image's group is the root: its ledger was just dropped
+            self.ledger.rewrite()
         labels = labels.reshape(self._label_shape())
         _, label_writes = omezarr.write_labels(image_group, CELLS, labels, compute=False)
         client.compute([*image_writes, *label_writes], sync=True)
@@ -229,17 +195,9 @@ class _FieldRun:
         _, writes = omezarr.write_labels(self.image_group, TRACKS, tracks, compute=False)
         client.compute(writes, sync=True)
 
-    def _model_provenance(self) -> dict[str, object]:
-        if self.config.segmentation.method != "convnet":
-            return {}
-        settings = inference_settings(self.config.segmentation)
-        _, info = loaded_model(settings.model, "cpu")
-        return {"model_sha256": info.weights_sha256, "diameter_px": self.outcome.diameter_px}
-
-    def _input_levels(self) -> list[zarr.Array]:
-        group = zarr.open_group(self.fov.dataset_path, mode="r")
-        image = group[self.fov.path] if self.fov.path else group
-        return [image[level.path] for level in self.fov.levels]
+    def _on_gpu_workers(self, client: Client, collection):
+        """``collection`` persisted on the GPU workers if the cluster has them, else as is."""
+        return persist_on_gpu_workers(client, collection) if self.gpu_workers else collection
 
     def _label_shape(self) -> tuple[int, ...]:
         return tuple(
@@ -254,6 +212,8 @@ class _FieldRun:
 
     def run(self, client: Client, on_frames: Callable[[int], None]) -> FieldOutcome:
         """Process the field, retrying with a larger halo when a cell does not fit."""
+        started = now()
+        clear_unit(self.root, self.fov.path)
         self.outcome.diameter_px = self._diameter(client, self.data.data[:, self.channel])
         diameter_um = (
             None
@@ -302,30 +262,30 @@ class _FieldRun:
                 cells.assign(field=self.fov.field),
             )
         shutil.rmtree(_scratch_path(self.root) / (self.fov.path or "image"))
-        self.image_group.attrs["pipeline"] = {
-            "status": "complete",
-            "version": __version__,
-            "config_sha256": self.config.digest(),
-            "halo_um": halo_um,
-            **self._model_provenance(),
-            "merge_qc": merge_qc(cells),
-        }
         self.outcome.n_cells = len(cells)
         self.outcome.n_tracks = int(cells["track_id"].nunique()) if len(cells) else 0
         self.outcome.halo_um = halo_um
+        self.image_group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
+            "status": "complete",
+            "version": __version__,
+            **self.provenance,
+            "started": started,
+            "finished": now(),
+            "halo_um": halo_um,
+            "diameter_px": self.outcome.diameter_px,
+            "n_cells": self.outcome.n_cells,
+            "n_tracks": self.outcome.n_tracks,
+            "merge_qc": merge_qc(cells),
+        }
         on_frames(self.outcome.n_frames)
         return self.outcome
 
 
-def _gpu_workers(client: Client) -> bool:
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers)
+def persist_on_gpu_workers(client: Client, collection):
+    """Persist a Dask collection on workers with a ``GPU`` resource.
 
-
-def _on_gpu_workers(client: Client, collection):
-    """Persist ``collection`` on workers with a ``GPU`` resource, if the cluster has any."""
-    if not _gpu_workers(client):
-        return collection
+    The restriction is given at persist time: graph fusion drops ``dask.annotate``.
+    """
     return client.persist(collection, resources={"GPU": 1})
 
 
@@ -339,53 +299,45 @@ def _plate_table_path(root: zarr.Group) -> Path:
     return Path(root.store.root) / "tables" / CELLS
 
 
-def _describe_failure(error: BaseException) -> str:
-    if isinstance(error, PipelineInputError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
-
-
 def process_plate(
     plate: omezarr.Plate,
-    out: str | Path,
+    plan: RunPlan,
     config: RunConfig,
     client: Client,
     *,
-    overwrite: bool = False,
+    gpu_workers: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> RunSummary:
-    """Run every field of ``plate`` and write the results to a new OME-Zarr 0.5 dataset at ``out``.
+    """Compute the units of ``plan`` and finish the output: plate metadata, the run's ledger.
 
     Parameters
     ----------
     plate
         The input, from :func:`pipeline.io.omezarr.open_plate` (never modified).
-    out
-        Output path; must not exist unless ``overwrite``.
+    plan
+        What to compute and what is done, from :func:`pipeline.resume.plan_run`; a new
+        output is created, an existing one is updated.
     config
         Run configuration.
     client
         Dask client of the cluster to run on.
-    overwrite
-        Replace an existing output.
+    gpu_workers
+        Restrict inference to workers with a ``GPU`` resource.
     progress
         Called with a number of frame-steps done (each frame counts twice: segmented, written).
 
     Returns
     -------
     RunSummary
-        Per-field outcomes, including failures; the output's root attributes record the same.
+        Per-field outcomes (computed, skipped or failed); the output's ledger records the same.
     """
-    if Path(out).resolve() == Path(plate.path).resolve():
-        raise PipelineInputError("output must differ from the input", out)
     started = time.perf_counter()
-    root = omezarr.create_root(out, overwrite=overwrite)
-    root.attrs["pipeline"] = {"status": "running", "version": __version__, "input": plate.path}
-    wells: dict[tuple[str, str], list[str]] = {}
-    for fov in plate.fields:
-        if fov.well is not None:
-            wells.setdefault((fov.row, fov.column), []).append(fov.field)
-    for (row, column), fields in wells.items():
+    if plan.exists and plan.done:
+        root = zarr.open_group(plan.output, mode="r+")
+    else:
+        root = omezarr.create_root(plan.output, overwrite=plan.exists)
+    ledger = Ledger(plan.output, plate.path, [fov.path for fov in plate.fields])
+    for (row, column), fields in _wells(plate.fields).items():
         omezarr.write_well(root, row, column, fields)
     lock = threading.Lock()
 
@@ -394,37 +346,40 @@ def process_plate(
             with lock:
                 progress(n)
 
-    outcomes: list[FieldOutcome] = []
+    def run_unit(fov: omezarr.FieldOfView) -> FieldOutcome:
+        ledger.set(fov.path, "running")
+        unit = _FieldRun(fov, root, config, plan.provenance[fov.path], gpu_workers, ledger)
+        outcome = unit.run(client, advance)
+        ledger.set(fov.path, "done")
+        return outcome
+
+    outcomes = [
+        skipped_outcome(fov, plan.done[fov.path]) for fov in plate.fields if fov.path in plan.done
+    ]
     with ThreadPoolExecutor(max_workers=config.compute.fields_in_flight) as pool:
-        futures = {}
-        for fov in plate.fields:
-            try:
-                unit = _FieldRun(fov, root, config)
-            except PipelineInputError as error:
-                outcomes.append(_failed(fov, error))
-                continue
-            futures[pool.submit(unit.run, client, advance)] = fov
+        futures = {pool.submit(run_unit, fov): fov for fov in plan.todo}
         for future in as_completed(futures):
             fov = futures[future]
             try:
                 outcomes.append(future.result())
             except Exception as error:  # a failed field is recorded; the others go on
-                outcomes.append(_failed(fov, error))
-    summary = RunSummary(plate.path, str(out), _in_plate_order(plate, outcomes), 0.0)
+                outcome = failed_outcome(fov, error)
+                ledger.set(fov.path, "failed", outcome.error)
+                outcomes.append(outcome)
+    summary = RunSummary(plate.path, str(plan.output), _in_plate_order(plate, outcomes), 0.0)
     summary.wall_seconds = time.perf_counter() - started
-    _finish_output(root, plate, summary)
+    _finish_output(plan.output, plate, summary)
+    ledger.finish(summary.wall_seconds)
     return summary
 
 
-def _failed(fov: omezarr.FieldOfView, error: BaseException) -> FieldOutcome:
-    shape = fov.data.shape
-    return FieldOutcome(
-        path=fov.path,
-        well=fov.well,
-        n_frames=fov.data.sizes.get("t", 1),
-        n_pixels=int(np.prod(shape)),
-        error=_describe_failure(error),
-    )
+def _wells(fields) -> dict[tuple[str, str], list[str]]:
+    """Field names per (row, column) of the fields of a plate."""
+    wells: dict[tuple[str, str], list[str]] = {}
+    for fov in fields:
+        if fov.well is not None:
+            wells.setdefault((fov.row, fov.column), []).append(fov.field)
+    return wells
 
 
 def _in_plate_order(plate: omezarr.Plate, outcomes: list[FieldOutcome]) -> list[FieldOutcome]:
@@ -432,35 +387,25 @@ def _in_plate_order(plate: omezarr.Plate, outcomes: list[FieldOutcome]) -> list[
     return sorted(outcomes, key=lambda o: order[o.path])
 
 
-def _finish_output(root: zarr.Group, plate: omezarr.Plate, summary: RunSummary) -> None:
-    """Write the plate metadata (completed fields only) and the run's status, last."""
-    done = [o for o in summary.fields if o.error is None]
+def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> None:
+    """Write the plate metadata, listing the fields that are done (now or before)."""
+    root = zarr.open_group(output, mode="r+")  # a lone image rewrote the root group
     shutil.rmtree(_scratch_path(root), ignore_errors=True)
-    root = zarr.open_group(root.store.root, mode="r+")  # a lone image rewrote the root group
-    if plate.is_plate:
-        wells: dict[tuple[str, str], list[str]] = {}
-        for outcome in done:
-            row, column, name = outcome.path.split("/")
-            wells.setdefault((row, column), []).append(name)
-        for (row, column), fields in wells.items():
-            omezarr.write_well(root, row, column, fields)
-        for fov in plate.fields:  # a well none of whose fields completed must not list them
-            if (fov.row, fov.column) not in wells:
-                shutil.rmtree(Path(root.store.root) / fov.row / fov.column, ignore_errors=True)
-        if wells:
-            omezarr.write_plate_metadata(
-                root,
-                name=plate.name or Path(plate.path).stem,
-                rows=plate.rows,
-                columns=plate.columns,
-                wells=list(wells),
-                field_count=max(len(f) for f in wells.values()),
-            )
-    root.attrs["pipeline"] = {
-        "status": "complete" if not summary.failed else "partial",
-        "version": __version__,
-        "input": plate.path,
-        "wall_seconds": round(summary.wall_seconds, 3),
-        "fields_done": len(done),
-        "failures": [{"field": o.path, "error": o.error} for o in summary.failed],
-    }
+    if not plate.is_plate:
+        return
+    done = [fov for fov, o in zip(plate.fields, summary.fields, strict=True) if o.error is None]
+    wells = _wells(done)
+    for (row, column), fields in wells.items():
+        omezarr.write_well(root, row, column, fields)
+    for fov in plate.fields:  # a well none of whose fields is done must not list them
+        if (fov.row, fov.column) not in wells:
+            shutil.rmtree(Path(output) / fov.row / fov.column, ignore_errors=True)
+    if wells:
+        omezarr.write_plate_metadata(
+            root,
+            name=plate.name or Path(plate.path).stem,
+            rows=plate.rows,
+            columns=plate.columns,
+            wells=list(wells),
+            field_count=max(len(f) for f in wells.values()),
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,21 @@ def small_plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size=256,
         seed=3,
     )
+
+
+def run_pipeline(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline ARGS`` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def pipeline_command():
+    """:func:`run_pipeline`: the ``pipeline`` command in a subprocess."""
+    return run_pipeline

@@ -10,7 +10,7 @@ import torch
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
 from scipy import ndimage as ndi
 
-from pipeline.graph import _on_gpu_workers
+from pipeline.graph import persist_on_gpu_workers
 from pipeline.infer import (
     InferenceSettings,
     median_diameter,
@@ -184,7 +184,7 @@ def test_inference_runs_only_on_the_gpu_worker(random_model):
         )
         with get_task_stream(client) as stream:
             maps = predict_maps_tiled(da.from_array(frames, chunks=(1, 64, 64)), settings=settings)
-            persisted = _on_gpu_workers(client, maps)
+            persisted = persist_on_gpu_workers(client, maps)
             # downstream CPU work on the maps is not restricted
             total = client.compute((persisted[:, 2] > 0.5).sum()).result()
         loads = client.run(model_load_count)
@@ -217,4 +217,4 @@ def test_run_on_a_cluster_with_one_gpu_worker(small_plate, tmp_path):
     assert inference == {gpu_worker}
     assert loads[gpu_worker] == 1
     assert sum(loads.values()) == 1
-    assert zarr.open_group(tmp_path / "out.zarr").attrs["pipeline"]["status"] == "complete"
+    assert zarr.open_group(tmp_path / "out.zarr").attrs["pipeline_run"]["status"] == "complete"

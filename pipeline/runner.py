@@ -1,0 +1,354 @@
+"""Running plates: plan what is new or stale, start a cluster only if there is work, report.
+
+:func:`run` processes one plate into one output, resuming where an earlier run stopped;
+:func:`reprocess` does the same for many plates (a list or glob patterns) on one cluster,
+as a scheduled archive job does. Each run that computes something saves a Dask performance
+report and a QC report (PNGs with an HTML index) in ``OUT.report/`` beside the output.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from distributed import performance_report
+from distributed.diagnostics.plugin import WorkerPlugin
+from tqdm import tqdm
+
+from pipeline.cluster import RunCluster, connect
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import PipelineInputError
+from pipeline.io.omezarr import Plate, open_plate
+from pipeline.outcomes import RunSummary, skipped_outcome
+from pipeline.resume import RunPlan, plan_run
+
+__all__ = [
+    "ClusterOptions",
+    "PlateRun",
+    "expand_inputs",
+    "report_folder",
+    "reprocess",
+    "run",
+]
+
+_HANDLED_ERRORS = ("PipelineInputError(", "CorruptChunkError(", "HaloTooSmall(")
+
+
+class _DropHandledFailures(logging.Filter):
+    """Drops a worker's "Compute Failed" traceback of errors the run reports or retries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Compute Failed")
+            and any(error in message for error in _HANDLED_ERRORS)
+        )
+
+
+class _QuietHandledFailures(WorkerPlugin):
+    """Installs :class:`_DropHandledFailures` on each worker of the run's own cluster."""
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").addFilter(_DropHandledFailures())
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where a run computes: see :func:`pipeline.cluster.connect` for each option."""
+
+    cluster: str = "local"
+    scheduler: str | None = None
+    workers: int | None = None
+    cluster_config: str | Path | None = None
+    max_jobs: int | None = None
+    scheduler_host: str = "127.0.0.1"
+
+    @contextmanager
+    def connect(self) -> Iterator[RunCluster]:
+        """Start (or join) the cluster for as long as the context lasts."""
+        with connect(
+            self.cluster,
+            scheduler=self.scheduler,
+            workers=self.workers,
+            cluster_config=self.cluster_config,
+            max_jobs=self.max_jobs,
+            scheduler_host=self.scheduler_host,
+        ) as running:
+            if self.scheduler is None:
+                running.client.register_plugin(_QuietHandledFailures())
+            yield running
+
+
+@dataclass
+class PlateRun:
+    """One plate of a run: its input, output, plan, and (after the run) its summary."""
+
+    input_path: str
+    plate: Plate | None
+    plan: RunPlan | None
+    summary: RunSummary | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The plate could not be planned or some of its units failed."""
+        return self.error is not None or bool(self.summary and self.summary.failed)
+
+
+def report_folder(out: str | Path) -> Path:
+    """Where the reports of the output ``out`` go: ``OUT.report`` beside it."""
+    return Path(out).with_suffix(".report")
+
+
+def _summary_of_done(plate: Plate, plan: RunPlan, started: float) -> RunSummary:
+    fields = [skipped_outcome(fov, plan.done[fov.path]) for fov in plate.fields]
+    return RunSummary(plate.path, str(plan.output), fields, time.perf_counter() - started)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    frames = sum(f.n_frames for f in summary.fields if not f.skipped)
+    print(
+        f"\nfields: {len(summary.fields)} ({len(summary.skipped)} already done, "
+        f"{len(summary.failed)} failed), timepoints computed: {frames}"
+    )
+    for well, cells in summary.cells_per_well().items():
+        print(f"  well {well}: {cells} cells")
+    print(
+        f"wall time: {summary.wall_seconds:.1f} s, "
+        f"{summary.pixels_per_second / 1e6:.2f} megapixels per second computed"
+    )
+    for failure in summary.failed:
+        print(f"FAILED {failure.path}: {failure.error}", file=sys.stderr)
+    print(f"results: {summary.output_path}")
+
+
+def _compute(
+    item: PlateRun, config: RunConfig, running: RunCluster, show_progress: bool
+) -> RunSummary:
+    """Compute the units of one planned plate on a running cluster, then its reports."""
+    # Imported here: torch and matplotlib load only when there is work.
+    from pipeline.graph import process_plate
+    from pipeline.report import write_qc_report
+
+    plate, plan = item.plate, item.plan
+    reports = report_folder(plan.output)
+    reports.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    total = 2 * sum(fov.data.sizes.get("t", 1) for fov in plan.todo)
+    with (
+        performance_report(filename=str(reports / f"dask-performance-{stamp}.html")),
+        tqdm(total=total, unit="frame-step", disable=not show_progress) as bar,
+    ):
+        summary = process_plate(
+            plate,
+            plan,
+            config,
+            running.client,
+            gpu_workers=running.gpu_workers,
+            progress=bar.update,
+        )
+    index = write_qc_report(plan.output, reports, channel=config.segmentation.channel)
+    if show_progress:
+        _print_summary(summary)
+        print(f"QC report: {index}")
+    return summary
+
+
+def _plan(
+    input_path: str | Path | Plate,
+    out: str | Path,
+    config: RunConfig,
+    force: bool,
+    only_failed: bool,
+) -> PlateRun:
+    plate = (
+        input_path
+        if isinstance(input_path, Plate)
+        else open_plate(input_path, missing_chunks=config.input.missing_chunks)
+    )
+    plan = plan_run(plate, out, config, force=force, only_failed=only_failed)
+    return PlateRun(plate.path, plate, plan)
+
+
+def _run_planned(
+    items: Sequence[PlateRun],
+    config: RunConfig,
+    cluster: ClusterOptions,
+    show_progress: bool,
+) -> None:
+    """Compute every planned plate that has work, all on one cluster started here."""
+    work = [item for item in items if item.plan is not None and not item.plan.nothing_to_do]
+    if not work:
+        return
+    with cluster.connect() as running:
+        if show_progress:
+            print(f"Dask dashboard: {running.dashboard_link}")
+            if running.tunnel_command:
+                print(f"  from your computer: {running.tunnel_command}")
+                print("  then open http://localhost:8787/status")
+        for item in work:
+            if show_progress and len(items) > 1:
+                print(f"\n{item.input_path} -> {item.plan.output}")
+            item.summary = _compute(item, config, running, show_progress)
+
+
+def run(
+    input_path: str | Path | Plate,
+    out: str | Path,
+    *,
+    config: RunConfig | str | Path | None = None,
+    cluster: str = "local",
+    cluster_config: str | Path | None = None,
+    max_jobs: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    scheduler_host: str = "127.0.0.1",
+    force: bool = False,
+    only_failed: bool = False,
+    show_progress: bool = False,
+) -> RunSummary:
+    """Process a plate (or image): segment, measure and track every field not yet done.
+
+    A field whose completion record in ``out`` matches this run's settings digest, model and
+    input fingerprint is skipped; the others are computed. With nothing to do, no cluster is
+    started.
+
+    Parameters
+    ----------
+    input_path
+        OME-Zarr 0.4/0.5 plate or image (path or an opened :class:`Plate`).
+    out
+        OME-Zarr 0.5 output (labels ``cells`` per field, tables ``cells`` and ``tracks``): new,
+        or one an earlier run of this input wrote. Reports go to ``OUT.report/``.
+    config
+        A :class:`RunConfig`, a YAML path, or None for the defaults.
+    cluster
+        ``"local"``, ``"slurm"`` or ``"slurm-gpu"`` (dask-jobqueue, from ``cluster_config``).
+    cluster_config
+        dask-jobqueue YAML (e.g. ``deploy/slurm/jobqueue.yaml``) for SLURM clusters.
+    max_jobs
+        Most SLURM jobs the adaptive cluster grows to.
+    workers
+        Local worker processes.
+    scheduler
+        Address of an existing Dask scheduler (instead of starting a cluster).
+    scheduler_host
+        Interface the local cluster's scheduler listens on (public ones need TLS).
+    force
+        Recompute every field.
+    only_failed
+        Compute only the fields the last run recorded as failed.
+    show_progress
+        Print the dashboard link, a progress bar and a summary.
+
+    Returns
+    -------
+    RunSummary
+        Per-field outcomes (computed, skipped, failed), wall time and throughput.
+    """
+    started = time.perf_counter()
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    item = _plan(input_path, out, config, force, only_failed)
+    if item.plan.nothing_to_do:
+        summary = _summary_of_done(item.plate, item.plan, started)
+        if show_progress:
+            print(
+                f"nothing to do: all {len(summary.fields)} fields of {out} are done with these "
+                "settings, model and input (--force recomputes them)"
+            )
+        return summary
+    options = ClusterOptions(cluster, scheduler, workers, cluster_config, max_jobs, scheduler_host)
+    _run_planned([item], config, options, show_progress)
+    return item.summary
+
+
+def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
+    """Plate paths from paths and glob patterns, sorted, without repeats.
+
+    Raises
+    ------
+    PipelineInputError
+        If a pattern matches nothing.
+    """
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [pattern]
+        matches = [Path(m) for m in matches if Path(m).exists()]
+        if not matches:
+            raise PipelineInputError("no plate matches", pattern)
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def reprocess(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    config: RunConfig | str | Path | None = None,
+    cluster: ClusterOptions | None = None,
+    force: bool = False,
+    show_progress: bool = False,
+) -> list[PlateRun]:
+    """Bring the results of many plates up to date: compute what is new or stale, skip the rest.
+
+    Each plate ``NAME.zarr`` gets the output ``OUT_DIR/NAME.zarr``. A plate that cannot be
+    opened or planned is recorded (one line) and the others go on.
+
+    Parameters
+    ----------
+    inputs
+        Plate paths or glob patterns (e.g. ``/archive/*.zarr``).
+    out_dir
+        Folder of the outputs (created if missing).
+    config
+        A :class:`RunConfig`, a YAML path, or None for the defaults.
+    cluster
+        Where to compute (one cluster for all plates); default a local cluster.
+    force
+        Recompute every field of every plate.
+    show_progress
+        Print what is done, the dashboard link, progress and summaries.
+
+    Returns
+    -------
+    list of PlateRun
+        Per plate: its plan, its summary when something was computed, or its error.
+    """
+    started = time.perf_counter()
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = []
+    for path in expand_inputs(inputs):
+        try:
+            items.append(_plan(path, out_dir / path.name, config, force, False))
+        except PipelineInputError as error:
+            items.append(PlateRun(str(path), None, None, error=str(error)))
+    _run_planned(items, config, cluster or ClusterOptions(), show_progress)
+    for item in items:
+        if item.plan is not None and item.summary is None:
+            item.summary = _summary_of_done(item.plate, item.plan, started)
+    if show_progress:
+        _print_reprocess_table(items)
+    return items
+
+
+def _print_reprocess_table(items: Sequence[PlateRun]) -> None:
+    print("\nplate\tcomputed\tskipped\tfailed")
+    for item in items:
+        if item.error is not None:
+            print(f"{item.input_path}\t-\t-\tFAILED: {item.error}")
+            continue
+        summary = item.summary
+        computed = len(summary.fields) - len(summary.skipped) - len(summary.failed)
+        print(f"{item.input_path}\t{computed}\t{len(summary.skipped)}\t{len(summary.failed)}")
