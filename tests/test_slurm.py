@@ -202,3 +202,53 @@ def test_sbatch_script_runs_a_whole_plate(slurm, plate_and_local_run, tmp_path):
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output
     assert "--workers 2" in output  # one local worker per CPU of the allocation
     _assert_same_results(tmp_path / "out.zarr", reference)
+
+
+@pytest.mark.timeout(420)
+def test_nightly_reprocess_job_runs_workers_as_jobs_then_skips(
+    slurm, plate_and_local_run, tmp_path
+):
+    """deploy/schedule/pipeline-reprocess.sbatch, as cron or the systemd timer submit it: a
+    driver job whose Dask workers are SLURM jobs of their own; the next night skips it all."""
+    plate, reference = plate_and_local_run
+    archive = tmp_path / "archive"
+    shutil.copytree(plate, archive / "plate.zarr")
+    results = tmp_path / "results"
+    env = {
+        **os.environ,
+        "PIPELINE_VENV": sys.prefix,
+        "ARCHIVE_GLOB": str(archive / "*.zarr"),
+        "RESULTS_DIR": str(results),
+        "CLUSTER_CONFIG": str(_jobqueue_yaml(tmp_path)),
+        "PIPELINE_MAX_JOBS": "1",  # the test node has 2 CPUs: the driver's and one worker's
+    }
+
+    def night() -> tuple[dict[str, str], str]:
+        submitted = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--cpus-per-task=1",
+                "--mem=2G",
+                f"--chdir={tmp_path}",
+                str(REPO / "deploy" / "schedule" / "pipeline-reprocess.sbatch"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        job_id = submitted.stdout.strip().split(";")[0]
+        job = _wait_for_job(job_id, timeout=300)
+        return job, (tmp_path / f"pipeline-reprocess-{job_id}.log").read_text()
+
+    job, log = night()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
+    _assert_same_results(results / "plate.zarr", reference)
+    assert f"{archive / 'plate.zarr'}\t2\t0\t0" in log  # computed, skipped, failed
+    assert list((tmp_path / "logs").glob("pipeline-worker-*.err")), "no worker jobs ran"
+
+    job, log = night()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert f"{archive / 'plate.zarr'}\t0\t2\t0" in log
+    assert "Dask dashboard" not in log  # nothing to do: no cluster, no worker jobs
