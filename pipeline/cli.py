@@ -71,7 +71,10 @@ def _status(args: argparse.Namespace) -> int:
     counts = {state: 0 for state in ("done", "failed", "pending")}
     for unit in states:
         counts[unit.state] += 1
-    print(f"{args.output}: input {ledger['input']}, last run {ledger['status']}")
+    last = ledger["status"]
+    if last == "running":
+        last = "running, or interrupted (run it again to resume)"
+    print(f"{args.output}: input {ledger['input']}, last run {last}")
     print(", ".join(f"{n} {state}" for state, n in counts.items()))
     for unit in states:
         line = f"  {unit.path or '(image)'}\t{unit.state}\t{unit.time or '-'}"
@@ -417,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted; the output is marked incomplete", file=sys.stderr)
+        print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 

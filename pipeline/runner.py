@@ -155,10 +155,15 @@ def _compute(
             gpu_workers=running.gpu_workers,
             progress=bar.update,
         )
-    index = write_qc_report(plan.output, reports, channel=config.segmentation.channel)
     if show_progress:
         _print_summary(summary)
-        print(f"QC report: {index}")
+    try:
+        index = write_qc_report(plan.output, reports, channel=config.segmentation.channel)
+    except Exception as error:  # the results are written; a failed picture must not hide them
+        print(f"warning: no QC report ({type(error).__name__}: {error})", file=sys.stderr)
+    else:
+        if show_progress:
+            print(f"QC report: {index}")
     return summary
 
 

@@ -226,3 +226,14 @@ def test_run_writes_its_report_and_the_command_rewrites_it(outputs, tmp_path):
     assert set(_links(own)) == set(_links(write_qc_report(outputs["plate"], tmp_path / "qc")))
     assert main(["report", str(outputs["plate"]), "--dir", str(tmp_path / "again")]) == 0
     _check_pngs(tmp_path / "again" / "index.html", _links(tmp_path / "again" / "index.html"))
+
+
+def test_a_failing_report_does_not_fail_the_run(outputs, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("pipeline.report.write_qc_report", broken)
+    plate = zarr.open_group(outputs["plate"], mode="r").attrs["pipeline_run"]["input"]
+    summary = run(plate, tmp_path / "out.zarr", workers=1)
+    assert not summary.failed and len(summary.fields) == 2
+    assert "warning: no QC report (RuntimeError: no fonts)" in capsys.readouterr().err
