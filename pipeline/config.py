@@ -139,6 +139,11 @@ class ComputeConfig(_Strict):
     fields_in_flight: PositiveInt = Field(
         4, description="fields of view whose graphs are on the scheduler at the same time"
     )
+    frames_in_flight: PositiveInt = Field(
+        64,
+        description="timepoints of a field segmented at once (bounds the conv-net maps held "
+        "on GPU workers); results do not depend on it",
+    )
 
 
 class InputConfig(_Strict):

@@ -46,7 +46,7 @@ from pipeline.measure import measure_dask
 from pipeline.outcomes import FieldOutcome, RunSummary, failed_outcome, skipped_outcome
 from pipeline.resume import ATTRIBUTE, Ledger, RunPlan, clear_unit, now
 from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
-from pipeline.segment.tiled import HaloTooSmall, relabel_consecutive
+from pipeline.segment.tiled import HaloTooSmall, label_dtype, relabel_consecutive
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.track import track
 from pipeline.track_measure import growth_rates, merge_qc, track_table
@@ -125,40 +125,56 @@ class _FieldRun:
         return float(client.compute(estimate, sync=True))
 
     def _segment_and_measure(self, client: Client, halo_um: dict[str, float]):
-        """Graph 1: global cell ids to the scratch array, and the merged cell table."""
+        """Graph 1: global cell ids to the scratch array, and the merged cell table.
+
+        The field's timepoints go through in blocks of ``compute.frames_in_flight``, one after
+        the other, so the conv-net maps held on GPU workers are bounded by a block. Ids are
+        those of the whole field (offset by the block's first pixel index), so the blocks give
+        what one graph over all timepoints would.
+        """
         frames = self.data.data[:, self.channel]
         storage = frames.chunksize[1:]
         halo = halo_pixels(halo_um, self.pixel_size, self.spatial_dims)
         min_block = [1 if d == "z" else self.config.tiling.min_block_px for d in self.spatial_dims]
         spatial_chunks = block_chunks(frames.shape[1:], storage, halo, min_block)
         frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
-        ids = instance_ids(
-            frames,
-            self.config.segmentation,
-            pixel_size=[self.pixel_size[d] for d in self.spatial_dims],
-            halo=halo,
-            diameter_px=self.outcome.diameter_px,
-            on_maps=lambda maps: self._on_gpu_workers(client, maps),
-        )
+        frame_pixels = int(np.prod(frames.shape[1:]))
         scratch = zarr.open_array(
             _scratch_path(self.root) / (self.fov.path or "image"),
             mode="w",
-            shape=ids.shape,
-            chunks=tuple(c[0] for c in ids.chunks),
-            dtype=ids.dtype,
+            shape=frames.shape,
+            chunks=tuple(c[0] for c in frames.chunks),
+            dtype=label_dtype(frames.shape[0] * frame_pixels + 1),
             fill_value=0,
         )
-        stored = da.store(ids, scratch, lock=False, compute=False)
-        table = measure_dask(
-            ids,
-            self.data.data,
-            dims="t" + self.spatial_dims,
-            pixel_size=self.pixel_size,
-            translation=self.translation,
-            channel_names=list(self.fov.channel_names),
-        )
-        _, cells = client.compute([stored, table], sync=True)
-        return scratch, ids.chunks, cells
+        tables = []
+        step = self.config.compute.frames_in_flight
+        for start in range(0, frames.shape[0], step):
+            stop = min(start + step, frames.shape[0])
+            ids = instance_ids(
+                frames[start:stop],
+                self.config.segmentation,
+                pixel_size=[self.pixel_size[d] for d in self.spatial_dims],
+                halo=halo,
+                diameter_px=self.outcome.diameter_px,
+                on_maps=lambda maps: self._on_gpu_workers(client, maps),
+            ).astype(scratch.dtype)
+            ids = da.where(ids > 0, ids + start * frame_pixels, 0).astype(scratch.dtype)
+            stored = da.store(
+                ids, scratch, regions=(slice(start, stop),), lock=False, compute=False
+            )
+            table = measure_dask(
+                ids,
+                self.data.data[start:stop],
+                dims="t" + self.spatial_dims,
+                pixel_size=self.pixel_size,
+                translation=self.translation,
+                channel_names=list(self.fov.channel_names),
+            )
+            _, cells = client.compute([stored, table], sync=True)
+            tables.append(cells.assign(t=cells["t"] + start))
+        cells = pd.concat(tables, ignore_index=True)
+        return scratch, frames.chunks, cells
 
     def _write(self, client: Client, scratch: zarr.Array, chunks, cells: pd.DataFrame) -> None:
         """Graph 2: renumbered labels (with pyramid) and a copy of the image, to the output."""

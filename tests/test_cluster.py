@@ -227,9 +227,12 @@ def test_deployed_config_sections(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_slurm_uses_temporary_tls_by_default(tmp_path):
+def test_slurm_uses_temporary_tls_by_default(tmp_path, monkeypatch):
     """Without certificates in the config, a SLURM cluster makes temporary ones and its jobs
     get them as files only this user can read; a worker started from the job script connects."""
+    # No SLURM here: the job script is run by hand, and adaptive scaling must not call sbatch
+    # (it is tested on a real SLURM in test_slurm.py).
+    monkeypatch.setattr("dask_jobqueue.SLURMCluster.adapt", lambda self, **kwargs: None)
     config = _jobqueue_yaml(tmp_path)
     with connect("slurm", cluster_config=config) as run:
         address = run.client.scheduler.address

@@ -142,6 +142,16 @@ def test_changed_config_recomputes_every_field(clean: Path, plate: Path, tmp_pat
     assert len(run(plate, out, config=config, workers=2).skipped) == len(FIELDS)
 
 
+def test_time_blocks_of_a_field_give_the_same_results(clean: Path, plate: Path, tmp_path: Path):
+    """Two blocks of timepoints (2 + 1 frames) segmented one after the other: the same ids,
+    labels and tables as all three at once."""
+    config = tmp_path / "config.yaml"
+    config.write_text("compute: {frames_in_flight: 2}\n")
+    summary = run(plate, tmp_path / "out.zarr", config=config, workers=2)
+    assert not summary.failed
+    _assert_equal_results(tmp_path / "out.zarr", clean)
+
+
 def test_changed_model_weights_recompute(clean: Path, plate: Path, tmp_path: Path) -> None:
     model, info = load_model()
     save_model(model, info, tmp_path / "copy")  # same weights, another file: another digest
