@@ -173,6 +173,7 @@ class _FieldRun:
             )
             _, cells = client.compute([stored, table], sync=True)
             tables.append(cells.assign(t=cells["t"] + start))
+            del ids, stored, table  # releases the block's persisted maps before the next
         cells = pd.concat(tables, ignore_index=True)
         return scratch, frames.chunks, cells
 
