@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from distributed import futures_of, wait
 
-from pipeline.config import HaloConfig, SegmentationConfig
+from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
 from pipeline.io.omezarr import open_plate
 from pipeline.runner import run
-from pipeline.segment.tiled import relabel_consecutive, sorted_ids
+from pipeline.segment.tiled import relabel_consecutive, sorted_ids, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
 
 __all__ = ["open_plate", "run", "segment"]
@@ -32,6 +34,12 @@ def _image_layout(
                 spacing[dim] = float(image.coords[dim][1] - image.coords[dim][0])
         pixel_size = {**spacing, **(pixel_size or {})}
         image = image.data
+    if dims is None and image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 4:
+        raise ValueError(
+            f"image of shape {tuple(image.shape)} looks like RGB(A) colour (channels last); "
+            "segment one channel, e.g. pipeline.normalize.colour_to_grey(image) for histology "
+            "(dark nuclei on a light background are detected and inverted), or pass dims="
+        )
     dims = dims or _DEFAULT_DIMS.get(image.ndim)
     if dims is None or len(dims) != image.ndim or not set(dims) <= set("tczyx"):
         raise ValueError(f"cannot use dims {dims!r} for a {image.ndim}-D image; pass dims=")
@@ -80,8 +88,10 @@ def segment(
     -------
     numpy.ndarray or dask.array.Array
         Labels 1..n unique over the whole array (all timepoints), 0 for background; the image's
-        dims without ``c``. A Dask result raises ``HaloTooSmall`` on compute if a cell does not
-        fit in the halo.
+        dims without ``c``. Dask input: the result is computed and persisted (in memory, or
+        on the workers under a distributed client); a field whose cells do not fit in the halo
+        is recomputed with a doubled halo, as ``pipeline run`` does
+        (``tiling.halo_retries`` times), so tiled labels equal whole-image labels.
     """
     # Imported here, so that `import pipeline` (and the command) starts without torch.
     from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
@@ -103,23 +113,38 @@ def segment(
     if method == "convnet" and diameter is None:
         estimate = estimate_field_diameter(da.asarray(frames), segmentation)
         diameter = estimate.compute(scheduler="threads")
-    if lazy:
-        diameter_um = None if method == "classical" else diameter * sizes[spatial[-1]]
-        halo_um = stitching_halo_um(HaloConfig(**(halo_um or {})).model_dump(), diameter_um)
-        halo = halo_pixels(halo_um, sizes, spatial)
-        chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], halo)
-    else:
-        halo = (0,) * len(spatial)
-        chunks = tuple((n,) for n in frames.shape[1:])
-    frames = da.asarray(frames).rechunk(((1,) * frames.shape[0], *chunks))
-    ids = instance_ids(
-        frames,
-        segmentation,
-        pixel_size=[sizes[d] for d in spatial],
-        halo=halo,
-        diameter_px=diameter,
-    )
-    labels = relabel_consecutive(ids, sorted_ids(ids))
+    pixel_sizes = [sizes[d] for d in spatial]
+
+    def attempt(halo_um: dict[str, float]) -> da.Array:
+        halo = halo_pixels(halo_um, sizes, spatial) if lazy else (0,) * len(spatial)
+        chunks = (
+            block_chunks(frames.shape[1:], frames.chunksize[1:], halo)
+            if lazy
+            else tuple((n,) for n in frames.shape[1:])
+        )
+        blocks = da.asarray(frames).rechunk(((1,) * frames.shape[0], *chunks))
+        ids = instance_ids(
+            blocks, segmentation, pixel_size=pixel_sizes, halo=halo, diameter_px=diameter
+        )
+        labels = relabel_consecutive(ids, sorted_ids(ids))
+        return _persisted(labels, scheduler=None if lazy else "threads")
+
+    diameter_um = None if method == "classical" else diameter * sizes[spatial[-1]]
+    halo_um = stitching_halo_um(HaloConfig(**(halo_um or {})).model_dump(), diameter_um)
+    labels = with_halo_retries(attempt, halo_um, TilingConfig().halo_retries)
     if "t" not in dims:
         labels = labels[0]
     return labels if lazy else labels.compute(scheduler="threads")
+
+
+def _persisted(array: da.Array, scheduler: str | None) -> da.Array:
+    """``array`` computed and kept (in memory, or on the cluster's workers under a
+    distributed client), raising the first error of its tasks, e.g. ``HaloTooSmall``."""
+    (array,) = dask.persist(array, scheduler=scheduler)
+    futures = futures_of(array)
+    if futures:
+        wait(futures)
+        for future in futures:
+            if future.status == "error":
+                future.result()
+    return array

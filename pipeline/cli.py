@@ -197,27 +197,38 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_TRAINING_FLAGS = {
+    "diameter": "diameter_px",
+    "crop": "crop",
+    "batch_size": "batch_size",
+    "steps_per_epoch": "steps_per_epoch",
+    "epochs": "max_epochs",
+    "patience": "patience",
+    "lr": "learning_rate",
+    "distance_weight": "distance_weight",
+    "polarity": "polarity",
+    "base_channels": "base_channels",
+    "depth": "depth",
+    "seed": "seed",
+    "device": "device",
+    "threads": "threads",
+}
+
+
 def _train(args: argparse.Namespace) -> int:
     import shlex
+    from dataclasses import replace
 
-    from pipeline.models.train import TrainingConfig, train
+    from pipeline.models.train import TrainingConfig, read_training_recipe, train
 
-    config = TrainingConfig(
-        diameter_px=args.diameter,
-        crop=args.crop,
-        batch_size=args.batch_size,
-        steps_per_epoch=args.steps_per_epoch,
-        max_epochs=args.epochs,
-        patience=args.patience,
-        learning_rate=args.lr,
-        distance_weight=args.distance_weight,
-        ignore_unannotated=not args.keep_unannotated,
-        base_channels=args.base_channels,
-        depth=args.depth,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
+    recipe = read_training_recipe(args.config) if args.config else {}
+    config = recipe.pop("config", TrainingConfig())
+    given = vars(args)
+    config = replace(
+        config, **{field: given[flag] for flag, field in _TRAINING_FLAGS.items() if flag in given}
     )
+    if "keep_unannotated" in given:
+        config = replace(config, ignore_unannotated=False)
     zarr = [(path, args.label, args.channel) for path in args.zarr]
     if zarr and not args.label:
         raise PipelineInputError("--zarr needs --label (the label image's name)", args.zarr[0])
@@ -225,11 +236,12 @@ def _train(args: argparse.Namespace) -> int:
     command = shlex.join(["pipeline", *args.argv])
     _, info = train(
         out=args.out,
-        data=args.data,
+        data=[*recipe.get("data", []), *args.data],
         zarr=zarr,
-        simulated=args.simulated,
-        exclude=exclude,
+        simulated=args.simulated if args.simulated is not None else recipe.get("simulated", 0),
+        exclude=[*recipe.get("exclude", []), *exclude],
         config=config,
+        init=args.init if args.init is not None else recipe.get("init"),
         command=command,
     )
     print(
@@ -373,37 +385,55 @@ def _parser() -> argparse.ArgumentParser:
     ctc.add_argument("--overwrite", action="store_true", help="replace an existing result")
     ctc.set_defaults(handler=_export_ctc)
 
-    fit = commands.add_parser("train", help="train the nuclear segmentation conv-net")
+    fit = commands.add_parser(
+        "train",
+        help="train the nuclear segmentation conv-net (or fine-tune one with --init)",
+        argument_default=argparse.SUPPRESS,
+    )
     fit.add_argument("--out", required=True, help="model path without suffix (writes .pt, .json)")
+    fit.add_argument(
+        "--config",
+        default=None,
+        help="training recipe (YAML: data, exclude_file, simulated, init, training: {...}); "
+        "flags given on the command line override it",
+    )
+    fit.add_argument(
+        "--init",
+        default=None,
+        help="fine-tune: start from this model ('shipped' for the shipped one)",
+    )
     fit.add_argument(
         "--data", action="append", default=[], help="folder with images/ and masks/ TIFFs"
     )
     fit.add_argument("--zarr", action="append", default=[], help="OME-Zarr image or plate")
-    fit.add_argument("--label", help="label image name in the OME-Zarr (labels/NAME)")
+    fit.add_argument("--label", default=None, help="label image name in the OME-Zarr")
     fit.add_argument("--channel", default="0", help="nuclear channel name or index (OME-Zarr)")
-    fit.add_argument("--simulated", type=int, default=0, help="simulated fields to add")
+    fit.add_argument("--simulated", type=int, default=None, help="simulated fields to add")
     fit.add_argument(
         "--exclude",
         action="append",
         default=[],
         help="held-out images, comma-separated names or path ends (e.g. gowt1/t21.tif)",
     )
-    fit.add_argument("--diameter", type=float, default=30.0, help="training nucleus diameter (px)")
-    fit.add_argument("--crop", type=int, default=128)
-    fit.add_argument("--batch-size", type=int, default=16)
-    fit.add_argument("--steps-per-epoch", type=int, default=100)
-    fit.add_argument("--epochs", type=int, default=20, help="most epochs")
-    fit.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
-    fit.add_argument("--lr", type=float, default=2e-3)
-    fit.add_argument("--distance-weight", type=float, default=8.0)
+    fit.add_argument("--diameter", type=float, help="training nucleus diameter (px, default 30)")
+    fit.add_argument("--crop", type=int, help="crop edge (px, default 128)")
+    fit.add_argument("--batch-size", type=int, help="crops per step (default 16)")
+    fit.add_argument("--steps-per-epoch", type=int, help="default 100")
+    fit.add_argument("--epochs", type=int, help="most epochs (default 20)")
+    fit.add_argument("--patience", type=int, help="early-stopping patience (epochs, default 5)")
+    fit.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    fit.add_argument("--distance-weight", type=float, help="default 8")
+    fit.add_argument(
+        "--polarity", choices=("auto", "bright", "dark"), help="nuclei bright or dark (auto)"
+    )
     fit.add_argument(
         "--keep-unannotated",
         action="store_true",
         help="teach bright unannotated blobs of real masks as background (default: ignore them)",
     )
-    fit.add_argument("--base-channels", type=int, default=16)
-    fit.add_argument("--depth", type=int, default=3)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--base-channels", type=int, help="U-Net width (default 16)")
+    fit.add_argument("--depth", type=int, help="U-Net poolings (default 3)")
+    fit.add_argument("--seed", type=int)
     fit.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     fit.add_argument("--threads", type=int, help="CPU threads for torch")
     fit.set_defaults(handler=_train)

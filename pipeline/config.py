@@ -45,6 +45,11 @@ class ConvNetConfig(_Strict):
         None, description="typical nucleus diameter in pixels; None: estimated per field"
     )
     tta: bool = Field(False, description="average the 8 rotations/reflections of each tile")
+    polarity: Literal["auto", "bright", "dark"] = Field(
+        "auto",
+        description="nuclei bright on dark (fluorescence) or dark on light (brightfield, "
+        "inverted); auto: decided per frame",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: PositiveInt | None = Field(
         1, description="torch threads per inference task on a CPU (None: torch's default)"

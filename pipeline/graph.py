@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import dask.array as da
@@ -46,7 +47,7 @@ from pipeline.measure import measure_dask
 from pipeline.outcomes import FieldOutcome, RunSummary, failed_outcome, skipped_outcome
 from pipeline.resume import ATTRIBUTE, Ledger, RunPlan, clear_unit, now
 from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
-from pipeline.segment.tiled import HaloTooSmall, label_dtype, relabel_consecutive
+from pipeline.segment.tiled import label_dtype, relabel_consecutive, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.track import track
 from pipeline.track_measure import growth_rates, merge_qc, track_table
@@ -238,14 +239,9 @@ class _FieldRun:
             else self.outcome.diameter_px * self.pixel_size["x"]
         )
         halo_um = stitching_halo_um(self.config.tiling.halo_um.model_dump(), diameter_um)
-        for attempt in range(self.config.tiling.halo_retries + 1):
-            try:
-                scratch, chunks, cells = self._segment_and_measure(client, halo_um)
-                break
-            except HaloTooSmall:
-                if attempt == self.config.tiling.halo_retries:
-                    raise
-                halo_um = {k: 2 * v for k, v in halo_um.items()}
+        scratch, chunks, cells = with_halo_retries(
+            partial(self._segment_and_measure, client), halo_um, self.config.tiling.halo_retries
+        )
         on_frames(self.outcome.n_frames)
         self._write(client, scratch, chunks, cells)
         ids = np.sort(cells["label"].to_numpy())

@@ -73,6 +73,10 @@ class InferenceSettings:
         Core tile edge at the model's scale (rounded up to a multiple of the stride).
     tta
         Average the 8 rotations/reflections of each tile (a cheap ensemble).
+    polarity
+        ``"bright"`` nuclei on a dark background (fluorescence), ``"dark"`` on a light one
+        (brightfield: the frame is inverted), ``"auto"``: decided per frame from its histogram
+        (:func:`pipeline.normalize.limits_from_histogram`).
     """
 
     model: str | None = None
@@ -81,6 +85,7 @@ class InferenceSettings:
     batch_size: int = 4
     tile_px: int = 1024
     tta: bool = False
+    polarity: str = "auto"
 
 
 _MODELS: dict[tuple[str | None, str], tuple[UNet, ModelInfo]] = {}
@@ -284,7 +289,7 @@ def predict_maps(
     settings = settings or InferenceSettings()
     _, info = loaded_model(settings.model, settings.device)
     image = np.asarray(image)
-    low, high = frame_percentiles(image[np.newaxis], info.percentiles)[0]
+    low, high = frame_percentiles(image[np.newaxis], info.percentiles, settings.polarity)[0]
     planes = normalize(image, low, high).reshape(-1, *image.shape[-2:])
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
     maps = run_network(rescale_planes(planes, scaled_shape(image.shape[-2:], factor)), settings)
@@ -365,7 +370,8 @@ def predict_maps_tiled(
     halo, tile = _halo_and_tile(settings)
     frames = frames.rechunk({0: 1})
     lead = frames.ndim - 2
-    normalised = _normalise_frames(frames, frame_percentiles(frames, info.percentiles))
+    limits = frame_percentiles(frames, info.percentiles, settings.polarity)
+    normalised = _normalise_frames(frames, limits)
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
     plane_shape = scaled_shape(frames.shape[-2:], factor)
     plan = tuple(axis_blocks(n, tile, halo) for n in plane_shape)

@@ -146,3 +146,34 @@ def test_classical_accuracy_on_simulated_field(field_2d):
 def test_unknown_parameter_is_rejected():
     with pytest.raises(ValueError, match="min_sise_um"):
         segment(np.zeros((10, 10), np.uint8), "classical", min_sise_um=3)
+
+
+def test_dask_input_retries_with_a_larger_halo_like_a_run(field_2d, monkeypatch):
+    """Small chunks and a halo too small for the cells: the API recomputes with a doubled halo
+    (the rule ``pipeline run`` uses) and returns the whole-image labels, not an error."""
+    import pipeline.api
+
+    halos: list[float] = []
+    retry = pipeline.api.with_halo_retries
+
+    def recording(attempt, halo_um, retries):
+        def recorded(halo):
+            halos.append(halo["xy"])
+            return attempt(halo)
+
+        return retry(recorded, halo_um, retries)
+
+    image = field_2d.image[0, 0]
+    whole = segment(image, "classical")
+    monkeypatch.setattr(pipeline.api, "with_halo_retries", recording)
+    tiled = segment(da.from_array(image, chunks=100), "classical", halo_um={"xy": 16.0})
+    assert isinstance(tiled, da.Array)
+    assert halos[0] == 16.0 and len(halos) > 1 and halos[1] == 32.0
+    assert same_up_to_renumbering(whole, tiled.compute())
+    assert whole.max() > 20
+
+
+def test_colour_image_is_refused_with_a_clear_message():
+    rgb = np.zeros((64, 80, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="looks like RGB"):
+        segment(rgb, "classical")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from scipy.ndimage import label as ndimage_label
 from skimage.draw import disk
 
 from pipeline.cli import main
@@ -21,9 +22,13 @@ from pipeline.models.train import (
     TrainingConfig,
     _Sampler,
     class_weights,
+    grouped_holdout,
+    image_groups,
     load_image_folder,
     load_zarr,
     prepare_image,
+    read_training_recipe,
+    render_crop,
     rescale_labels,
     targets_from_labels,
     train,
@@ -32,7 +37,7 @@ from pipeline.models.train import (
 
 TINY = TrainingConfig(
     diameter_px=12.0,
-    scales=(0.8, 1.0),
+    scale_range=(0.8, 1.25),
     crop=32,
     batch_size=2,
     steps_per_epoch=2,
@@ -99,17 +104,25 @@ def test_rescale_labels_is_nearest_and_reaches_the_diameter():
     assert median_diameter(scaled) == pytest.approx(2 * median_diameter(labels), rel=0.05)
 
 
-def test_prepare_image_normalises_whole_image_then_rescales():
+def test_prepare_image_normalises_whole_image_and_finds_the_factor():
     image, labels = _discs(1)
-    prepared = prepare_image(LabelledImage("x", "s", image, labels), 18.0, (0.8, 1.0))
-    k = prepared.scales.index(1.0)
+    prepared = prepare_image(LabelledImage("x", "s", image, labels), 18.0)
     assert prepared.factor == pytest.approx(18.0 / median_diameter(labels))
     assert median_diameter(rescale_labels(labels, prepared.factor)) == pytest.approx(18.0, rel=0.1)
-    assert prepared.images[k].dtype == np.float32
+    assert prepared.image.dtype == np.float32 and prepared.image.shape == image.shape
     # Robust percentiles of the whole image map the background near 0 and nuclei near 1.
-    assert np.median(prepared.images[k][prepared.classes[k] == 0]) == pytest.approx(0.06, abs=0.1)
-    assert np.median(prepared.images[k][prepared.classes[k] == 2]) == pytest.approx(0.9, abs=0.1)
-    assert prepared.train_rows[k] == round(prepared.images[k].shape[0] * 0.8)
+    assert np.median(prepared.image[labels == 0]) == pytest.approx(0.06, abs=0.1)
+    assert np.median(prepared.image[labels > 0]) == pytest.approx(0.9, abs=0.1)
+    assert prepared.train_rows == round(image.shape[0] * 0.8)
+
+
+def test_dark_nuclei_are_inverted_like_inference_does():
+    image, labels = _discs(1)
+    bright = prepare_image(LabelledImage("x", "s", image, labels), 18.0)
+    dark = prepare_image(LabelledImage("x", "s", 65535 - image, labels), 18.0)
+    assert np.median(dark.image[labels == 0]) == pytest.approx(0.06, abs=0.1)
+    assert np.median(dark.image[labels > 0]) == pytest.approx(0.9, abs=0.1)
+    np.testing.assert_allclose(dark.image, bright.image, atol=0.05)
 
 
 def test_unannotated_nuclei_are_ignored_not_taught_as_background():
@@ -121,9 +134,9 @@ def test_unannotated_nuclei_are_ignored_not_taught_as_background():
     assert ignored.sum() < 2 * (labels == 4).sum()
     assert not unannotated_mask(image.astype(np.float32), labels, median_diameter(labels)).any()
     prepared = prepare_image(LabelledImage("x", "s", image, partial), 12.0)
-    assert 0 < (~prepared.valid[0]).mean() < 0.1
+    assert 0 < (~prepared.valid).mean() < 0.1
     complete = prepare_image(LabelledImage("x", "s", image, partial, complete=True), 12.0)
-    assert complete.valid[0].all()
+    assert complete.valid.all()
 
 
 def test_masks_are_split_into_connected_components():
@@ -133,17 +146,37 @@ def test_masks_are_split_into_connected_components():
     small = ndi.binary_erosion(labels == 5, iterations=3)
     labels[(labels == 5) & ~small] = 0
     shared = np.where(labels == 5, 1, labels)  # two separate nuclei share label 1
-    prepared = prepare_image(LabelledImage("x", "s", image, shared), 12.0, (1.0,))
-    interior, _ = ndi.label(prepared.classes[0] == 2)
-    peaks = ndi.maximum(prepared.distance[0], interior, np.arange(1, interior.max() + 1))
+    prepared = prepare_image(LabelledImage("x", "s", image, shared), 12.0)
+    classes, distance = targets_from_labels(prepared.labels)
+    interior, _ = ndi.label(classes == 2)
+    peaks = ndi.maximum(distance, interior, np.arange(1, interior.max() + 1))
     np.testing.assert_allclose(peaks, 1.0)  # each separate nucleus peaks at 1
     assert interior.max() == 5
 
 
+@pytest.mark.parametrize("scale", [0.7, 1.0, 1.4])
+def test_crops_are_rendered_at_the_training_scale_times_the_jitter(scale):
+    labels = np.zeros((128, 128), dtype=np.uint16)
+    for label, (y, x) in enumerate([(40, 40), (40, 88), (88, 64)], start=1):
+        rr, cc = disk((y, x), 8, shape=labels.shape)
+        labels[rr, cc] = label
+    image = (100 + 400 * (labels > 0)).astype(np.uint16)
+    prepared = prepare_image(LabelledImage("x", "s", image, labels), 24.0, 0.0)
+    size = 8 * round(96 * prepared.factor * scale / 8)  # the middle 96 source pixels
+    crop, classes, distance, valid = render_crop(
+        prepared, scale, (64.0, 64.0), (size, size), (0, 128), 24.0
+    )
+    assert crop.shape == classes.shape == (size, size) and valid.all()
+    nuclei, count = ndimage_label(classes > 0)
+    assert count == 3
+    assert median_diameter(nuclei) == pytest.approx(24.0 * scale, rel=0.08)
+    # Targets are those of whole nuclei: each nucleus' distance map peaks at 1.
+    assert distance.max() == pytest.approx(1.0)
+
+
 def test_class_weights_balance_rare_classes():
-    image, labels = _discs(2)
-    prepared = [prepare_image(LabelledImage("x", "s", image, labels), 12.0)]
-    frequency, weights = class_weights(prepared, 0.5)
+    counts = np.array([790.0, 27.0, 183.0])
+    frequency, weights = class_weights(counts, 0.5)
     assert frequency.sum() == pytest.approx(1.0)
     assert np.sum(frequency * weights) == pytest.approx(1.0)
     assert weights[1] > weights[0]  # the rare boundary class weighs more than background
@@ -152,18 +185,45 @@ def test_class_weights_balance_rare_classes():
 
 def test_training_crops_never_reach_the_validation_rows():
     image, labels = _discs(3)
-    prepared = prepare_image(LabelledImage("x", "s", image, labels), 12.0, (0.8, 1.0), 0.25)
-    for k, rows in enumerate(prepared.train_rows):
-        # Mark every pixel with its row; crops keep the values (no intensity change on targets).
-        height, width = prepared.distance[k].shape
-        prepared.distance[k] = np.repeat(np.arange(height, dtype=np.float32), width).reshape(
-            height, width
-        )
-        prepared.distance[k][rows:] = -1.0
-    sampler = _Sampler([prepared], crop=16, seed=0)
+    prepared = prepare_image(LabelledImage("x", "s", image, labels), 12.0, 0.25)
+    prepared.image[prepared.train_rows :] = np.nan  # any crop touching them would carry NaN
+    sampler = _Sampler([prepared], crop=16, seed=0, scale_range=(0.7, 1.4), margin=12)
     for _ in range(200):
-        _, _, distance, _ = sampler.sample()
-        assert distance.min() >= 0
+        crop, _, _, _ = sampler.sample()
+        assert np.isfinite(crop).all()
+
+
+def test_groups_from_the_index_and_a_grouped_holdout(tmp_path):
+    folder = tmp_path / "collection"
+    folder.mkdir()
+    rows = ["id,height,width,modality,objects,median_diameter_px"]
+    rows += [f"a{i},256,256,gray,10,12" for i in range(20)]
+    rows += [f"b{i},520,696,gray,10,20" for i in range(7)]
+    rows += [f"c{i},256,320,color-brightfield,10,20" for i in range(2)]
+    (folder / "index.csv").write_text("\n".join(rows) + "\n")
+    groups = image_groups(folder)
+    assert groups["a3"] == "gray/256x256" and groups["c1"] == "color-brightfield/256x320"
+    held = grouped_holdout(groups, fraction=0.15, seed=0)
+    assert held == grouped_holdout(groups, fraction=0.15, seed=0)
+    assert sum(h.startswith("a") for h in held) == 3  # round(0.15 * 20)
+    assert sum(h.startswith("b") for h in held) == 1  # round(1.05), at least one
+    assert not any(h.startswith("c") for h in held)  # a group of two is too small to split
+    assert image_groups(tmp_path) == {}
+
+
+def test_training_recipe_file(tmp_path, tiny_folder):
+    (tmp_path / "held_out.txt").write_text("# validation\ntiny/t02.tif  # one image\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"data: [{tiny_folder}]\nexclude_file: held_out.txt\n"
+        "training: {crop: 32, scale_range: [0.8, 1.25]}\n"
+    )
+    read = read_training_recipe(recipe)
+    assert read["exclude"] == ["tiny/t02.tif"] and read["data"] == [str(tiny_folder)]
+    assert read["config"].crop == 32 and read["config"].scale_range == (0.8, 1.25)
+    recipe.write_text("training: {crops: 32}\n")
+    with pytest.raises(PipelineInputError, match="unknown keys"):
+        read_training_recipe(recipe)
 
 
 def test_exclusion_by_name_and_path_end(tiny_folder):
@@ -206,7 +266,8 @@ def test_training_is_deterministic_and_records_itself(tiny_folder, tmp_path):
     c = _weights(model_c)
     assert not all(torch.equal(a[name], c[name]) for name in a)
 
-    assert len(lines) == TINY.max_epochs and all("val" in line for line in lines)
+    epochs = [line for line in lines if line.startswith("epoch")]
+    assert len(epochs) == TINY.max_epochs and all("val" in line for line in epochs)
     assert info.stride == 4 and info.receptive_field_radius_px == 23  # depth 2, measured
     assert info.diameter_px == 12.0 and info.percentiles == (1.0, 99.9)
     record = info.training
@@ -271,3 +332,19 @@ def test_train_command(tiny_folder, tmp_path, capsys):
     assert record["training"]["command"].startswith("pipeline train --out")
     assert record["training"]["excluded"] == ["tiny/t02.tif"]
     assert main([*argv[:2], str(tmp_path / "m2"), "--data", str(tmp_path / "missing")]) == 2
+
+
+def test_fine_tuning_starts_from_the_given_model(tiny_folder, tmp_path):
+    base, _ = train(out=tmp_path / "base", data=[tiny_folder], config=TINY, log=print)
+    still = replace(TINY, learning_rate=0.0, diameter_px=20.0, base_channels=8)
+    tuned, info = train(
+        out=tmp_path / "tuned", data=[tiny_folder], config=still, init=tmp_path / "base"
+    )
+    # Architecture and training scale come from the initial model; with a zero learning rate
+    # its convolution weights are kept (batch-norm running statistics still adapt).
+    assert tuned.config == base.config and info.diameter_px == TINY.diameter_px
+    before, after = base.state_dict(), tuned.state_dict()
+    convolutions = [name for name in before if name.endswith("weight") and before[name].ndim == 4]
+    assert convolutions and all(torch.equal(before[n], after[n]) for n in convolutions)
+    assert info.training["init"] == str(tmp_path / "base")
+    assert info.training["init_weights_sha256"] == load_model(tmp_path / "base")[1].weights_sha256

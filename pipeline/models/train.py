@@ -49,11 +49,12 @@ Training
 from __future__ import annotations
 
 import copy
+import csv
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,10 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.errors import PipelineInputError
 from pipeline.infer import median_diameter, rescale_planes, scaled_shape
-from pipeline.models import ModelInfo, save_model
+from pipeline.models import ModelInfo, load_model, save_model
 from pipeline.models.receptive_field import measure_receptive_field_radius, measure_stride
 from pipeline.models.unet import CLASS_NAMES, UNet
-from pipeline.normalize import DEFAULT_PERCENTILES, frame_percentiles, normalize
+from pipeline.normalize import DEFAULT_PERCENTILES, colour_to_grey, frame_percentiles, normalize
 
 __all__ = [
     "LabelledImage",
@@ -100,8 +101,9 @@ class TrainingConfig:
     ----------
     diameter_px
         Median nucleus diameter every image is rescaled to; stored as ``ModelInfo.diameter_px``.
-    scales
-        Extra rescaling factors around ``diameter_px`` (scale augmentation); 1.0 must be one.
+    scale_range
+        Scale augmentation: each crop is rescaled by a further factor log-uniform in this range
+        (0.7-1.4: a diameter estimate off by 30 % is inside what the network has seen).
     crop, batch_size
         Training crop size (a multiple of the network's stride) and crops per step.
     steps_per_epoch, max_epochs, patience
@@ -114,6 +116,11 @@ class TrainingConfig:
         Class weights are ``frequency ** -power`` (0: no balancing, 1: inverse frequency).
     validation_fraction
         Fraction of every image's rows (at the bottom) used for validation only.
+    validation_per_source, validation_crop
+        Validation crops per source (group) and their largest edge at the training scale.
+    polarity
+        ``"auto"``, ``"bright"`` or ``"dark"`` nuclei (:func:`pipeline.normalize.frame_percentiles`;
+        the same rule as inference).
     ignore_unannotated
         Give no loss weight to bright unannotated blobs of real masks (:func:`unannotated_mask`).
     base_channels, depth
@@ -129,7 +136,7 @@ class TrainingConfig:
     """
 
     diameter_px: float = 30.0
-    scales: tuple[float, ...] = (0.8, 1.0, 1.25)
+    scale_range: tuple[float, float] = (0.7, 1.4)
     crop: int = 128
     batch_size: int = 16
     steps_per_epoch: int = 100
@@ -141,6 +148,9 @@ class TrainingConfig:
     distance_weight: float = 8.0
     class_weight_power: float = 0.5
     validation_fraction: float = 0.2
+    validation_per_source: int = 4
+    validation_crop: int = 256
+    polarity: str = "auto"
     ignore_unannotated: bool = True
     base_channels: int = 16
     depth: int = 3
@@ -169,23 +179,20 @@ class LabelledImage:
 
 @dataclass
 class PreparedImage:
-    """A normalised, rescaled image with its targets at every scale of the run.
+    """A normalised image at its own resolution, its instance mask and loss weights.
 
-    ``images[k]``, ``classes[k]``, ``distance[k]``, ``valid[k]`` (pixels that count in the
-    loss) belong to ``scales[k]`` (relative to the training diameter); ``train_rows[k]`` rows at
-    the top are for training, the rest validation.
+    ``factor`` rescales it to the training diameter; rows ``[0, train_rows)`` are for training,
+    the rest for validation; ``valid`` marks the pixels that count in the loss.
     """
 
     name: str
     source: str
     factor: float
     median_diameter: float
-    scales: tuple[float, ...]
-    images: list[np.ndarray] = field(default_factory=list)
-    classes: list[np.ndarray] = field(default_factory=list)
-    distance: list[np.ndarray] = field(default_factory=list)
-    valid: list[np.ndarray] = field(default_factory=list)
-    train_rows: list[int] = field(default_factory=list)
+    image: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    train_rows: int
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +227,7 @@ def load_image_folder(
     images, masks = folder / "images", folder / "masks"
     if not images.is_dir() or not masks.is_dir():
         raise PipelineInputError("training folder needs images/ and masks/ subfolders", folder)
+    groups = image_groups(folder)
     pairs = []
     for path in sorted(images.iterdir()):
         if path.suffix.lower() not in _TIFF_SUFFIXES:
@@ -233,12 +241,50 @@ def load_image_folder(
         if not mask_path.is_file():
             raise PipelineInputError("image has no mask of the same name", mask_path)
         image = np.squeeze(tifffile.imread(path))
+        if image.ndim == 3 and image.shape[-1] in (3, 4):
+            image = colour_to_grey(image)
         labels = np.squeeze(tifffile.imread(mask_path))
         _check_pair(image, labels, path)
-        pairs.append(LabelledImage(name, str(folder), image, labels))
+        group = groups.get(path.stem)
+        source = f"{folder}/{group}" if group else str(folder)
+        pairs.append(LabelledImage(name, source, image, labels))
     if not pairs and not excluded:
         raise PipelineInputError("no TIFF images found", images)
     return pairs
+
+
+def image_groups(folder: str | Path) -> dict[str, str]:
+    """Group of each image of a training folder, from its optional ``index.csv``.
+
+    A folder whose ``index.csv`` has the columns ``id``, ``modality``, ``height`` and ``width``
+    (as ``dsb2018``) is split into groups ``MODALITY/HEIGHTxWIDTH``: images of one size and
+    modality mostly come from one experiment. Groups are sampled in a balanced way and the
+    validation split is drawn within each group. Without an index the folder is one group.
+    """
+    index = Path(folder) / "index.csv"
+    if not index.is_file():
+        return {}
+    with index.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"id", "modality", "height", "width"} <= set(rows[0]):
+        return {}
+    return {row["id"]: f"{row['modality']}/{row['height']}x{row['width']}" for row in rows}
+
+
+def grouped_holdout(
+    groups: dict[str, str], fraction: float = 0.15, seed: int = 0, min_group: int = 3
+) -> list[str]:
+    """Ids held out for validation: ``round(fraction * n)`` (at least one) of every group of
+    ``n >= min_group`` images, drawn with a seeded permutation; sorted."""
+    rng = np.random.default_rng(seed)
+    held_out = []
+    for group in sorted(set(groups.values())):
+        members = sorted(name for name, g in groups.items() if g == group)
+        if len(members) < min_group:
+            continue
+        count = max(1, round(fraction * len(members)))
+        held_out += [members[i] for i in rng.permutation(len(members))[:count]]
+    return sorted(held_out)
 
 
 def _check_pair(image: np.ndarray, labels: np.ndarray, where: str | Path) -> None:
@@ -405,47 +451,94 @@ def unannotated_mask(image: np.ndarray, labels: np.ndarray, diameter: float) -> 
 def prepare_image(
     sample: LabelledImage,
     diameter_px: float,
-    scales: Sequence[float] = (1.0,),
     validation_fraction: float = 0.2,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     ignore_unannotated: bool = True,
+    polarity: str = "auto",
 ) -> PreparedImage:
-    """Normalise the whole image, rescale it to ``diameter_px`` (times each scale) and make
-    its targets; see the module notes."""
+    """Normalise the whole image exactly as inference does (percentiles and polarity), split
+    its mask into connected components and find its factor to ``diameter_px``; see the module
+    notes. Crops are rescaled and given targets when they are drawn (:func:`render_crop`)."""
     labels = label_components(np.asarray(sample.labels), connectivity=1).astype(np.int32)
     diameter = median_diameter(labels)
     if not diameter > 0:
         raise PipelineInputError("mask has no nuclei; cannot set the image's scale", sample.name)
-    low, high = frame_percentiles(sample.image[np.newaxis], percentiles)[0]
+    low, high = frame_percentiles(sample.image[np.newaxis], percentiles, polarity)[0]
     normalised = normalize(sample.image, low, high)
     if ignore_unannotated and not sample.complete:
         ignored = unannotated_mask(normalised, labels, diameter)
     else:
         ignored = np.zeros(labels.shape, dtype=bool)
-    factor = float(diameter_px) / diameter
-    prepared = PreparedImage(sample.name, sample.source, factor, diameter, tuple(scales))
-    for scale in scales:
-        image = rescale_planes(normalised, scaled_shape(normalised.shape, factor * scale))
-        scaled = rescale_labels(labels, factor * scale)
-        classes, distance = targets_from_labels(scaled)
-        prepared.images.append(image)
-        prepared.classes.append(classes)
-        prepared.distance.append(distance)
-        prepared.valid.append(~rescale_labels(ignored, factor * scale))
-        prepared.train_rows.append(round(image.shape[0] * (1.0 - validation_fraction)))
-    return prepared
+    return PreparedImage(
+        sample.name,
+        sample.source,
+        float(diameter_px) / diameter,
+        diameter,
+        normalised,
+        labels,
+        ~ignored,
+        round(labels.shape[0] * (1.0 - validation_fraction)),
+    )
 
 
-def class_weights(prepared: Sequence[PreparedImage], power: float) -> tuple[np.ndarray, np.ndarray]:
-    """Class frequencies over the training regions (scale 1, pixels that count) and weights
-    ``f ** -power``
-    normalised to a mean weight of 1 per pixel."""
-    counts = np.zeros(3, dtype=np.float64)
-    for item in prepared:
-        k = item.scales.index(1.0)
-        rows = slice(0, item.train_rows[k])
-        classes = item.classes[k][rows][item.valid[k][rows]]
-        counts += np.bincount(classes.ravel(), minlength=3)[:3]
+def render_crop(
+    item: PreparedImage,
+    scale: float,
+    centre: tuple[float, float],
+    shape: tuple[int, int],
+    rows: tuple[int, int],
+    margin: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A crop of ``shape`` pixels at ``item.factor * scale``, centred on ``centre`` (source
+    pixels), drawn only from the source rows ``rows``: image, classes, distance, valid.
+
+    The source window is rescaled with a ``margin`` (output pixels) on every side, so targets
+    are computed on whole nuclei before the crop is cut; what lies outside the image (or the
+    rows) is zero and has no loss weight.
+    """
+    factor = item.factor * scale
+    limits = ((rows[0], rows[1]), (0, item.image.shape[1]))
+    bounds = []
+    for c, n, (lo, hi) in zip(centre, shape, limits, strict=True):
+        half = (n / 2 + margin) / factor
+        bounds.append((max(lo, math.floor(c - half)), min(hi, math.ceil(c + half))))
+    (y0, y1), (x0, x1) = bounds
+    window = (slice(y0, y1), slice(x0, x1))
+    out_shape = scaled_shape((y1 - y0, x1 - x0), factor)
+    image = rescale_planes(item.image[window], out_shape)
+    labels = rescale_labels(item.labels[window], factor)
+    valid = rescale_labels(item.valid[window], factor)
+    classes, distance = targets_from_labels(labels)
+    origin = [
+        round((c - b[0]) * o / (b[1] - b[0]) - n / 2)
+        for c, b, o, n in zip(centre, bounds, out_shape, shape, strict=True)
+    ]
+    return (
+        _cut(image, origin, shape, 0.0),
+        _cut(classes, origin, shape, 0),
+        _cut(distance, origin, shape, 0.0),
+        _cut(valid, origin, shape, False),
+    )
+
+
+def _cut(array: np.ndarray, origin: Sequence[int], shape: Sequence[int], fill) -> np.ndarray:
+    """``array[origin : origin + shape]``, filled with ``fill`` where it reaches outside."""
+    out = np.full(tuple(shape), fill, dtype=array.dtype)
+    source, target = [], []
+    for o, n, size in zip(origin, shape, array.shape, strict=True):
+        lo, hi = max(o, 0), min(o + n, size)
+        if hi <= lo:
+            return out
+        source.append(slice(lo, hi))
+        target.append(slice(lo - o, hi - o))
+    out[tuple(target)] = array[tuple(source)]
+    return out
+
+
+def class_weights(counts: np.ndarray, power: float) -> tuple[np.ndarray, np.ndarray]:
+    """Class frequencies from pixel counts per class and weights ``f ** -power`` normalised
+    to a mean weight of 1 per pixel."""
+    counts = np.asarray(counts, dtype=np.float64)
     frequency = counts / counts.sum()
     weights = np.where(frequency > 0, np.maximum(frequency, 1e-12) ** -power, 0.0)
     weights /= float(np.sum(frequency * weights))
@@ -458,25 +551,37 @@ def class_weights(prepared: Sequence[PreparedImage], power: float) -> tuple[np.n
 
 
 class _Sampler:
-    """Random training crops with geometric and intensity augmentation (numpy Generator)."""
+    """Random training crops with scale, geometric and intensity augmentation.
 
-    def __init__(self, prepared: Sequence[PreparedImage], crop: int, seed: int) -> None:
+    A group (source) is drawn with probability proportional to the square root of its number
+    of images (balanced, yet a group of three images is not seen as often as one of hundreds),
+    an image within it by its training area at the training scale, a scale factor log-uniform
+    in ``scale_range`` and a centre in the training rows.
+    """
+
+    def __init__(
+        self,
+        prepared: Sequence[PreparedImage],
+        crop: int,
+        seed: int,
+        scale_range: tuple[float, float] = (1.0, 1.0),
+        margin: float = 0.0,
+    ) -> None:
         self.prepared = list(prepared)
-        self.crop = crop
+        self.crop, self.scale_range, self.margin = crop, scale_range, margin
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC80F]))
         sources = sorted({item.source for item in self.prepared})
-        self.by_source = [
-            [i for i, item in enumerate(self.prepared) if item.source == source]
-            for source in sources
-        ]
-        self.area = [self._train_area(item) for item in self.prepared]
-        if all(a == 0 for a in self.area):
+        area = [item.train_rows * item.image.shape[1] * item.factor**2 for item in self.prepared]
+        if all(a == 0 for a in area):
             raise PipelineInputError("no training region left after the validation split", "")
-
-    @staticmethod
-    def _train_area(item: PreparedImage) -> float:
-        k = item.scales.index(1.0)
-        return float(item.train_rows[k] * item.images[k].shape[1])
+        self.groups = []
+        for source in sources:
+            members = [i for i, item in enumerate(self.prepared) if item.source == source]
+            weights = np.array([area[i] for i in members], dtype=np.float64)
+            if weights.sum() > 0:
+                self.groups.append((members, weights / weights.sum()))
+        sizes = np.array([len(members) for members, _ in self.groups], dtype=np.float64)
+        self.group_probability = np.sqrt(sizes) / np.sqrt(sizes).sum()
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         images = np.empty((size, 1, self.crop, self.crop), dtype=np.float32)
@@ -489,29 +594,21 @@ class _Sampler:
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rng = self.rng
-        candidates = [group for group in self.by_source if any(self.area[i] for i in group)]
-        group = candidates[rng.integers(len(candidates))]
-        weights = np.array([self.area[i] for i in group], dtype=np.float64)
-        item = self.prepared[group[rng.choice(len(group), p=weights / weights.sum())]]
-        k = int(rng.integers(len(item.scales)))
-        rows, cols = item.train_rows[k], item.images[k].shape[1]
-        y0 = int(rng.integers(max(rows - self.crop, 0) + 1))
-        x0 = int(rng.integers(max(cols - self.crop, 0) + 1))
-        window = (slice(y0, min(y0 + self.crop, rows)), slice(x0, x0 + self.crop))
-        image = _pad_to(item.images[k][window], self.crop)
-        classes = _pad_to(item.classes[k][window], self.crop)
-        distance = _pad_to(item.distance[k][window], self.crop)
-        valid = _pad_to(item.valid[k][window], self.crop, True)
-        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-        image, classes, distance, valid = (
-            _orient(a, turns, flip) for a in (image, classes, distance, valid)
+        members, weights = self.groups[rng.choice(len(self.groups), p=self.group_probability)]
+        item = self.prepared[members[rng.choice(len(members), p=weights)]]
+        low, high = self.scale_range
+        scale = math.exp(rng.uniform(math.log(low), math.log(high)))
+        half = self.crop / (2 * item.factor * scale)
+        centre = tuple(
+            float(rng.uniform(min(half, n / 2), max(n - half, n / 2)))
+            for n in (item.train_rows, item.image.shape[1])
         )
+        crop = render_crop(
+            item, scale, centre, (self.crop, self.crop), (0, item.train_rows), self.margin
+        )
+        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+        image, classes, distance, valid = (_orient(a, turns, flip) for a in crop)
         return _intensity(image, rng), classes, distance, valid
-
-
-def _pad_to(array: np.ndarray, size: int, value: float | bool = 0) -> np.ndarray:
-    pad = [(0, size - n) for n in array.shape]
-    return np.pad(array, pad, constant_values=value) if any(p for _, p in pad) else array
 
 
 def _orient(array: np.ndarray, turns: int, flip: bool) -> np.ndarray:
@@ -520,24 +617,30 @@ def _orient(array: np.ndarray, turns: int, flip: bool) -> np.ndarray:
 
 
 def _intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Gamma on the [0, 1] part of the normalised range, gain and offset, Gaussian noise."""
-    gamma = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    """Blur, gamma on the [0, 1] part of the normalised range, gain and offset, noise."""
+    if rng.uniform() < 0.25:
+        image = ndi.gaussian_filter(image, sigma=rng.uniform(0.5, 2.0))
+    gamma = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
     clipped = np.clip(image, 0.0, 1.0)
     image = clipped**gamma + (image - clipped)
-    gain = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
-    offset = rng.uniform(-0.1, 0.1)
-    noise = rng.uniform(0.0, 0.05)
+    gain = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    offset = rng.uniform(-0.15, 0.15)
+    noise = rng.uniform(0.0, 0.08)
     image = gain * image + offset + noise * rng.standard_normal(image.shape)
     return image.astype(np.float32)
 
 
 AUGMENTATIONS = {
-    "crop": "random crops of the training region (sources equally often, images by area)",
-    "scale": "rescaled by each factor of `scales` around diameter_px, targets recomputed",
+    "crop": (
+        "random crops of the training rows; groups drawn with probability ~ sqrt(images), "
+        "images within a group by training area at the training scale"
+    ),
+    "scale": "continuous: factor log-uniform in scale_range around diameter_px, targets recomputed",
     "geometry": "rotations by 0/90/180/270 degrees and a left-right reflection",
-    "gamma": "x -> clip(x, 0, 1) ** g + (x - clip(x, 0, 1)), g log-uniform in [0.6, 1.6]",
-    "gain_offset": "x -> a x + b, a log-uniform in [0.75, 1.33], b uniform in [-0.1, 0.1]",
-    "noise": "additive Gaussian, sigma uniform in [0, 0.05] (normalised units)",
+    "blur": "Gaussian, sigma uniform in [0.5, 2] px, on a quarter of the crops",
+    "gamma": "x -> clip(x, 0, 1) ** g + (x - clip(x, 0, 1)), g log-uniform in [0.5, 2]",
+    "gain_offset": "x -> a x + b, a log-uniform in [0.6, 1.6], b uniform in [-0.15, 0.15]",
+    "noise": "additive Gaussian, sigma uniform in [0, 0.08] (normalised units)",
 }
 
 
@@ -567,30 +670,24 @@ def _loss(
 
 
 def _validation_sets(
-    prepared: Sequence[PreparedImage], stride: int
-) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Per source, the validation strips (scale 1) trimmed to multiples of the stride."""
-    sources = sorted({item.source for item in prepared})
+    prepared: Sequence[PreparedImage], stride: int, per_source: int, size: int, margin: float
+) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per source, up to ``per_source`` validation crops (the middle of the validation rows
+    of evenly spaced images, at most ``size`` pixels square at the training scale, trimmed to
+    multiples of the stride)."""
     sets = []
-    for source in sources:
+    for source in sorted({item.source for item in prepared}):
+        items = [p for p in prepared if p.source == source]
+        picks = np.unique(np.linspace(0, len(items) - 1, min(per_source, len(items))).round())
         strips = []
-        for item in (p for p in prepared if p.source == source):
-            k = item.scales.index(1.0)
-            top = item.train_rows[k]
-            height, width = item.images[k].shape
-            rows = (height - top) // stride * stride
-            cols = width // stride * stride
-            if rows == 0 or cols == 0:
+        for item in (items[int(i)] for i in picks):
+            height, width = item.image.shape
+            rows = (height - item.train_rows) * item.factor
+            shape = tuple(min(size, int(n) // stride * stride) for n in (rows, width * item.factor))
+            if min(shape) == 0:
                 continue
-            window = (slice(top, top + rows), slice(0, cols))
-            strips.append(
-                (
-                    item.images[k][window],
-                    item.classes[k][window],
-                    item.distance[k][window],
-                    item.valid[k][window],
-                )
-            )
+            centre = ((item.train_rows + height) / 2, width / 2)
+            strips.append(render_crop(item, 1.0, centre, shape, (item.train_rows, height), margin))
         if strips:
             sets.append(strips)
     return sets
@@ -664,6 +761,50 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def read_training_recipe(path: str | Path) -> dict[str, Any]:
+    """A training recipe from YAML: ``data`` (folders), ``simulated`` (fields), ``init``,
+    ``exclude`` (names) and ``exclude_file`` (one name per line, ``#`` comments; relative to
+    the recipe), ``training`` (:class:`TrainingConfig` fields). Returns the keyword arguments
+    of :func:`train` with ``config`` built."""
+    import yaml
+
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise PipelineInputError(f"cannot read training recipe ({error})", path) from None
+    known = {"data", "simulated", "init", "exclude", "exclude_file", "training"}
+    unknown = set(recipe) - known
+    fields = TrainingConfig.__dataclass_fields__
+    unknown |= {f"training.{k}" for k in recipe.get("training") or {} if k not in fields}
+    if unknown:
+        raise PipelineInputError(f"unknown keys {sorted(unknown)} in training recipe", path)
+    settings = dict(recipe.get("training") or {})
+    for key in ("scale_range",):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    exclude = list(recipe.get("exclude") or [])
+    if recipe.get("exclude_file"):
+        listing = path.parent / recipe["exclude_file"]
+        try:
+            lines = listing.read_text().splitlines()
+        except OSError as error:
+            raise PipelineInputError(f"cannot read exclude_file ({error})", listing) from None
+        exclude += [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+    result: dict[str, Any] = {"config": TrainingConfig(**settings), "exclude": exclude}
+    for key in ("data", "simulated", "init"):
+        if key in recipe:
+            result[key] = recipe[key]
+    return result
+
+
+def _hardware(device: torch.device) -> str:
+    """The device a run trained on, in words (GPU name, or CPU threads)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+
+
 def train(
     *,
     out: str | Path | None,
@@ -672,6 +813,7 @@ def train(
     simulated: int = 0,
     exclude: Sequence[str] = (),
     config: TrainingConfig | None = None,
+    init: str | Path | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[UNet, ModelInfo]:
@@ -691,6 +833,9 @@ def train(
         Held-out images: names or path ends (``gowt1/t21.tif``); each must match an image.
     config
         Hyper-parameters (default :class:`TrainingConfig`).
+    init
+        Fine-tune: start from this model's weights (``"shipped"``: the shipped model); its
+        architecture and training diameter replace those of ``config``.
     command
         The command line to record (default: none recorded).
     log
@@ -703,8 +848,18 @@ def train(
     """
     config = config or TrainingConfig()
     log = log or (lambda line: print(line, flush=True))
-    if 1.0 not in config.scales:
-        raise PipelineInputError("scales must include 1.0", str(config.scales))
+    low, high = config.scale_range
+    if not 0 < low <= 1.0 <= high:
+        raise PipelineInputError("scale_range must hold 1.0", str(config.scale_range))
+    initial = None
+    if init is not None:
+        initial = load_model(None if str(init) == "shipped" else init)
+        config = replace(
+            config,
+            diameter_px=initial[1].diameter_px,
+            base_channels=initial[0].config["base_channels"],
+            depth=initial[0].config["depth"],
+        )
     started = time.perf_counter()
     device = _device(config.device)
     data = [Path(folder) for folder in data]
@@ -724,26 +879,37 @@ def train(
         )
     if not samples:
         raise PipelineInputError("no training images", "give --data, --zarr or --simulated")
+    log(f"preparing {len(samples)} images")
     prepared = [
         prepare_image(
             s,
             config.diameter_px,
-            config.scales,
             config.validation_fraction,
             ignore_unannotated=config.ignore_unannotated,
+            polarity=config.polarity,
         )
         for s in samples
     ]
-    frequency, weights = class_weights(prepared, config.class_weight_power)
+    margin = config.diameter_px
+    counter = _Sampler(prepared, config.crop, config.seed + 1, config.scale_range, margin)
+    counts = np.zeros(3)
+    for _ in range(256):
+        classes, valid = (counter.sample()[i] for i in (1, 3))
+        counts += np.bincount(classes[valid].ravel(), minlength=3)[:3]
+    frequency, weights = class_weights(counts, config.class_weight_power)
 
     with _Determinism(config.seed, device, config.threads):
         model = UNet(in_channels=1, base_channels=config.base_channels, depth=config.depth)
+        if initial is not None:
+            model.load_state_dict(initial[0].state_dict())
         stride = model.stride
         if config.crop % stride:
             raise PipelineInputError(f"crop must be a multiple of the stride {stride}", "")
         model.to(device).train()
-        sampler = _Sampler(prepared, config.crop, config.seed)
-        validation = _validation_sets(prepared, stride)
+        sampler = _Sampler(prepared, config.crop, config.seed, config.scale_range, margin)
+        validation = _validation_sets(
+            prepared, stride, config.validation_per_source, config.validation_crop, margin
+        )
         if not validation:
             raise PipelineInputError("validation split is empty", "raise validation_fraction")
         optimizer = torch.optim.AdamW(
@@ -788,11 +954,13 @@ def train(
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            elapsed = time.perf_counter() - started
             log(
                 f"epoch {epoch:3d}/{config.max_epochs}  train {train_loss:.4f}  "
                 f"val {val_loss:.4f}{' *' if improved else '  '}  "
                 f"lr {optimizer.param_groups[0]['lr']:.1e}  "
-                f"elapsed {time.perf_counter() - started:6.0f} s"
+                f"elapsed {elapsed:6.0f} s  "
+                f"left at most {elapsed / epoch * (config.max_epochs - epoch):6.0f} s"
             )
             if epoch - best_epoch >= config.patience:
                 log(f"early stop: no improvement for {config.patience} epochs")
@@ -804,6 +972,8 @@ def train(
 
     record: dict[str, Any] = {
         "command": command,
+        "init": None if init is None else str(init),
+        "init_weights_sha256": None if initial is None else initial[1].weights_sha256,
         "seed": config.seed,
         "config": asdict(config),
         "data": [str(folder) for folder in data],
@@ -818,9 +988,10 @@ def train(
         "images": [
             {
                 "name": item.name,
+                "group": item.source,
                 "median_diameter_px": round(item.median_diameter, 2),
                 "factor": round(item.factor, 4),
-                "ignored_fraction": round(1.0 - float(np.mean(item.valid[0])), 4),
+                "ignored_fraction": round(1.0 - float(np.mean(item.valid)), 4),
             }
             for item in prepared
             if item.source != "simulated"
@@ -830,7 +1001,11 @@ def train(
         "best_epoch": best_epoch,
         "best_val_loss": best_loss,
         "history": history,
-        "validation": f"last {config.validation_fraction:.0%} of the rows of every image",
+        "validation": (
+            f"last {config.validation_fraction:.0%} of the rows of every image; loss on up to "
+            f"{config.validation_per_source} crops of <= {config.validation_crop} px per group"
+        ),
+        "hardware": _hardware(device),
         "augmentations": AUGMENTATIONS,
         "class_frequencies": dict(zip(CLASS_NAMES, frequency.tolist(), strict=True)),
         "class_weights": dict(zip(CLASS_NAMES, weights.tolist(), strict=True)),

@@ -39,6 +39,7 @@ def inference_settings(segmentation: SegmentationConfig) -> InferenceSettings:
         batch_size=convnet.batch_size,
         tile_px=convnet.tile_px,
         tta=convnet.tta,
+        polarity=convnet.polarity,
     )
 
 

@@ -15,9 +15,9 @@ halo (see :mod:`pipeline.graph`). Ids are finally renumbered 1..n per field.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import dask
 import dask.array as da
@@ -30,7 +30,10 @@ __all__ = [
     "label_frames",
     "relabel_consecutive",
     "sorted_ids",
+    "with_halo_retries",
 ]
+
+T = TypeVar("T")
 
 
 class Recipe(Protocol):
@@ -55,6 +58,24 @@ class Recipe(Protocol):
 
 class HaloTooSmall(RuntimeError):
     """A cell (or what shapes it) reaches beyond the halo of its block."""
+
+
+def with_halo_retries(
+    attempt: Callable[[dict[str, float]], T], halo_um: dict[str, float], retries: int
+) -> T:
+    """``attempt(halo_um)``, again with the halo doubled each time it raises
+    :class:`HaloTooSmall`, at most ``retries`` more times (then the error propagates).
+
+    The one retry rule of both ``pipeline run`` and ``pipeline.segment`` on Dask input.
+    """
+    while True:
+        try:
+            return attempt(halo_um)
+        except HaloTooSmall:
+            if retries <= 0:
+                raise
+            retries -= 1
+            halo_um = {axis: 2.0 * value for axis, value in halo_um.items()}
 
 
 def label_dtype(n_pixels: int) -> np.dtype:
