@@ -45,6 +45,7 @@ from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
 from pipeline.measure import measure_dask
 from pipeline.outcomes import FieldOutcome, RunSummary, failed_outcome, skipped_outcome
+from pipeline.plausibility import segmentation_warnings
 from pipeline.resume import ATTRIBUTE, Ledger, RunPlan, clear_unit, now
 from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
 from pipeline.segment.tiled import label_dtype, relabel_consecutive, with_halo_retries
@@ -278,6 +279,13 @@ class _FieldRun:
         self.outcome.n_cells = len(cells)
         self.outcome.n_tracks = int(cells["track_id"].nunique()) if len(cells) else 0
         self.outcome.halo_um = halo_um
+        self.outcome.warnings = segmentation_warnings(
+            cells["n_pixels"].to_numpy(),
+            frame_pixels=self.outcome.n_pixels // self.outcome.n_frames,
+            n_frames=self.outcome.n_frames,
+            diameter_px=self.outcome.diameter_px,
+            spatial_ndim=len(self.spatial_dims),
+        )
         self.image_group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
             "status": "complete",
             "version": __version__,
@@ -289,6 +297,7 @@ class _FieldRun:
             "n_cells": self.outcome.n_cells,
             "n_tracks": self.outcome.n_tracks,
             "merge_qc": merge_qc(cells),
+            "warnings": self.outcome.warnings,
         }
         on_frames(self.outcome.n_frames)
         return self.outcome

@@ -27,6 +27,7 @@ class FieldOutcome:
     diameter_px: float | None = None
     error: str | None = None
     skipped: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +78,7 @@ def skipped_outcome(fov: FieldOfView, record: dict[str, Any]) -> FieldOutcome:
         halo_um=record.get("halo_um", {}),
         diameter_px=record.get("diameter_px"),
         skipped=True,
+        warnings=list(record.get("warnings", [])),
     )
 
 

@@ -582,7 +582,7 @@ def _field_entry(
     n_frames = fov.data.sizes.get("t", 1)
     title = fov.path or "image"
     cells = _cells_table(root, fov)
-    notes = []
+    notes = [f"warning: {warning}" for warning in record.get("warnings") or []]
     try:
         view = _view(fov, _resolve_channel(fov, channel), max_pixels)
         if view.labels is None:

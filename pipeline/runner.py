@@ -125,6 +125,9 @@ def _print_summary(summary: RunSummary) -> None:
         f"wall time: {summary.wall_seconds:.1f} s, "
         f"{summary.pixels_per_second / 1e6:.2f} megapixels per second computed"
     )
+    for outcome in summary.fields:
+        for warning in outcome.warnings:
+            print(f"WARNING {outcome.path or 'image'}: {warning}", file=sys.stderr)
     for failure in summary.failed:
         print(f"FAILED {failure.path}: {failure.error}", file=sys.stderr)
     print(f"results: {summary.output_path}")

@@ -114,6 +114,7 @@ def test_run_succeeds_with_dashboard_link_and_cells_per_well(plate_run: PlateRun
     result = plate_run.result
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    assert "WARNING" not in result.stderr  # simulated nuclei look like nuclei
     assert re.search(r"https?://\S+/status", result.stdout)
     reported = dict(re.findall(r"well (\S+): (\d+) cells", result.stdout))
     assert reported.keys() == FIELDS.keys()
@@ -407,7 +408,9 @@ def test_track_table_growth_rates_and_merge_qc(plate_run: PlateRun) -> None:
         np.diff(longest["t"].to_numpy()) * interval
     )
     np.testing.assert_allclose(longest["growth_rate"].to_numpy()[1:], expected)
-    qc = zarr.open_group(field, mode="r").attrs["pipeline"]["merge_qc"]
+    record = zarr.open_group(field, mode="r").attrs["pipeline"]
+    assert record["warnings"] == []
+    qc = record["merge_qc"]
     # one link between consecutive observations of a track
     assert qc["links"] == len(cells) - cells["track_id"].nunique()
     assert 0 <= qc["fraction"] <= 1
