@@ -9,8 +9,8 @@ For every image of the split (never trained on; see ``pipeline.models.train.grou
 and its expert mask:
 
 - ``convnet``: the default call a new user makes, ``pipeline.segment(image)`` (nucleus
-  diameter estimated, polarity detected); colour images are first turned into luminance with
-  ``pipeline.normalize.colour_to_grey``, as the API's refusal of RGB input tells users to;
+  diameter estimated, polarity detected); colour images are segmented on their luminance
+  (``pipeline.normalize.colour_to_grey``, what the API does with RGB input);
 - ``convnet_given``: the same with the diameter given (the mask's median equivalent diameter);
 - ``classical``: ``pipeline.segment(image, "classical")`` with its defaults;
 - ``classical_given``: the classical recipe with its micrometre parameters (made for 10 um

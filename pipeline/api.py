@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from distributed import futures_of, wait
 
 from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
 from pipeline.io.omezarr import open_plate
+from pipeline.normalize import colour_to_grey
 from pipeline.runner import run
 from pipeline.segment.tiled import relabel_consecutive, sorted_ids, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
@@ -20,6 +22,11 @@ from pipeline.tiling import block_chunks, halo_pixels
 __all__ = ["open_plate", "run", "segment"]
 
 _DEFAULT_DIMS = {2: "yx", 3: "zyx", 4: "tzyx"}
+
+
+def _looks_like_rgb(image: Any) -> bool:
+    """A 3-D array whose last axis holds 3 or 4 values (and the others many): RGB(A)."""
+    return image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
 
 
 def _image_layout(
@@ -34,11 +41,18 @@ def _image_layout(
                 spacing[dim] = float(image.coords[dim][1] - image.coords[dim][0])
         pixel_size = {**spacing, **(pixel_size or {})}
         image = image.data
-    if dims is None and image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 4:
-        raise ValueError(
-            f"image of shape {tuple(image.shape)} looks like RGB(A) colour (channels last); "
-            "segment one channel, e.g. pipeline.normalize.colour_to_grey(image) for histology "
-            "(dark nuclei on a light background are detected and inverted), or pass dims="
+    if dims is None and _looks_like_rgb(image):
+        warnings.warn(
+            f"image of shape {tuple(image.shape)} taken as RGB colour (channels last) and "
+            "segmented on its luminance (dark nuclei on a light background are inverted); "
+            "pass dims='zyx' for a stack of three-pixel-wide planes",
+            UserWarning,
+            stacklevel=3,
+        )
+        image = (
+            colour_to_grey(image)
+            if isinstance(image, np.ndarray)
+            else da.map_blocks(colour_to_grey, image.rechunk({2: -1}), drop_axis=2, dtype="f4")
         )
     dims = dims or _DEFAULT_DIMS.get(image.ndim)
     if dims is None or len(dims) != image.ndim or not set(dims) <= set("tczyx"):
@@ -64,7 +78,9 @@ def segment(
     Parameters
     ----------
     image
-        numpy, dask or xarray image with dims a subset of (t, c, z, y, x) in that order.
+        numpy, dask or xarray image with dims a subset of (t, c, z, y, x) in that order; an
+        (H, W, 3 or 4) array without ``dims`` is taken as RGB colour (histology) and
+        segmented on its luminance, with a warning.
     method
         ``"convnet"`` (the shipped U-Net, then seeds and watershed on its maps) or
         ``"classical"`` (Otsu, closing, hole filling, distance transform, watershed).

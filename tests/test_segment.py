@@ -173,7 +173,19 @@ def test_dask_input_retries_with_a_larger_halo_like_a_run(field_2d, monkeypatch)
     assert whole.max() > 20
 
 
-def test_colour_image_is_refused_with_a_clear_message():
-    rgb = np.zeros((64, 80, 3), dtype=np.uint8)
-    with pytest.raises(ValueError, match="looks like RGB"):
-        segment(rgb, "classical")
+def test_colour_image_is_segmented_on_its_luminance_with_a_warning(field_2d):
+    from pipeline.normalize import colour_to_grey
+
+    grey = field_2d.image[0, 0].astype(np.float32)
+    rgb = np.stack([grey, grey * 0.5, grey * 0.25], axis=-1)  # a tinted copy
+    with pytest.warns(UserWarning, match="taken as RGB colour"):
+        labels = segment(rgb, "classical")
+    assert np.array_equal(labels, segment(colour_to_grey(rgb), "classical"))
+    with pytest.warns(UserWarning, match="taken as RGB colour"):
+        lazy = segment(da.from_array(rgb, chunks=(100, 100, 1)), "classical")
+    assert same_up_to_renumbering(lazy.compute(), labels)
+    # Luminance weights: BT.709, as skimage.color.rgb2gray.
+    from skimage.color import rgb2gray
+
+    pixel = np.array([[[200, 100, 50]]], dtype=np.float32)
+    assert colour_to_grey(pixel)[0, 0] == pytest.approx(255 * rgb2gray(pixel / 255)[0, 0], rel=1e-4)
