@@ -409,13 +409,15 @@ def estimate_diameter(
     params: ConvNetParameters | None = None,
     *,
     max_rounds: int = 4,
-    max_pixels: int = 2048 * 2048,
+    max_pixels: int = 1024 * 1024,
 ) -> float:
     """Estimate the typical nucleus diameter (pixels) of a 2D image by segmenting it.
 
     Starting at the model's own diameter, segment, measure the median equivalent diameter of the
     nuclei found, rescale to it and repeat until it changes by less than 10% (Cellpose refines
-    its estimate the same way). A large image is estimated on its central crop.
+    its estimate the same way). Each round looks at the image's central crop of at most
+    ``max_pixels`` at the model's scale (about a thousand nucleus areas), so the cost does not
+    grow with the image or with upscaling of small nuclei.
 
     Returns
     -------
@@ -425,14 +427,13 @@ def estimate_diameter(
     settings = settings or InferenceSettings()
     _, info = loaded_model(settings.model, settings.device)
     image = np.asarray(image)
-    side = int(np.sqrt(max_pixels))
-    crop = tuple(
-        slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in image.shape
-    )
-    image = image[crop]
     diameter = float(info.diameter_px)
     for _ in range(max_rounds):
-        maps = predict_maps(image, diameter=diameter, settings=settings)
+        side = int(np.sqrt(max_pixels) / rescale_factor(info, diameter))
+        crop = tuple(
+            slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in image.shape
+        )
+        maps = predict_maps(image[crop], diameter=diameter, settings=settings)
         found = median_diameter(cells_from_maps(maps, diameter, params))
         if not np.isfinite(found):
             return diameter
