@@ -69,6 +69,12 @@ class ConvNetConfig(_Strict):
         ConvNetParameters.min_size, ge=0, description="fraction of a one-diameter disc or ball"
     )
     clear_border: bool = ConvNetParameters.clear_border
+    axial_fraction: float = Field(
+        ConvNetParameters.axial_fraction,
+        ge=0,
+        le=1,
+        description="z-stacks: keep voxels above this fraction of the axial intensity peak",
+    )
 
     def parameters(self) -> ConvNetParameters:
         """The post-processing parameters."""

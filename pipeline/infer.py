@@ -44,6 +44,7 @@ __all__ = [
     "loaded_model",
     "median_diameter",
     "model_load_count",
+    "normalised_frames",
     "predict_maps",
     "predict_maps_tiled",
     "rescale_factor",
@@ -370,8 +371,7 @@ def predict_maps_tiled(
     halo, tile = _halo_and_tile(settings)
     frames = frames.rechunk({0: 1})
     lead = frames.ndim - 2
-    limits = frame_percentiles(frames, info.percentiles, settings.polarity)
-    normalised = _normalise_frames(frames, limits)
+    normalised = normalised_frames(frames, settings)
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
     plane_shape = scaled_shape(frames.shape[-2:], factor)
     plan = tuple(axis_blocks(n, tile, halo) for n in plane_shape)
@@ -393,6 +393,15 @@ def predict_maps_tiled(
     spatial_chunks = output_chunks or frames.chunks[-2:]
     target = ((1,) * frames.shape[0], (N_MAPS,), *frames.chunks[1:lead], *spatial_chunks)
     return _rescale_dask(maps, frames.shape[-2:], target)
+
+
+def normalised_frames(frames: da.Array, settings: InferenceSettings | None = None) -> da.Array:
+    """(t, ...) raw frames as the network sees them before rescaling: each frame mapped by
+    its own whole-frame percentiles (and polarity) to about [0, 1], float32, lazily."""
+    settings = settings or InferenceSettings()
+    _, info = loaded_model(settings.model, "cpu")
+    limits = frame_percentiles(frames, info.percentiles, settings.polarity)
+    return _normalise_frames(frames, limits)
 
 
 def _normalise_frames(frames: da.Array, limits: da.Array) -> da.Array:

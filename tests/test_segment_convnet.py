@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -95,3 +97,34 @@ def test_cells_from_maps_separates_two_touching_seeds():
 def test_settings_reach_the_model():
     with pytest.raises(Exception, match="model file not found"):
         predict_maps(np.zeros((16, 16)), settings=InferenceSettings(model="/nonexistent/m"))
+
+
+def test_axial_half_maximum_bounds_nuclei_along_z():
+    """Hand-made maps: the 2D maps say "nucleus" on all 15 planes, the intensity falls off
+    along z as a Gaussian (sigma 2 planes); only the planes within its half maximum stay."""
+    z = np.arange(15)[:, None, None]
+    yy, xx = np.mgrid[:40, :40]
+    disc = np.hypot(yy - 20, xx - 20) < 8
+    distance = np.clip(1 - np.hypot(yy - 20, xx - 20) / 8, 0, None)
+    profile = np.exp(-((z - 7) ** 2) / (2 * 2.0**2))
+    maps = np.stack(
+        [
+            np.broadcast_to(~disc, (15, 40, 40)),
+            np.zeros((15, 40, 40)),
+            np.broadcast_to(disc, (15, 40, 40)),
+            np.broadcast_to(distance, (15, 40, 40)),
+            profile * disc,
+        ]
+    ).astype(np.float32)
+    params = ConvNetParameters(smoothing=0.0)  # no blur: the profile is used as given
+    labels = cells_from_maps(maps, diameter_px=16.0, params=params, pixel_size=(1.0, 1.0, 1.0))
+    planes = np.flatnonzero(labels.any(axis=(1, 2)))
+    half_width = 2.0 * np.sqrt(2 * np.log(2))  # |z - 7| <= 2.35 planes
+    assert planes.tolist() == [z for z in range(15) if abs(z - 7) <= half_width]
+    assert len(np.unique(labels[labels > 0])) == 1  # one seed at the 3D centre, one nucleus
+    # Without the intensity (four maps) or with the gate off, every plane is kept.
+    for kept in (
+        cells_from_maps(maps[:4], 16.0, params, pixel_size=(1.0, 1.0, 1.0)),
+        cells_from_maps(maps, 16.0, replace(params, axial_fraction=0.0), (1.0, 1.0, 1.0)),
+    ):
+        assert kept.any(axis=(1, 2)).all()

@@ -45,6 +45,11 @@ class ConvNetParameters:
         Cells smaller than this fraction of a disc (ball in 3D) of one diameter are dropped.
     clear_border
         Drop cells that touch the border of the image.
+    axial_fraction
+        z-stacks: a voxel stays foreground only where its (smoothed, normalised) intensity is
+        at least this fraction of the brightest within one diameter along z, i.e. inside the
+        axial half maximum of its nucleus; out-of-focus planes above and below a nucleus,
+        which a 2D network still calls nucleus, are cut. 0 turns it off.
     """
 
     foreground_threshold: float = 0.5
@@ -53,39 +58,65 @@ class ConvNetParameters:
     smoothing: float = 0.1
     min_size: float = 0.1
     clear_border: bool = False
+    axial_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
 class ConvNetRecipe:
-    """The post-processing recipe bound to a nucleus diameter in micrometres."""
+    """The post-processing recipe bound to a nucleus diameter in micrometres.
+
+    ``volumetric`` recipes take (5, z, y, x) regions: the four maps and the normalised
+    intensity, which bounds each nucleus along z (:attr:`ConvNetParameters.axial_fraction`).
+    In 3D, seeds are the maxima of the distance map weighted by the depth in the foreground.
+    """
 
     params: ConvNetParameters
     diameter_um: float
+    volumetric: bool = False
 
     def influence_radius_um(self) -> float:
-        """Reach of the Gaussian (4 sigma, counted twice) and of the seed neighbourhood."""
-        return (8.0 * self.params.smoothing + self.params.seed_radius) * self.diameter_um
+        """Reach of the Gaussian (4 sigma, counted twice) and of the seed neighbourhood, plus
+        the axial window of one diameter for z-stacks."""
+        axial = 1.0 if self.volumetric and self.params.axial_fraction > 0 else 0.0
+        return (8.0 * self.params.smoothing + self.params.seed_radius + axial) * self.diameter_um
 
     def cells(
         self, maps: np.ndarray, frame_value: float, pixel_size: Sequence[float]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cells of one region before filtering, and the foreground's distance transform (um).
 
-        ``maps`` is (4, [z,] y, x); ``frame_value`` is unused (the maps are already normalised).
+        ``maps`` is (4, y, x), or (5, z, y, x) for a volumetric recipe; ``frame_value`` is
+        unused (the maps are already normalised).
         """
         del frame_value
         pixel_size = tuple(float(s) for s in pixel_size)
         foreground = (1.0 - maps[0]) > self.params.foreground_threshold
         sigma = [self.params.smoothing * self.diameter_um / step for step in pixel_size]
+        if self.volumetric and self.params.axial_fraction > 0:
+            foreground &= self._in_focus(maps[4], sigma, pixel_size[0])
         smoothed = ndi.gaussian_filter(
             maps[3].astype(np.float64), sigma=sigma, mode="nearest", truncate=4.0
         )
+        depth = ndi.distance_transform_edt(foreground, sampling=pixel_size)
+        allowed = foreground & (smoothed > self.params.seed_threshold)
+        if maps.ndim == 4:
+            # Slice-wise maps peak at the centre of every cross-section, so a nucleus is a ridge
+            # along z; weighting by the depth in the 3D foreground (um) puts one peak at its
+            # 3D centre.
+            smoothed = smoothed * depth / (0.5 * self.diameter_um)
         footprint = ellipsoid_footprint(self.params.seed_radius * self.diameter_um, pixel_size)
-        markers = local_maxima_markers(
-            smoothed, foreground & (smoothed > self.params.seed_threshold), footprint
-        )
+        markers = local_maxima_markers(smoothed, allowed, footprint)
         cells = watershed(-smoothed, markers, mask=foreground).astype(np.int32, copy=False)
-        return cells, ndi.distance_transform_edt(foreground, sampling=pixel_size)
+        return cells, depth
+
+    def _in_focus(self, intensity: np.ndarray, sigma: Sequence[float], z_step: float) -> np.ndarray:
+        """Voxels within the axial half maximum (``axial_fraction``) of their nucleus."""
+        smooth = ndi.gaussian_filter(
+            intensity.astype(np.float64), sigma=sigma, mode="nearest", truncate=4.0
+        )
+        reach = max(1, round(self.diameter_um / z_step))
+        peak = ndi.maximum_filter1d(smooth, size=2 * reach + 1, axis=0, mode="nearest")
+        return smooth >= self.params.axial_fraction * peak
 
     def filter(
         self,
@@ -117,7 +148,8 @@ def cells_from_maps(
     ----------
     maps
         (4, [z,] y, x): p(background), p(boundary), p(interior), distance (see
-        :func:`pipeline.infer.predict_maps`).
+        :func:`pipeline.infer.predict_maps`); for z-stacks optionally a fifth map, the
+        normalised intensity, which bounds nuclei along z.
     diameter_px
         Typical nucleus diameter in pixels of the image plane.
     params
@@ -132,6 +164,8 @@ def cells_from_maps(
     """
     spatial = maps.ndim - 1
     pixel_size = tuple(pixel_size or (1.0,) * spatial)
-    recipe = ConvNetRecipe(params or ConvNetParameters(), diameter_px * pixel_size[-1])
+    recipe = ConvNetRecipe(
+        params or ConvNetParameters(), diameter_px * pixel_size[-1], volumetric=len(maps) > 4
+    )
     cells, _ = recipe.cells(maps, 0.0, pixel_size)
     return recipe.filter(cells, pixel_size)

@@ -12,9 +12,15 @@ from collections.abc import Callable, Sequence
 
 import dask
 import dask.array as da
+import numpy as np
 
 from pipeline.config import SegmentationConfig
-from pipeline.infer import InferenceSettings, estimate_diameter, predict_maps_tiled
+from pipeline.infer import (
+    InferenceSettings,
+    estimate_diameter,
+    normalised_frames,
+    predict_maps_tiled,
+)
 from pipeline.segment.classical import ClassicalRecipe
 from pipeline.segment.convnet import ConvNetRecipe
 from pipeline.segment.threshold import frame_thresholds
@@ -119,5 +125,13 @@ def instance_ids(
     )
     if on_maps is not None:
         maps = on_maps(maps)
-    recipe = ConvNetRecipe(segmentation.convnet.parameters(), diameter_px * float(pixel_size[-1]))
+    volumetric = frames.ndim == 4
+    if volumetric:  # the intensity shapes 3D instances along z (ConvNetRecipe)
+        intensity = normalised_frames(frames, inference_settings(segmentation))
+        maps = da.concatenate([maps, intensity[:, np.newaxis]], axis=1).rechunk({1: -1})
+    recipe = ConvNetRecipe(
+        segmentation.convnet.parameters(),
+        diameter_px * float(pixel_size[-1]),
+        volumetric=volumetric,
+    )
     return label_frames(maps, recipe=recipe, pixel_size=pixel_size, halo=halo)
