@@ -415,3 +415,31 @@ def test_track_table_growth_rates_and_merge_qc(plate_run: PlateRun) -> None:
     # one link between consecutive observations of a track
     assert qc["links"] == len(cells) - cells["track_id"].nunique()
     assert 0 <= qc["fraction"] <= 1
+
+
+def test_an_input_unlike_nuclei_is_flagged_not_passed_silently(tmp_path: Path, capsys) -> None:
+    """Dark nuclei on a bright background given to the classical recipe (which looks for
+    bright objects): the background becomes "cells". The run finishes, but its summary, the
+    field's completion record and the QC report say that the result does not look like nuclei."""
+    from pipeline.io.tiff import import_tiffs
+    from pipeline.synthetic import simulate_field
+
+    field = simulate_field(n_frames=2, size=128, seed=4)
+    inverted = (field.image[:, 0].max() - field.image[:, 0]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", inverted, photometric="minisblack")
+    plate = import_tiffs(
+        [tmp_path / "stack.tif"],
+        tmp_path / "dark.zarr",
+        axes="tyx",
+        pixel_size={"x": 0.5, "y": 0.5},
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text("segmentation: {method: classical}\n")
+    out = tmp_path / "results.zarr"
+    assert main(["run", str(plate), "--out", str(out), "--config", str(config)]) == 0
+    stderr = capsys.readouterr().err
+    assert re.search(r"^WARNING image: cells cover \d+% of the image", stderr, flags=re.MULTILINE)
+    record = zarr.open_group(out, mode="r").attrs["pipeline"]
+    assert any("cover" in warning for warning in record["warnings"])
+    report = (out.with_suffix(".report") / "index.html").read_text()
+    assert "warning: cells cover" in report
