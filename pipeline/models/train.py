@@ -2,26 +2,22 @@
 
 Data
     Folders holding ``images/NAME.tif`` and ``masks/NAME.tif`` (instance labels, 0 background),
-    paired by name; OME-Zarr images or plates with a label image (every field, timepoint and z
-    plane is one 2D sample); simulated fields (:func:`pipeline.synthetic.simulate_field`, nuclear
-    channel, several timepoints, seeds derived from the run seed). ``exclude`` removes held-out
-    images by name (``t21.tif``) or by the end of their path (``gowt1/t21.tif``).
+    paired by name, colour images turned into luminance; an ``index.csv`` (``id, modality,
+    height, width``) splits a folder into groups (:func:`image_groups`); OME-Zarr images or
+    plates with a label image (every field, timepoint and z plane is one 2D sample); simulated
+    fields (:func:`pipeline.synthetic.simulate_field`, nuclear channel, several timepoints, seeds
+    derived from the run seed). ``exclude`` removes held-out images by name (``t21.tif``) or by
+    the end of their path (``gowt1/t21.tif``); :func:`grouped_holdout` draws such a split
+    within every group.
 
 Preparation (once per image, exactly as inference sees an image)
-    1. Normalise the whole image with its robust percentiles
-       (:func:`pipeline.normalize.frame_percentiles`, :func:`pipeline.normalize.normalize`).
-    2. Rescale it (linear) and its mask (nearest) so that the median nucleus diameter of the
-       mask becomes :attr:`TrainingConfig.diameter_px`, and also at the jitter factors
-       :attr:`TrainingConfig.scales` around it (scale augmentation, targets recomputed at each).
-    3. Masks are relabelled by connected components first (a few ground-truth labels of the Cell
+    1. Normalise the whole image with its robust percentiles and polarity (dark nuclei on a
+       light background are inverted; :func:`pipeline.normalize.frame_percentiles`).
+    2. Relabel the mask by connected components (a few ground-truth labels of the Cell
        Tracking Challenge masks cover two or three separate nuclei, e.g. daughters sharing
-       their mother's id).
-       Targets: class 1 "boundary" is ``find_boundaries(mode="inner")`` of the instance mask
-       (touching nuclei get a two-pixel line between them), class 2 "interior" the rest of each
-       nucleus, class 0 background; the distance target is the Euclidean distance of every
-       interior pixel to its nucleus' boundary divided by that nucleus' largest such distance
-       (1 at the centre, 0 on the boundary and outside).
-       Unannotated nuclei: real masks leave some nuclei out (the Cell Tracking Challenge masks
+       their mother's id) and find the factor that brings its median nucleus diameter to
+       :attr:`TrainingConfig.diameter_px`.
+    3. Unannotated nuclei: real masks leave some nuclei out (the Cell Tracking Challenge masks
        omit almost every nucleus cut by the image border, and a few others). Pixels of bright
        blobs of at least 0.15 nucleus areas outside the (slightly dilated) annotated nuclei
        are given no weight in the loss rather than being taught as background
@@ -31,19 +27,30 @@ Preparation (once per image, exactly as inference sees an image)
        training part of one frame and the validation part of the next). Training crops never
        reach into it.
 
+Crops (:func:`render_crop`, drawn at every step)
+    A window of the image and its mask around a random centre is rescaled (image linear, mask
+    nearest) by the image's factor times a scale jitter log-uniform in
+    :attr:`TrainingConfig.scale_range`, with a margin, and its targets are computed there on
+    whole nuclei: class 1 "boundary" is ``find_boundaries(mode="inner")`` of the instance mask
+    (touching nuclei get a two-pixel line between them), class 2 "interior" the rest of each
+    nucleus, class 0 background; the distance target is the Euclidean distance of every
+    interior pixel to its nucleus' boundary divided by that nucleus' largest such distance
+    (1 at the centre, 0 on the boundary and outside).
+
 Training
-    Random crops (sources drawn equally often, images within a source by training area),
-    rotations by 90 degrees and reflections, intensity augmentation (gamma on the [0, 1] range,
-    gain and offset, Gaussian noise), loss = class-weighted cross-entropy + ``distance_weight``
-    times a masked mean squared error on the distance map (weight 1 on nuclei, 0.1 on
-    background). Class weights are ``frequency ** -class_weight_power`` normalised so that the
-    mean weight per pixel is 1 (power 0.5: on the shipped data the boundary class, 2.7 % of the
-    pixels, counts about five times more than background, not thirty times as with inverse
-    frequencies, which would thicken predicted boundaries and shrink masks).
-    AdamW with a warm-up and cosine decay; validation loss after every epoch; early stopping
-    keeps the best weights. Deterministic for a seed on CPU (``torch.manual_seed``, a numpy
-    ``Generator`` and ``torch.use_deterministic_algorithms``); on CUDA bf16 autocast is used and
-    determinism is requested but not enforced (some CUDA kernels have no deterministic version).
+    Groups drawn with probability ~ sqrt(images in the group), images within a group by
+    training area, rotations by 90 degrees and reflections, intensity augmentation (blur,
+    gamma on the [0, 1] range, gain and offset, Gaussian noise), loss = class-weighted
+    cross-entropy + ``distance_weight`` times a masked mean squared error on the distance map
+    (weight 1 on nuclei, 0.1 on background). Class weights are ``frequency ** -power``
+    (measured on 256 random crops) normalised so that the mean weight per pixel is 1 (power
+    0.5: the boundary class, about 2 % of the pixels, counts about five times more than
+    background, not thirty times as with inverse frequencies, which would thicken predicted
+    boundaries and shrink masks). AdamW with a warm-up and cosine decay; validation loss after
+    every epoch; early stopping keeps the best weights. ``init`` fine-tunes an existing model.
+    Deterministic for a seed on CPU (``torch.manual_seed``, a numpy ``Generator`` and
+    ``torch.use_deterministic_algorithms``); on CUDA bf16 autocast is used and determinism is
+    requested but not enforced (some CUDA kernels have no deterministic version).
 """
 
 from __future__ import annotations
