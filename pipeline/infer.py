@@ -42,6 +42,7 @@ __all__ = [
     "InferenceSettings",
     "estimate_diameter",
     "loaded_model",
+    "maps_from_normalised",
     "median_diameter",
     "model_load_count",
     "normalised_frames",
@@ -367,15 +368,34 @@ def predict_maps_tiled(
         float32 maps; the inference tasks' layer name starts with ``"infer-"``.
     """
     settings = settings or InferenceSettings()
+    frames = frames.rechunk({0: 1})
+    return maps_from_normalised(
+        normalised_frames(frames, settings),
+        diameter=diameter,
+        settings=settings,
+        output_chunks=output_chunks,
+        frames_per_block=frames_per_block,
+    )
+
+
+def maps_from_normalised(
+    normalised: da.Array,
+    *,
+    diameter: float | None = None,
+    settings: InferenceSettings | None = None,
+    output_chunks: Sequence[tuple[int, ...]] | None = None,
+    frames_per_block: int = 1,
+) -> da.Array:
+    """:func:`predict_maps_tiled` from frames already normalised by :func:`normalised_frames`
+    (one chunk per timepoint), for callers that also use the normalised intensity."""
+    settings = settings or InferenceSettings()
     _, info = loaded_model(settings.model, "cpu")
     halo, tile = _halo_and_tile(settings)
-    frames = frames.rechunk({0: 1})
-    lead = frames.ndim - 2
-    normalised = normalised_frames(frames, settings)
+    lead = normalised.ndim - 2
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
-    plane_shape = scaled_shape(frames.shape[-2:], factor)
+    plane_shape = scaled_shape(normalised.shape[-2:], factor)
     plan = tuple(axis_blocks(n, tile, halo) for n in plane_shape)
-    batch_chunks = (frames_per_block, *frames.shape[1:lead])
+    batch_chunks = (frames_per_block, *normalised.shape[1:lead])
     scaled = _rescale_dask(normalised, plane_shape, (*batch_chunks, *plan))
     depth = {axis: 0 for axis in range(lead)} | {lead: halo, lead + 1: halo}
     overlapped = da.overlap.overlap(scaled, depth=depth, boundary="none")
@@ -390,9 +410,9 @@ def predict_maps_tiled(
         name=f"infer-{da.core.tokenize(scaled, asdict(settings), halo)}",
         meta=np.empty((0,) * (scaled.ndim + 1), dtype=np.float32),
     )
-    spatial_chunks = output_chunks or frames.chunks[-2:]
-    target = ((1,) * frames.shape[0], (N_MAPS,), *frames.chunks[1:lead], *spatial_chunks)
-    return _rescale_dask(maps, frames.shape[-2:], target)
+    spatial_chunks = output_chunks or normalised.chunks[-2:]
+    target = ((1,) * normalised.shape[0], (N_MAPS,), *normalised.chunks[1:lead], *spatial_chunks)
+    return _rescale_dask(maps, normalised.shape[-2:], target)
 
 
 def normalised_frames(frames: da.Array, settings: InferenceSettings | None = None) -> da.Array:

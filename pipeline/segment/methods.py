@@ -18,8 +18,8 @@ from pipeline.config import SegmentationConfig
 from pipeline.infer import (
     InferenceSettings,
     estimate_diameter,
+    maps_from_normalised,
     normalised_frames,
-    predict_maps_tiled,
 )
 from pipeline.segment.classical import ClassicalRecipe
 from pipeline.segment.convnet import ConvNetRecipe
@@ -116,10 +116,12 @@ def instance_ids(
         )
     if diameter_px is None:
         raise ValueError("the conv-net needs a nucleus diameter (given or estimated)")
-    maps = predict_maps_tiled(
-        frames,
+    settings = inference_settings(segmentation)
+    normalised = normalised_frames(frames, settings)
+    maps = maps_from_normalised(
+        normalised,
         diameter=diameter_px,
-        settings=inference_settings(segmentation),
+        settings=settings,
         output_chunks=frames.chunks[-2:],
         frames_per_block=segmentation.convnet.frames_per_block,
     )
@@ -127,8 +129,7 @@ def instance_ids(
         maps = on_maps(maps)
     volumetric = frames.ndim == 4
     if volumetric:  # the intensity shapes 3D instances along z (ConvNetRecipe)
-        intensity = normalised_frames(frames, inference_settings(segmentation))
-        maps = da.concatenate([maps, intensity[:, np.newaxis]], axis=1).rechunk({1: -1})
+        maps = da.concatenate([maps, normalised[:, np.newaxis]], axis=1).rechunk({1: -1})
     recipe = ConvNetRecipe(
         segmentation.convnet.parameters(),
         diameter_px * float(pixel_size[-1]),
