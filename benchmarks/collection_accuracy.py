@@ -37,7 +37,7 @@ import tifffile
 from pipeline import segment
 from pipeline.infer import InferenceSettings, estimate_diameter, median_diameter
 from pipeline.metrics import score_segmentation
-from pipeline.models.train import image_groups
+from pipeline.models.train import image_groups, read_name_list
 from pipeline.normalize import colour_to_grey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,7 @@ METHODS = ("convnet", "convnet_given", "classical", "classical_given")
 
 def read_split(path: Path) -> list[str]:
     """Image ids of a split file (``folder/ID.tif`` per line, ``#`` comments)."""
-    names = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-    return [Path(name).stem for name in names if name]
+    return [Path(name).stem for name in read_name_list(path)]
 
 
 def _scores(truth: np.ndarray, found: np.ndarray) -> dict:

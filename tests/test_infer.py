@@ -20,6 +20,7 @@ from pipeline.infer import (
 )
 from pipeline.models import ModelInfo, load_model, save_model
 from pipeline.models.receptive_field import measure_receptive_field_radius, measure_stride
+from pipeline.models.train import read_name_list
 from pipeline.models.unet import UNet
 
 
@@ -74,9 +75,8 @@ def test_shipped_model_loads_with_weights_only_and_matches_its_record():
     # the held-out images of the accuracy figures were never trained on: the CTC frames and
     # the committed dsb2018 validation split
     split = importlib.resources.files("pipeline.models") / "recipes" / "dsb2018_validation.txt"
-    listed = [line.split("#")[0].strip() for line in split.read_text().splitlines()]
     held_out = {"gowt1/t21.tif", "gowt1/t72.tif", "hela/t52.tif", "hela/t79.tif"}
-    held_out |= {name for name in listed if name}
+    held_out |= set(read_name_list(str(split)))
     assert len(held_out) == 4 + 89
     assert set(info.training["excluded"]) == held_out
     assert not held_out & {image["name"] for image in info.training["images"]}

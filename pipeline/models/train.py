@@ -86,10 +86,15 @@ __all__ = [
     "PreparedImage",
     "TrainingConfig",
     "class_weights",
+    "grouped_holdout",
+    "image_groups",
     "load_image_folder",
     "load_simulated",
     "load_zarr",
     "prepare_image",
+    "read_name_list",
+    "read_training_recipe",
+    "render_crop",
     "rescale_labels",
     "targets_from_labels",
     "train",
@@ -768,6 +773,15 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def read_name_list(path: str | Path) -> list[str]:
+    """Image names listed in a text file, one per line; ``#`` starts a comment."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise PipelineInputError(f"cannot read the list of images ({error})", path) from None
+    return [name for name in (line.split("#")[0].strip() for line in lines) if name]
+
+
 def read_training_recipe(path: str | Path) -> dict[str, Any]:
     """A training recipe from YAML: ``data`` (folders), ``simulated`` (fields), ``init``,
     ``exclude`` (names) and ``exclude_file`` (one name per line, ``#`` comments; relative to
@@ -787,17 +801,11 @@ def read_training_recipe(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise PipelineInputError(f"unknown keys {sorted(unknown)} in training recipe", path)
     settings = dict(recipe.get("training") or {})
-    for key in ("scale_range",):
-        if key in settings:
-            settings[key] = tuple(settings[key])
+    if "scale_range" in settings:
+        settings["scale_range"] = tuple(settings["scale_range"])
     exclude = list(recipe.get("exclude") or [])
     if recipe.get("exclude_file"):
-        listing = path.parent / recipe["exclude_file"]
-        try:
-            lines = listing.read_text().splitlines()
-        except OSError as error:
-            raise PipelineInputError(f"cannot read exclude_file ({error})", listing) from None
-        exclude += [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+        exclude += read_name_list(path.parent / recipe["exclude_file"])
     result: dict[str, Any] = {"config": TrainingConfig(**settings), "exclude": exclude}
     for key in ("data", "simulated", "init"):
         if key in recipe:
