@@ -427,3 +427,39 @@ def test_corrupt_chunk_v2(tmp_path):
     with pytest.raises(CorruptChunkError, match="cannot read chunk 1/2/0") as error:
         open_plate(path).fields[0].data.values  # noqa: B018
     assert error.value.path == os.path.join(str(path), "s0")
+
+
+def test_missing_chunk_fails_naming_it_unless_asked_to_fill(tmp_path):
+    path = tmp_path / "plate.zarr"
+    root = create_root(path)
+    well = write_well(root, "B", "3", ["0"])
+    image = RNG.integers(1, 1000, size=(1, 1, 8, 8), dtype=np.uint16)
+    write_image(well, "0", image, "tcyx", {"y": 1.0, "x": 1.0}, chunks={"y": 4, "x": 4})
+    write_plate_metadata(
+        root, name="p", rows=["B"], columns=["3"], wells=[("B", "3")], field_count=1
+    )
+    (path / "B/3/0/0/c/0/0/1/0").unlink()
+
+    with pytest.raises(CorruptChunkError, match="chunk c/0/0/1/0 is missing") as error:
+        open_plate(path).fields[0].data.values  # noqa: B018
+    assert error.value.path == os.path.join(str(path), "B/3/0/0")
+    with pytest.raises(CorruptChunkError, match="chunk c/0/0/1/0 is missing"):
+        open_image(path, image_path="B/3/0").data.values  # noqa: B018
+
+    filled = open_plate(path, missing_chunks="fill").fields[0].data.values
+    expected = image.copy()
+    expected[..., 4:, :4] = 0
+    np.testing.assert_array_equal(filled, expected)
+
+
+def test_written_images_store_empty_chunks(tmp_path):
+    # zarr-python skips chunks equal to the fill value unless told otherwise; the product's
+    # outputs keep them, so that its own outputs read back under missing_chunks="error".
+    image = np.zeros((1, 8, 8), dtype=np.uint16)
+    image[0, :4, :4] = 7
+    root = create_root(tmp_path / "out.zarr")
+    write_image(root, "img", image, "cyx", {"y": 1.0, "x": 1.0}, chunks={"y": 4, "x": 4})
+    chunk_files = [p for p in (tmp_path / "out.zarr/img/0/c").rglob("*") if p.is_file()]
+    assert len(chunk_files) == 4
+    stored = open_image(tmp_path / "out.zarr", image_path="img").data.values
+    np.testing.assert_array_equal(stored, image)

@@ -55,6 +55,9 @@ AXIS_ORDER = ("t", "c", "z", "y", "x")
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 _AXIS_UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
 _DEFAULT_CHUNKS = {"t": 1, "c": 1, "z": 16, "y": 256, "x": 256}
+# Store chunks equal to the fill value too (zarr-python skips them by default), so that a
+# missing chunk in an output is always a loss that readers report, never an empty region.
+_EVERY_CHUNK = {"write_empty_chunks": True}
 MissingChunks = Literal["error", "fill"]
 
 _SUPPORTED_DTYPES = frozenset(
@@ -202,8 +205,8 @@ class ChunkReader:
                 chunk_key = self._metadata.encode_chunk_key(cell)
                 if not os.path.exists(os.path.join(self.location, chunk_key)):
                     raise CorruptChunkError(
-                        f"chunk {chunk_key} is missing (set input.missing_chunks: fill if the "
-                        "writer skips empty chunks)",
+                        f"chunk {chunk_key} is missing (if the writer skips empty chunks, set "
+                        "input.missing_chunks: fill, or missing_chunks='fill' in Python)",
                         self.location,
                     )
         try:
@@ -250,7 +253,7 @@ class ChunkReader:
 # --------------------------------------------------------------------------------------------
 
 
-def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "fill") -> Plate:
+def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "error") -> Plate:
     """Open an OME-Zarr HCS plate, or a lone multiscale image as a one-field plate.
 
     Parameters
@@ -259,7 +262,9 @@ def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "fill") -> P
         Root of an OME-Zarr 0.4 (zarr v2) or 0.5 (zarr v3) plate or image.
     missing_chunks
         ``"error"``: reading a chunk absent from the store raises
-        :class:`~pipeline.errors.CorruptChunkError`; ``"fill"``: it reads as the fill value.
+        :class:`~pipeline.errors.CorruptChunkError` naming it; ``"fill"``: it reads as the
+        fill value (for writers that skip chunks equal to it). The product's own outputs store
+        every chunk.
 
     Returns
     -------
@@ -289,7 +294,9 @@ def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "fill") -> P
     raise PipelineInputError("not an OME-Zarr image or plate", root_path)
 
 
-def open_image(path: str | Path, *, image_path: str = "") -> FieldOfView:
+def open_image(
+    path: str | Path, *, image_path: str = "", missing_chunks: MissingChunks = "error"
+) -> FieldOfView:
     """Open one OME-Zarr multiscale image.
 
     Parameters
@@ -299,6 +306,8 @@ def open_image(path: str | Path, *, image_path: str = "") -> FieldOfView:
     image_path
         Path of the image group inside the root, e.g. "B/3/0"; "" for a lone image. A path
         of three parts is read as row/column/field.
+    missing_chunks
+        As for :func:`open_plate`.
 
     Returns
     -------
@@ -309,7 +318,15 @@ def open_image(path: str | Path, *, image_path: str = "") -> FieldOfView:
     image_path = image_path.strip("/")
     parts = image_path.split("/") if image_path else []
     row, column, field = parts if len(parts) == 3 else (None, None, None)
-    return _read_field(root_path, root, image_path, row=row, column=column, field=field)
+    return _read_field(
+        root_path,
+        root,
+        image_path,
+        row=row,
+        column=column,
+        field=field,
+        missing_chunks=missing_chunks,
+    )
 
 
 def _open_root(path: str | Path) -> tuple[str, zarr.Group]:
@@ -411,7 +428,7 @@ def _read_field(
     row: str | None = None,
     column: str | None = None,
     field: str | None = None,
-    missing_chunks: MissingChunks = "fill",
+    missing_chunks: MissingChunks,
 ) -> FieldOfView:
     group = _child_group(root, root_path, image_path, "image")
     location = os.path.join(root_path, image_path) if image_path else root_path
@@ -634,6 +651,7 @@ def write_image(
                 chunks=level_chunks,
                 dimension_names=dims,
                 fill_value=0,
+                config=_EVERY_CHUNK,
             )
         )
         sources.append(level.rechunk(level_chunks))
@@ -710,6 +728,7 @@ def write_labels(
                 chunks=level_chunks,
                 dimension_names=label_dims,
                 fill_value=0,
+                config=_EVERY_CHUNK,
             )
         )
         datasets.append(

@@ -336,7 +336,8 @@ def load_zarr(
     samples = []
     for fov in plate.fields:
         labels_path = f"{fov.path}/labels/{label}" if fov.path else f"labels/{label}"
-        label_image = open_image(plate.path, image_path=labels_path).data
+        # Label writers commonly skip chunks without nuclei: absent chunks are background.
+        label_image = open_image(plate.path, image_path=labels_path, missing_chunks="fill").data
         data = fov.data
         if "c" in data.dims:
             if isinstance(channel, str) and not channel.isdigit():
