@@ -2,10 +2,10 @@
 
 Usage:
     python benchmarks/collection_accuracy.py [--data ../shared/data/segmentation/dsb2018]
-        [--split pipeline/models/recipes/dsb2018_validation.txt] [--model PATH]
+        [--split pipeline/convnet/recipes/dsb2018_validation.txt] [--model PATH]
         [--group gray/256x256] [--skip NAME,...] [--limit N] [--json results.json]
 
-For every image of the split (never trained on; see ``pipeline.models.train.grouped_holdout``)
+For every image of the split (never trained on; see ``pipeline.convnet.training.grouped_holdout``)
 and its expert mask:
 
 - ``convnet``: the default call a new user makes, ``pipeline.segment(image)`` (nucleus
@@ -35,14 +35,15 @@ import numpy as np
 import tifffile
 
 from pipeline import segment
-from pipeline.infer import InferenceSettings, estimate_diameter, median_diameter
+from pipeline.convnet.inference import InferenceSettings, median_diameter
+from pipeline.convnet.training import image_groups, read_name_list
 from pipeline.metrics import score_segmentation
-from pipeline.models.train import image_groups, read_name_list
 from pipeline.normalize import colour_to_grey
+from pipeline.segmentation.diameter import estimate_diameter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "segmentation" / "dsb2018"
-DEFAULT_SPLIT = ROOT / "pipeline" / "models" / "recipes" / "dsb2018_validation.txt"
+DEFAULT_SPLIT = ROOT / "pipeline" / "convnet" / "recipes" / "dsb2018_validation.txt"
 CLASSICAL_DIAMETER_UM = 10.0
 METHODS = ("convnet", "convnet_given", "classical", "classical_given")
 

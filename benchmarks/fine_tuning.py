@@ -32,7 +32,7 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collection_accuracy import DEFAULT_DATA, DEFAULT_SPLIT, evaluate_image, read_split
 
-from pipeline.models.train import image_groups
+from pipeline.convnet.training import image_groups
 
 
 def _score(model: str | None, data: Path, ids: list[str]) -> dict:

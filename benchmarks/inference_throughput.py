@@ -7,8 +7,8 @@ On one synthetic nuclear image of SIZE x SIZE pixels, in one run, side by side:
 
 (a) whole: a single forward pass of the network over the whole (normalised) image, with N
     torch threads (default: all cores);
-(b) tiled: :func:`pipeline.infer.predict_maps_tiled` on the same image as a Dask array computed
-    with the threaded scheduler (N threads, one torch thread per task on a CPU):
+(b) tiled: :func:`pipeline.convnet.inference.predict_maps_tiled` on the same image as a Dask
+    array computed with the threaded scheduler (N threads, one torch thread per task on a CPU):
     whole-frame percentiles, stride-aligned tiles with their receptive-field halo, batching and
     centre-crop stitching all included;
 (c) segmentation: (b) plus instances (seeds, watershed, exact stitching, renumbering), i.e.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline import segment
-from pipeline.infer import (
+from pipeline.convnet.inference import (
     InferenceSettings,
     loaded_model,
     predict_maps_tiled,

@@ -2,13 +2,14 @@
 
 Usage:
     python benchmarks/postprocessing_grid.py [--data ../shared/data/segmentation/dsb2018]
-        [--split pipeline/models/recipes/dsb2018_validation.txt] [--model PATH]
-        [--modality gray] [--images 60] [--rounds 2] [--tta] [--json results.json]
+        [--split pipeline/convnet/recipes/dsb2018_validation.txt] [--model PATH]
+        [--modality gray] [--images 60] [--rounds 2] [--tta] [--start NAME=VALUE,...]
+        [--json results.json]
 
 The network's maps are computed once per image, at the mask's median diameter (so that the
 diameter estimate does not enter), on images of the chosen modality that are *not* in the
 validation split (the split stays untouched for reporting). Each parameter of
-:class:`pipeline.segment.convnet.ConvNetParameters` is then varied in turn over its candidate
+:class:`pipeline.segmentation.convnet.ConvNetParameters` is then varied in turn over its candidate
 values, the others held at their current best (coordinate ascent, ``--rounds`` passes), scoring
 mean AP@0.5 (ties broken by mAP) over the images. The printed table is the path of the search;
 the last line is the best setting found.
@@ -29,16 +30,16 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collection_accuracy import DEFAULT_DATA, DEFAULT_SPLIT, read_split
 
-from pipeline.infer import InferenceSettings, median_diameter, predict_maps
+from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
+from pipeline.convnet.training import image_groups
 from pipeline.metrics import score_segmentation
-from pipeline.models.train import image_groups
 from pipeline.normalize import colour_to_grey
-from pipeline.segment.convnet import ConvNetParameters, cells_from_maps
+from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 
 CANDIDATES = {
-    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-    "seed_threshold": (0.2, 0.3, 0.4, 0.5, 0.6),
-    "seed_radius": (0.2, 0.25, 0.3, 0.4, 0.5),
+    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85),
+    "seed_threshold": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+    "seed_radius": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     "smoothing": (0.0, 0.05, 0.1, 0.15, 0.2),
     "min_size": (0.05, 0.1, 0.2, 0.3),
 }
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", action="store_true", help="maps averaged over 8 rotations")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--start", default="", help="starting point, e.g. seed_radius=0.5,smoothing=0.15"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -103,10 +107,11 @@ def main() -> None:
         cases.append((predict_maps(image, diameter=diameter, settings=settings), truth, diameter))
     print(f"maps of {len(cases)} images in {time.perf_counter() - started:.0f} s", flush=True)
 
-    best = ConvNetParameters()
+    start = dict(item.split("=") for item in args.start.split(",") if item)
+    best = ConvNetParameters(**{name: float(value) for name, value in start.items()})
     best_score = score(cases, best)
-    path = [{"changed": "defaults", **asdict(best), "ap50": best_score[0], "map": best_score[1]}]
-    print(f"defaults: AP50 {best_score[0]:.4f}  mAP {best_score[1]:.4f}", flush=True)
+    path = [{"changed": "start", **asdict(best), "ap50": best_score[0], "map": best_score[1]}]
+    print(f"start {best}: AP50 {best_score[0]:.4f}  mAP {best_score[1]:.4f}", flush=True)
     for round_number in range(1, args.rounds + 1):
         for name, values in CANDIDATES.items():
             for value in values:

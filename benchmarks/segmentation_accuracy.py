@@ -51,12 +51,13 @@ from skimage.measure import label as label_components
 from skimage.segmentation import clear_border
 
 from pipeline import segment
-from pipeline.infer import InferenceSettings, estimate_diameter, median_diameter, predict_maps
+from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
+from pipeline.convnet.weights import load_model
 from pipeline.metrics import average_precision, score_segmentation
-from pipeline.models import load_model
-from pipeline.segment.classical import ClassicalParameters, segment_region
-from pipeline.segment.convnet import ConvNetParameters, cells_from_maps
-from pipeline.segment.threshold import frame_threshold
+from pipeline.segmentation.classical import ClassicalParameters, segment_region
+from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
+from pipeline.segmentation.diameter import estimate_diameter
+from pipeline.segmentation.threshold import frame_threshold
 from pipeline.synthetic import simulate_field
 
 HELD_OUT = {"gowt1": ("t21.tif", "t72.tif"), "hela": ("t52.tif", "t79.tif")}

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io.ctc import read_ctc, write_ctc
-from pipeline.track import track
+from pipeline.tracking import track
 
 _METRICS = ["TRA", "DET", "LNK", "BC"]
 

@@ -30,7 +30,7 @@ import tracemalloc
 import numpy as np
 import pandas as pd
 
-from pipeline.track import track
+from pipeline.tracking import track
 
 
 def two_frames(

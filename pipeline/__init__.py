@@ -3,10 +3,9 @@
 The public API: :func:`open_plate`, :func:`segment`, :func:`measure`, :func:`track`, :func:`run`.
 """
 
-__version__ = "0.1.0"
-
+from pipeline._version import __version__
 from pipeline.api import open_plate, run, segment
-from pipeline.measure import measure
-from pipeline.track import track
+from pipeline.measurement.cells import measure
+from pipeline.tracking import track
 
 __all__ = ["__version__", "measure", "open_plate", "run", "segment", "track"]

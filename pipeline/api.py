@@ -16,12 +16,17 @@ from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
 from pipeline.io.omezarr import open_plate
 from pipeline.normalize import colour_to_grey
 from pipeline.runner import run
-from pipeline.segment.tiled import relabel_consecutive, sorted_ids, with_halo_retries
+from pipeline.segmentation.parameters import ConvNetExecution
+from pipeline.segmentation.tiled import relabel_consecutive, sorted_ids, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
 
 __all__ = ["open_plate", "run", "segment"]
 
 _DEFAULT_DIMS = {2: "yx", 3: "zyx", 4: "tzyx"}
+
+
+# ``segment`` keywords that say how the network runs, not what it finds.
+_EXECUTION_PARAMETERS = tuple(ConvNetExecution.model_fields)
 
 
 def _looks_like_rgb(image: Any) -> bool:
@@ -98,7 +103,9 @@ def segment(
         least six nucleus diameters are used.
     **parameters
         Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
-        ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalConfig`.
+        ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalConfig`; and how the
+        conv-net runs: :class:`pipeline.segmentation.parameters.ConvNetExecution`
+        (``device``, ``cpu_threads``, ``batch_size``, ``tile_px``, ``frames_per_block``).
 
     Returns
     -------
@@ -110,10 +117,16 @@ def segment(
         (``tiling.halo_retries`` times), so tiled labels equal whole-image labels.
     """
     # Imported here, so that `import pipeline` (and the command) starts without torch.
-    from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
+    from pipeline.segmentation.methods import (
+        estimate_field_diameter,
+        instance_ids,
+        stitching_halo_um,
+    )
 
     if method not in ("convnet", "classical"):
         raise ValueError(f"unknown segmentation method {method!r}; use 'convnet' or 'classical'")
+    execution = {k: parameters.pop(k) for k in _EXECUTION_PARAMETERS if k in parameters}
+    compute = ConvNetExecution(**execution)
     segmentation = SegmentationConfig(method=method, **{method: parameters})
     array, dims, sizes = _image_layout(image, dims, pixel_size)
     if "c" in dims:
@@ -127,7 +140,7 @@ def segment(
     frames = array if "t" in dims else array[np.newaxis]
     spatial = dims.replace("t", "")
     if method == "convnet" and diameter is None:
-        estimate = estimate_field_diameter(da.asarray(frames), segmentation)
+        estimate = estimate_field_diameter(da.asarray(frames), segmentation, compute)
         diameter = estimate.compute(scheduler="threads")
     pixel_sizes = [sizes[d] for d in spatial]
 
@@ -140,7 +153,12 @@ def segment(
         )
         blocks = da.asarray(frames).rechunk(((1,) * frames.shape[0], *chunks))
         ids = instance_ids(
-            blocks, segmentation, pixel_size=pixel_sizes, halo=halo, diameter_px=diameter
+            blocks,
+            segmentation,
+            pixel_size=pixel_sizes,
+            halo=halo,
+            diameter_px=diameter,
+            compute=compute,
         )
         labels = relabel_consecutive(ids, sorted_ids(ids))
         return _persisted(labels, scheduler=None if lazy else "threads")

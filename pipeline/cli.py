@@ -219,7 +219,7 @@ def _train(args: argparse.Namespace) -> int:
     import shlex
     from dataclasses import replace
 
-    from pipeline.models.train import TrainingConfig, read_training_recipe, train
+    from pipeline.convnet.training import TrainingConfig, read_training_recipe, train
 
     recipe = read_training_recipe(args.config) if args.config else {}
     config = recipe.pop("config", TrainingConfig())

@@ -8,97 +8,38 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 
 from pipeline.errors import PipelineInputError
-from pipeline.segment.classical import ClassicalParameters
-from pipeline.segment.convnet import ConvNetParameters
+from pipeline.segmentation.parameters import (
+    ClassicalConfig,
+    ConvNetConfig,
+    ConvNetExecution,
+    SegmentationConfig,
+    StrictModel,
+)
 
-__all__ = ["RunConfig", "load_config"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClassicalConfig(_Strict):
-    """Parameters of the classical recipe (see :class:`ClassicalParameters`)."""
-
-    closing_radius_um: float = Field(1.0, ge=0)
-    max_hole_size_um: float = Field(100.0, ge=0)
-    smoothing_sigma_um: float = Field(1.0, ge=0)
-    min_distance_um: PositiveFloat = 3.0
-    min_size_um: float = Field(10.0, ge=0)
-    max_size_um: PositiveFloat | None = None
-    clear_border: bool = False
-
-    def parameters(self) -> ClassicalParameters:
-        """The recipe parameters as the segmenter takes them."""
-        return ClassicalParameters(**self.model_dump())
+__all__ = [
+    "ClassicalConfig",
+    "ComputeConfig",
+    "ConvNetConfig",
+    "HaloConfig",
+    "RunConfig",
+    "SegmentationConfig",
+    "TilingConfig",
+    "TrackingConfig",
+    "load_config",
+]
 
 
-class ConvNetConfig(_Strict):
-    """The conv-net segmenter: model, scale, how inference runs, and its post-processing."""
-
-    model: str | None = Field(None, description="model path (NAME or NAME.pt); None: shipped")
-    diameter_px: PositiveFloat | None = Field(
-        None, description="typical nucleus diameter in pixels; None: estimated per field"
-    )
-    tta: bool = Field(False, description="average the 8 rotations/reflections of each tile")
-    polarity: Literal["auto", "bright", "dark"] = Field(
-        "auto",
-        description="nuclei bright on dark (fluorescence) or dark on light (brightfield, "
-        "inverted); auto: decided per frame",
-    )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_threads: PositiveInt | None = Field(
-        1, description="torch threads per inference task on a CPU (None: torch's default)"
-    )
-    batch_size: PositiveInt = 4
-    tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
-    frames_per_block: PositiveInt = Field(4, description="timepoints batched in one task")
-    foreground_threshold: float = Field(ConvNetParameters.foreground_threshold, gt=0, lt=1)
-    seed_threshold: float = Field(ConvNetParameters.seed_threshold, ge=0)
-    seed_radius: PositiveFloat = Field(
-        ConvNetParameters.seed_radius, description="in nucleus diameters"
-    )
-    smoothing: float = Field(
-        ConvNetParameters.smoothing, ge=0, description="Gaussian sigma in nucleus diameters"
-    )
-    min_size: float = Field(
-        ConvNetParameters.min_size, ge=0, description="fraction of a one-diameter disc or ball"
-    )
-    clear_border: bool = ConvNetParameters.clear_border
-    axial_fraction: float = Field(
-        ConvNetParameters.axial_fraction,
-        ge=0,
-        le=1,
-        description="z-stacks: keep voxels above this fraction of the axial intensity peak",
-    )
-
-    def parameters(self) -> ConvNetParameters:
-        """The post-processing parameters."""
-        names = ConvNetParameters.__dataclass_fields__
-        return ConvNetParameters(**{k: v for k, v in self.model_dump().items() if k in names})
-
-
-class SegmentationConfig(_Strict):
-    """Which segmenter runs, on which channel."""
-
-    method: Literal["convnet", "classical"] = "convnet"
-    channel: str | int = Field(0, description="channel name or index holding the nuclei")
-    convnet: ConvNetConfig = ConvNetConfig()
-    classical: ClassicalConfig = ClassicalConfig()
-
-
-class HaloConfig(_Strict):
+class HaloConfig(StrictModel):
     """Halo depth in micrometres; z and the image plane differ for anisotropic voxels."""
 
     xy: PositiveFloat = 40.0
     z: PositiveFloat = 15.0
 
 
-class TilingConfig(_Strict):
+class TilingConfig(StrictModel):
     """How fields are cut into blocks."""
 
     halo_um: HaloConfig = HaloConfig()
@@ -112,8 +53,8 @@ class TilingConfig(_Strict):
     )
 
 
-class TrackingConfig(_Strict):
-    """Linear-assignment tracking (see :func:`pipeline.track.track`)."""
+class TrackingConfig(StrictModel):
+    """Linear-assignment tracking (see :func:`pipeline.tracking.track`)."""
 
     max_distance_um: PositiveFloat = Field(8.0, description="largest move between two frames")
     max_gap: int = Field(2, ge=0, description="frames a cell may be missed (0: no gap closing)")
@@ -133,7 +74,7 @@ class TrackingConfig(_Strict):
     )
 
     def parameters(self) -> dict[str, object]:
-        """Keyword arguments of :func:`pipeline.track.track`."""
+        """Keyword arguments of :func:`pipeline.tracking.track`."""
         return {
             "max_distance": self.max_distance_um,
             "max_gap": self.max_gap,
@@ -144,8 +85,12 @@ class TrackingConfig(_Strict):
         }
 
 
-class ComputeConfig(_Strict):
-    """How much work is on the cluster at once."""
+class ComputeConfig(ConvNetExecution):
+    """How the work runs: how much is on the cluster at once, and how the network runs.
+
+    None of these change results (tiled inference equals whole-image inference), so they are
+    left out of the results digest: changing them between runs recomputes nothing.
+    """
 
     fields_in_flight: PositiveInt = Field(
         4, description="fields of view whose graphs are on the scheduler at the same time"
@@ -157,7 +102,7 @@ class ComputeConfig(_Strict):
     )
 
 
-class InputConfig(_Strict):
+class InputConfig(StrictModel):
     """How the input is read."""
 
     missing_chunks: Literal["error", "fill"] = Field(
@@ -167,7 +112,7 @@ class InputConfig(_Strict):
     )
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """A run's settings; all but ``compute`` decide its results (and are hashed)."""
 
     input: InputConfig = InputConfig()
@@ -185,10 +130,17 @@ class RunConfig(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Execution settings that sat in ``segmentation.convnet`` before they moved to ``compute``.
+_MOVED_TO_COMPUTE = tuple(ConvNetExecution.model_fields)
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        if first["loc"][:-1] == ("segmentation", "convnet") and key in _MOVED_TO_COMPUTE:
+            return f"config key '{where}' has moved to 'compute.{key}'"
         return f"unknown config key '{where}'"
     return f"bad config value for '{where}': {first['msg']}"
 

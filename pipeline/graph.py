@@ -3,7 +3,7 @@
 A field (its whole time series) is processed in two graphs:
 
 1. *segment and measure*: tiled segmentation giving global cell ids (the conv-net, or the
-   classical recipe: :mod:`pipeline.segment.methods`), stored to a scratch array, and per-block
+   classical recipe: :mod:`pipeline.segmentation.methods`), stored to a scratch array, and per-block
    partial statistics tree-reduced into the field's cell table. The conv-net's nucleus diameter
    is estimated per field first unless the config gives it. When the cluster has workers with a
    ``GPU`` resource, the inference tasks (and the reads feeding them) are persisted there with
@@ -39,19 +39,19 @@ import pandas as pd
 import zarr
 from distributed import Client
 
-from pipeline import __version__
+from pipeline._version import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
-from pipeline.measure import measure_dask
+from pipeline.measurement.cells import measure_dask
+from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
 from pipeline.outcomes import FieldOutcome, RunSummary, failed_outcome, skipped_outcome
 from pipeline.plausibility import segmentation_warnings
 from pipeline.resume import ATTRIBUTE, Ledger, RunPlan, clear_unit, now
-from pipeline.segment.methods import estimate_field_diameter, instance_ids, stitching_halo_um
-from pipeline.segment.tiled import label_dtype, relabel_consecutive, with_halo_retries
+from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
+from pipeline.segmentation.tiled import label_dtype, relabel_consecutive, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
-from pipeline.track import track
-from pipeline.track_measure import growth_rates, merge_qc, track_table
+from pipeline.tracking import track
 
 __all__ = ["process_plate"]
 
@@ -123,7 +123,9 @@ class _FieldRun:
             return None
         if segmentation.convnet.diameter_px is not None:
             return segmentation.convnet.diameter_px
-        estimate = self._on_gpu_workers(client, estimate_field_diameter(frames, segmentation))
+        estimate = self._on_gpu_workers(
+            client, estimate_field_diameter(frames, segmentation, self.config.compute)
+        )
         return float(client.compute(estimate, sync=True))
 
     def _segment_and_measure(self, client: Client, halo_um: dict[str, float]):
@@ -159,6 +161,7 @@ class _FieldRun:
                 pixel_size=[self.pixel_size[d] for d in self.spatial_dims],
                 halo=halo,
                 diameter_px=self.outcome.diameter_px,
+                compute=self.config.compute,
                 on_maps=lambda maps: self._on_gpu_workers(client, maps),
             ).astype(scratch.dtype)
             ids = da.where(ids > 0, ids + start * frame_pixels, 0).astype(scratch.dtype)

@@ -1,9 +1,9 @@
 """Intensity statistics of whole frames and the normalisation the conv-net expects.
 
-DESIGN contract 4: statistics are global per (t, c), never per tile. A frame's histogram is built
-the same way in numpy and in Dask (exact integer counts for 8/16-bit images, 4096 equal bins
-between the frame's min and max otherwise; Dask sums it over blocks in a tree), so thresholds and
-percentiles agree between a whole image and its tiled version.
+Contract 4 of docs/ARCHITECTURE.md: statistics are global per (t, c), never per tile. A frame's
+histogram is built the same way in numpy and in Dask (exact integer counts for 8/16-bit images,
+4096 equal bins between the frame's min and max otherwise; Dask sums it over blocks in a tree),
+so thresholds and percentiles agree between a whole image and its tiled version.
 """
 
 from __future__ import annotations

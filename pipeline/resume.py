@@ -24,11 +24,11 @@ from typing import Any
 
 import zarr
 
-from pipeline import __version__
+from pipeline._version import __version__
 from pipeline.config import RunConfig
+from pipeline.convnet.weights import weights_sha256
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr
-from pipeline.model_files import weights_sha256
 
 __all__ = [
     "Ledger",

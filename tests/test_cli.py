@@ -316,6 +316,10 @@ BAD_INPUTS = {
         _config("segmentation: {methd: classical}\n"),
         "unknown config key 'segmentation.methd'",
     ),
+    "moved config key": (
+        _config("segmentation: {convnet: {batch_size: 8}}\n"),
+        "config key 'segmentation.convnet.batch_size' has moved to 'compute.batch_size'",
+    ),
     "bad config value": (
         _config("tracking: {max_distance_um: -1}\n"),
         "bad config value for 'tracking.max_distance_um'",

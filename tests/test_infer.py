@@ -10,18 +10,18 @@ import torch
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
 from scipy import ndimage as ndi
 
-from pipeline.graph import persist_on_gpu_workers
-from pipeline.infer import (
+from pipeline.convnet.inference import (
     InferenceSettings,
     median_diameter,
     model_load_count,
     predict_maps,
     predict_maps_tiled,
 )
-from pipeline.models import ModelInfo, load_model, save_model
-from pipeline.models.receptive_field import measure_receptive_field_radius, measure_stride
-from pipeline.models.train import read_name_list
-from pipeline.models.unet import UNet
+from pipeline.convnet.receptive_field import measure_receptive_field_radius, measure_stride
+from pipeline.convnet.training import read_name_list
+from pipeline.convnet.unet import UNet
+from pipeline.convnet.weights import ModelInfo, load_model, save_model
+from pipeline.graph import persist_on_gpu_workers
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_weights_load_with_weights_only(random_model):
 def test_shipped_model_loads_with_weights_only_and_matches_its_record():
     import importlib.resources
 
-    path = importlib.resources.files("pipeline.models") / "nuclei_unet.pt"
+    path = importlib.resources.files("pipeline.convnet") / "nuclei_unet.pt"
     state = torch.load(str(path), weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert path.stat().st_size < 8 * 2**20
@@ -74,7 +74,7 @@ def test_shipped_model_loads_with_weights_only_and_matches_its_record():
     assert info.stride == measure_stride(model) == model.stride
     # the held-out images of the accuracy figures were never trained on: the CTC frames and
     # the committed dsb2018 validation split
-    split = importlib.resources.files("pipeline.models") / "recipes" / "dsb2018_validation.txt"
+    split = importlib.resources.files("pipeline.convnet") / "recipes" / "dsb2018_validation.txt"
     held_out = {"gowt1/t21.tif", "gowt1/t72.tif", "hela/t52.tif", "hela/t79.tif"}
     held_out |= set(read_name_list(str(split)))
     assert len(held_out) == 4 + 89

@@ -11,7 +11,7 @@ import xarray as xr
 from scipy import ndimage
 from skimage.measure import regionprops
 
-from pipeline.measure import (
+from pipeline.measurement.cells import (
     block_statistics,
     finalize_statistics,
     measure,

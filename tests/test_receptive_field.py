@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models.receptive_field import (
+from pipeline.convnet.receptive_field import (
     linearised_copy,
     measure_receptive_field_radius,
     measure_stride,
 )
-from pipeline.models.unet import UNet
+from pipeline.convnet.unet import UNet
 
 
 @pytest.fixture(autouse=True)

@@ -26,10 +26,9 @@ from distributed import Client, LocalCluster
 from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import RunConfig
+from pipeline.convnet.weights import load_model, model_paths, save_model
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import open_plate
-from pipeline.model_files import model_paths
-from pipeline.models import load_model, save_model
 from pipeline.resume import input_fingerprint, unit_states
 from pipeline.runner import run
 from pipeline.synthetic import simulate_plate
@@ -138,7 +137,10 @@ def test_changed_config_recomputes_every_field(clean: Path, plate: Path, tmp_pat
             zarr.open_array(clean / path / "labels/cells/0")[:],
         )
     # settings that do not decide results (compute) leave the digest alone: all skipped
-    config.write_text("tracking: {max_gap: 1}\ncompute: {fields_in_flight: 1}\n")
+    config.write_text(
+        "tracking: {max_gap: 1}\n"
+        "compute: {fields_in_flight: 1, batch_size: 2, cpu_threads: 2, tile_px: 512}\n"
+    )
     assert len(run(plate, out, config=config, workers=2).skipped) == len(FIELDS)
 
 

@@ -9,9 +9,9 @@ from skimage.filters import threshold_otsu
 
 from pipeline import segment
 from pipeline.metrics import average_precision
-from pipeline.segment.classical import ClassicalParameters, ClassicalRecipe, segment_region
-from pipeline.segment.threshold import frame_threshold, frame_thresholds
-from pipeline.segment.tiled import HaloTooSmall, label_frames
+from pipeline.segmentation.classical import ClassicalParameters, ClassicalRecipe, segment_region
+from pipeline.segmentation.threshold import frame_threshold, frame_thresholds
+from pipeline.segmentation.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
 from pipeline.tiling import axis_blocks, halo_pixels
 

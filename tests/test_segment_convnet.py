@@ -10,10 +10,11 @@ import pytest
 from test_segment import same_up_to_renumbering
 
 from pipeline import segment
-from pipeline.infer import InferenceSettings, estimate_diameter, median_diameter, predict_maps
+from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
 from pipeline.metrics import average_precision
-from pipeline.segment.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
-from pipeline.segment.tiled import HaloTooSmall, label_frames
+from pipeline.segmentation.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
+from pipeline.segmentation.diameter import estimate_diameter
+from pipeline.segmentation.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
 
 

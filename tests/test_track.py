@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.track import track
+from pipeline.tracking import track
 
 
 def _objects(rows: list[tuple[int, float, float]]) -> pd.DataFrame:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.track import track
-from pipeline.track_measure import growth_rates, merge_qc, track_table
+from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
+from pipeline.tracking import track
 
 FRAME_INTERVAL = 2.0
 

@@ -14,10 +14,8 @@ from scipy.ndimage import label as ndimage_label
 from skimage.draw import disk
 
 from pipeline.cli import main
-from pipeline.errors import PipelineInputError
-from pipeline.infer import median_diameter
-from pipeline.models import load_model
-from pipeline.models.train import (
+from pipeline.convnet.inference import median_diameter
+from pipeline.convnet.training import (
     LabelledImage,
     TrainingConfig,
     _Sampler,
@@ -34,6 +32,8 @@ from pipeline.models.train import (
     train,
     unannotated_mask,
 )
+from pipeline.convnet.weights import load_model
+from pipeline.errors import PipelineInputError
 
 TINY = TrainingConfig(
     diameter_px=12.0,

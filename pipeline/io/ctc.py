@@ -9,7 +9,7 @@ that divides ends; its daughters start new tracks whose ``P`` is the mother. Gro
 uses the same layout with ``man_trackTTT.tif`` and ``man_track.txt``.
 
 :func:`write_ctc` turns a label time series plus a tracked cell table (as returned by
-:func:`pipeline.track.track`) into a result folder, :func:`read_ctc` reads a result or
+:func:`pipeline.tracking.track`) into a result folder, :func:`read_ctc` reads a result or
 ground-truth folder back into labels and the same kind of cell table, and
 :func:`export_ctc` exports one field of a ``pipeline run`` output.
 """
@@ -67,7 +67,7 @@ def write_ctc(
     tracks
         One row per object with columns ``t``, ``label``, ``track_id`` and
         ``parent_track_id`` (0 or NaN = no parent), e.g. the output of
-        :func:`pipeline.track.track` or the cell table of a ``pipeline run``. Rows whose
+        :func:`pipeline.tracking.track` or the cell table of a ``pipeline run``. Rows whose
         label is not in their frame are ignored: they count neither for the track's first
         and last frame nor as a track; a parent that ends up with no pixels is written as 0.
     directory
@@ -332,7 +332,7 @@ def read_ctc(
         One row per object (label present in a frame): ``t`` (frame number), ``label``,
         ``z`` (3D only), ``y``, ``x`` (centroid in pixels), ``area`` (pixel count),
         ``track_id`` (= label) and ``parent_track_id`` (from the track file, 0 = none),
-        sorted by ``t`` then ``label``: the columns :func:`pipeline.track.track` adds.
+        sorted by ``t`` then ``label``: the columns :func:`pipeline.tracking.track` adds.
 
     Raises
     ------

@@ -1,9 +1,9 @@
 """Measure a fully convolutional network's receptive-field radius and total stride.
 
-Tiled inference equals whole-image inference (DESIGN contract 1) only when every tile's halo is
-at least the receptive-field radius and tile origins lie on the network's stride grid. Both
-numbers are measured here on the network itself rather than trusted from a formula, and the
-training run records them in :class:`~pipeline.models.ModelInfo`.
+Tiled inference equals whole-image inference (contract 1 of docs/ARCHITECTURE.md) only when
+every tile's halo is at least the receptive-field radius and tile origins lie on the network's
+stride grid. Both numbers are measured here on the network itself rather than trusted from a
+formula, and the training run records them in :class:`~pipeline.convnet.weights.ModelInfo`.
 
 Receptive field
     An impulse (gradient) test. A gradient test on the trained network with random inputs can

@@ -1,7 +1,7 @@
 """Conv-net probabilities to nucleus instances (one image region; tiled by :mod:`.tiled`).
 
 The network gives, per pixel, p(background), p(boundary), p(interior) and a distance map that is
-1 at a nucleus' centre and falls to 0 at its boundary (:mod:`pipeline.models.unet`). Foreground is
+1 at a nucleus' centre and falls to 0 at its boundary (:mod:`pipeline.convnet.unet`). Foreground is
 ``1 - p(background) > foreground_threshold``; seeds are local maxima of the smoothed distance map
 above ``seed_threshold`` (one seed per nucleus, even where touching nuclei share foreground);
 a watershed of the inverted distance inside the foreground grows the seeds into cells; small
@@ -10,7 +10,7 @@ cells are dropped.
 Lengths are fractions of the nucleus diameter, so the recipe fits any magnification; the
 diameter is the one inference rescaled to (given or estimated). Every step looks a bounded
 distance around each pixel (:meth:`ConvNetRecipe.influence_radius_um`), which the exact
-stitching of :mod:`pipeline.segment.tiled` relies on.
+stitching of :mod:`pipeline.segmentation.tiled` relies on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from pipeline.segment.classical import ellipsoid_footprint, local_maxima_markers, remove_cells
+from pipeline.segmentation.classical import ellipsoid_footprint, local_maxima_markers, remove_cells
 
 __all__ = ["ConvNetParameters", "ConvNetRecipe", "cells_from_maps"]
 
@@ -148,7 +148,7 @@ def cells_from_maps(
     ----------
     maps
         (4, [z,] y, x): p(background), p(boundary), p(interior), distance (see
-        :func:`pipeline.infer.predict_maps`); for z-stacks optionally a fifth map, the
+        :func:`pipeline.convnet.inference.predict_maps`); for z-stacks optionally a fifth map, the
         normalised intensity, which bounds nuclei along z.
     diameter_px
         Typical nucleus diameter in pixels of the image plane.

@@ -1,10 +1,10 @@
 """Conv-net inference: whole images in numpy, and tiled on Dask with exactly the same result.
 
-The network (see :mod:`pipeline.models`) was trained on nuclei of ``ModelInfo.diameter_px``
+The network (see :mod:`pipeline.convnet.unet`) was trained on nuclei of ``ModelInfo.diameter_px``
 pixels, on images normalised by their own robust percentiles. Inference therefore
 
 1. normalises each frame (timepoint of one channel) by its whole-frame percentiles
-   (DESIGN contract 4; :mod:`pipeline.normalize`);
+   (contract 4 of docs/ARCHITECTURE.md; :mod:`pipeline.normalize`);
 2. rescales the image plane by ``model diameter / nucleus diameter`` (linear interpolation,
    pixel centres aligned; z is never rescaled: z-stacks run slice by slice);
 3. runs the network on tiles: each tile is a core whose origin and size are multiples of the
@@ -32,15 +32,13 @@ import torch
 from dask_image.ndinterp import affine_transform
 from scipy import ndimage as ndi
 
-from pipeline.models import ModelInfo, load_model
-from pipeline.models.unet import UNet
+from pipeline.convnet.unet import UNet
+from pipeline.convnet.weights import ModelInfo, load_model
 from pipeline.normalize import frame_percentiles, normalize
-from pipeline.segment.convnet import ConvNetParameters, cells_from_maps
 from pipeline.tiling import axis_blocks
 
 __all__ = [
     "InferenceSettings",
-    "estimate_diameter",
     "loaded_model",
     "maps_from_normalised",
     "median_diameter",
@@ -430,44 +428,3 @@ def _normalise_frames(frames: da.Array, limits: da.Array) -> da.Array:
     low = limits[:, 0].rechunk(frames.chunks[0]).reshape(broadcast)
     high = limits[:, 1].rechunk(frames.chunks[0]).reshape(broadcast)
     return da.map_blocks(_normalise_block, frames, low, high, dtype=np.float32)
-
-
-def estimate_diameter(
-    image: np.ndarray,
-    settings: InferenceSettings | None = None,
-    params: ConvNetParameters | None = None,
-    *,
-    max_rounds: int = 4,
-    max_pixels: int = 1024 * 1024,
-) -> float:
-    """Estimate the typical nucleus diameter (pixels) of a 2D image by segmenting it.
-
-    Starting at the model's own diameter, segment, measure the median equivalent diameter of the
-    nuclei found, rescale to it and repeat until it changes by less than 10% (Cellpose refines
-    its estimate the same way). Each round looks at the image's central crop of at most
-    ``max_pixels`` at the model's scale (about a thousand nucleus areas), so the cost does not
-    grow with the image or with upscaling of small nuclei.
-
-    Returns
-    -------
-    float
-        The estimate, or the model's diameter when no nucleus is found.
-    """
-    settings = settings or InferenceSettings()
-    _, info = loaded_model(settings.model, settings.device)
-    image = np.asarray(image)
-    diameter = float(info.diameter_px)
-    for _ in range(max_rounds):
-        side = int(np.sqrt(max_pixels) / rescale_factor(info, diameter))
-        crop = tuple(
-            slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in image.shape
-        )
-        maps = predict_maps(image[crop], diameter=diameter, settings=settings)
-        found = median_diameter(cells_from_maps(maps, diameter, params))
-        if not np.isfinite(found):
-            return diameter
-        converged = abs(np.log(found / diameter)) < np.log(1.1)
-        diameter = found
-        if converged:
-            break
-    return diameter

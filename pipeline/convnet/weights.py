@@ -1,10 +1,13 @@
-"""The nuclear segmentation conv-net: architecture, shipped weights and how to load them.
+"""Model files: where they are, their digest, and saving and loading a model.
 
 A model is two files side by side: ``NAME.pt`` (a ``state_dict``, loaded with
 ``torch.load(..., weights_only=True)``) and ``NAME.json`` (:class:`ModelInfo`: architecture,
 object diameter it was trained at, input normalisation, measured receptive field and stride,
 training record). The shipped model is ``nuclei_unet`` in this package; its model card is
 ``MODEL_CARD.md`` next to it.
+
+torch is imported only to save or load weights, so that deciding whether a run has work to do
+(which compares weight digests) does not pay for it.
 """
 
 from __future__ import annotations
@@ -12,16 +15,52 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineInputError
-from pipeline.model_files import DEFAULT_MODEL, model_paths
-from pipeline.models.unet import UNet
 
-__all__ = ["DEFAULT_MODEL", "ModelInfo", "load_model", "save_model"]
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.convnet.unet import UNet
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelInfo",
+    "load_model",
+    "model_paths",
+    "save_model",
+    "weights_sha256",
+]
+
+DEFAULT_MODEL = "nuclei_unet"
+
+
+def model_paths(model: str | Path | None) -> tuple[Path, Path]:
+    """``(NAME.pt, NAME.json)`` of a model path (with or without suffix); None: the shipped one."""
+    if model is None:
+        base = Path(str(resources.files("pipeline.convnet") / DEFAULT_MODEL))
+    else:
+        base = Path(model)
+        if base.suffix in (".pt", ".json"):
+            base = base.with_suffix("")
+    return base.with_suffix(".pt"), base.with_suffix(".json")
+
+
+def weights_sha256(model: str | Path | None) -> str:
+    """sha256 of a model's weight file (the model's identity in a run's provenance).
+
+    Raises
+    ------
+    PipelineInputError
+        If the weight file does not exist.
+    """
+    weights, _ = model_paths(model)
+    if not weights.is_file():
+        raise PipelineInputError("model file not found", weights)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -31,7 +70,7 @@ class ModelInfo:
     Attributes
     ----------
     architecture
-        Keyword arguments of :class:`~pipeline.models.unet.UNet`.
+        Keyword arguments of :class:`~pipeline.convnet.unet.UNet`.
     diameter_px
         Median nucleus diameter (pixels) the model was trained at; inputs are rescaled to it.
     percentiles
@@ -57,6 +96,8 @@ class ModelInfo:
 
 def save_model(model: UNet, info: ModelInfo, path: str | Path) -> None:
     """Write ``PATH.pt`` (state dict) and ``PATH.json`` (info without the digest)."""
+    import torch
+
     weights, meta = model_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -78,6 +119,10 @@ def load_model(
     PipelineInputError
         If the weights or their description are missing or unreadable.
     """
+    import torch
+
+    from pipeline.convnet.unet import UNet
+
     weights, meta = model_paths(path)
     for required in (weights, meta):
         if not required.is_file():

@@ -1,9 +1,9 @@
 """The segmenters a run can use, behind one function: frames in, global cell ids out (lazy).
 
-``convnet`` (default): tiled conv-net inference (:mod:`pipeline.infer`), then seeds and watershed
-on its maps (:mod:`pipeline.segment.convnet`). ``classical``: Otsu per frame, then the classical
-recipe (:mod:`pipeline.segment.classical`). Both are stitched exactly by
-:func:`pipeline.segment.tiled.label_frames`.
+``convnet`` (default): tiled conv-net inference (:mod:`pipeline.convnet.inference`), then seeds
+and watershed on its maps (:mod:`pipeline.segmentation.convnet`). ``classical``: Otsu per frame,
+then the classical recipe (:mod:`pipeline.segmentation.classical`). Both are stitched exactly by
+:func:`pipeline.segmentation.tiled.label_frames`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ import dask
 import dask.array as da
 import numpy as np
 
-from pipeline.config import SegmentationConfig
-from pipeline.infer import (
-    InferenceSettings,
-    estimate_diameter,
-    maps_from_normalised,
-    normalised_frames,
-)
-from pipeline.segment.classical import ClassicalRecipe
-from pipeline.segment.convnet import ConvNetRecipe
-from pipeline.segment.threshold import frame_thresholds
-from pipeline.segment.tiled import label_frames
+from pipeline.convnet.inference import InferenceSettings, maps_from_normalised, normalised_frames
+from pipeline.segmentation.classical import ClassicalRecipe
+from pipeline.segmentation.convnet import ConvNetRecipe
+from pipeline.segmentation.diameter import estimate_diameter
+from pipeline.segmentation.parameters import ConvNetExecution, SegmentationConfig
+from pipeline.segmentation.threshold import frame_thresholds
+from pipeline.segmentation.tiled import label_frames
 
 __all__ = [
     "diameter_sample",
@@ -35,15 +31,17 @@ __all__ = [
 ]
 
 
-def inference_settings(segmentation: SegmentationConfig) -> InferenceSettings:
-    """The inference settings of a segmentation configuration."""
-    convnet = segmentation.convnet
+def inference_settings(
+    segmentation: SegmentationConfig, compute: ConvNetExecution | None = None
+) -> InferenceSettings:
+    """The inference settings of a segmentation configuration and how the network runs."""
+    convnet, compute = segmentation.convnet, compute or ConvNetExecution()
     return InferenceSettings(
         model=convnet.model,
-        device=convnet.device,
-        cpu_threads=convnet.cpu_threads,
-        batch_size=convnet.batch_size,
-        tile_px=convnet.tile_px,
+        device=compute.device,
+        cpu_threads=compute.cpu_threads,
+        batch_size=compute.batch_size,
+        tile_px=compute.tile_px,
         tta=convnet.tta,
         polarity=convnet.polarity,
     )
@@ -57,11 +55,13 @@ def diameter_sample(frames: da.Array) -> da.Array:
     return plane
 
 
-def estimate_field_diameter(frames: da.Array, segmentation: SegmentationConfig):
+def estimate_field_diameter(
+    frames: da.Array, segmentation: SegmentationConfig, compute: ConvNetExecution | None = None
+):
     """A lazy (delayed) estimate of the nucleus diameter of a field, in pixels."""
     return dask.delayed(estimate_diameter, pure=True)(
         diameter_sample(frames),
-        inference_settings(segmentation),
+        inference_settings(segmentation, compute),
         segmentation.convnet.parameters(),
     )
 
@@ -88,6 +88,7 @@ def instance_ids(
     pixel_size: Sequence[float],
     halo: Sequence[int],
     diameter_px: float | None = None,
+    compute: ConvNetExecution | None = None,
     on_maps: Callable[[da.Array], da.Array] | None = None,
 ) -> da.Array:
     """Global cell ids (see :func:`label_frames`) of (t, [z,] y, x) frames of one channel.
@@ -105,6 +106,9 @@ def instance_ids(
     diameter_px
         Nucleus diameter in pixels for the conv-net (required for it; see
         :func:`estimate_field_diameter`).
+    compute
+        How the network runs (default: :class:`ConvNetExecution`; a run passes its
+        ``compute`` section).
     on_maps
         Applied to the conv-net's maps before post-processing (e.g. to persist them on GPU
         workers).
@@ -116,14 +120,15 @@ def instance_ids(
         )
     if diameter_px is None:
         raise ValueError("the conv-net needs a nucleus diameter (given or estimated)")
-    settings = inference_settings(segmentation)
+    compute = compute or ConvNetExecution()
+    settings = inference_settings(segmentation, compute)
     normalised = normalised_frames(frames, settings)
     maps = maps_from_normalised(
         normalised,
         diameter=diameter_px,
         settings=settings,
         output_chunks=frames.chunks[-2:],
-        frames_per_block=segmentation.convnet.frames_per_block,
+        frames_per_block=compute.frames_per_block,
     )
     if on_maps is not None:
         maps = on_maps(maps)

@@ -1,7 +1,7 @@
 """Per-track measurements, growth rates and segmentation QC from a tracked cell table.
 
-The input is the cell table of :func:`pipeline.measure.measure` after
-:func:`pipeline.track.track`: one row per cell and frame with ``t``, the centroid ``z``
+The input is the cell table of :func:`pipeline.measurement.cells.measure` after
+:func:`pipeline.tracking.track`: one row per cell and frame with ``t``, the centroid ``z``
 (3D only), ``y``, ``x`` in micrometres, the size ``area`` (2D, um^2) or ``volume`` (3D,
 um^3), and ``track_id`` / ``parent_track_id`` (0 = no parent) with Cell Tracking Challenge
 semantics: a dividing cell's track ends at the division, each daughter starts a new track
@@ -55,7 +55,7 @@ def _require_columns(cells: pd.DataFrame, columns: Sequence[str], what: str) -> 
     if missing:
         raise ValueError(
             f"{what} needs the column(s) {missing} in the cell table; "
-            f"it has {list(cells.columns)} (run pipeline.track.track first for track_id)"
+            f"it has {list(cells.columns)} (run pipeline.track first for track_id)"
         )
 
 

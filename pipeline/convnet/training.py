@@ -74,11 +74,11 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
 from skimage.segmentation import find_boundaries
 
+from pipeline.convnet.inference import median_diameter, rescale_planes, scaled_shape
+from pipeline.convnet.receptive_field import measure_receptive_field_radius, measure_stride
+from pipeline.convnet.unet import CLASS_NAMES, UNet
+from pipeline.convnet.weights import ModelInfo, load_model, save_model
 from pipeline.errors import PipelineInputError
-from pipeline.infer import median_diameter, rescale_planes, scaled_shape
-from pipeline.models import ModelInfo, load_model, save_model
-from pipeline.models.receptive_field import measure_receptive_field_radius, measure_stride
-from pipeline.models.unet import CLASS_NAMES, UNet
 from pipeline.normalize import DEFAULT_PERCENTILES, colour_to_grey, frame_percentiles, normalize
 
 __all__ = [

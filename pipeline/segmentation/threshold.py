@@ -1,7 +1,8 @@
 """Otsu's threshold of a whole frame, from its histogram (see :mod:`pipeline.normalize`).
 
-DESIGN contract 4: statistics that set the foreground are global per (t, c), never per tile; the
-numpy and the Dask paths build the same histogram, so they give the same threshold.
+Contract 4 of docs/ARCHITECTURE.md: statistics that set the foreground are global per (t, c),
+never per tile; the numpy and the Dask paths build the same histogram, so they give the same
+threshold.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ coordinates and of every channel's intensity), :func:`merge_statistics` combines
 (associative and commutative, so it can run as a tree reduction) and
 :func:`finalize_statistics` turns the merged sums into centroids, sizes, bounding boxes and
 intensity means once per field of view. The result equals ``skimage.measure.regionprops`` on
-the whole image (DESIGN contract 3).
+the whole image (contract 3 of docs/ARCHITECTURE.md).
 
 Partial tables have the key columns ``t`` and ``label``, then ``count``,
 ``coord_sum_<i>``, ``coord_min_<i>``, ``coord_max_<i>`` for every spatial axis ``i`` of the

@@ -1,12 +1,13 @@
 """The classical nucleus segmentation recipe (Ogawa et al.), on one image region.
 
-Otsu threshold (once per frame over the whole image, see :mod:`pipeline.segment.threshold`),
+Otsu threshold (once per frame over the whole image, see :mod:`pipeline.segmentation.threshold`),
 binary closing, hole filling, Euclidean distance transform (in micrometres, so anisotropic voxels
 work) smoothed by a Gaussian, local maxima as markers, watershed of the inverted smoothed distance
 inside the foreground, a size filter and optional removal of cells cut by the image border.
 
 Every step only looks a bounded distance around each pixel; :func:`influence_radius_um` says how
-far. That is what makes tiled results equal whole-image results (see :mod:`pipeline.segment.tiled`).
+far. That is what makes tiled results equal whole-image results (see
+:mod:`pipeline.segmentation.tiled`).
 Border clearing is applied to the final instances (cells touching the image border), not to the
 foreground mask, because a foreground component can be arbitrarily large.
 """
@@ -223,7 +224,7 @@ def filter_cells(
 
 @dataclass(frozen=True)
 class ClassicalRecipe:
-    """The classical recipe in the form :func:`pipeline.segment.tiled.label_frames` takes."""
+    """The classical recipe in the form :func:`pipeline.segmentation.tiled.label_frames` takes."""
 
     params: ClassicalParameters
 

@@ -7,7 +7,7 @@ are the seeds that separate touching nuclei.
 Everything in the network is local and translation-equivariant on the grid of its total stride:
 zero-padded 3x3 convolutions, batch normalisation (a per-channel affine map in evaluation mode),
 2x2 max pooling and 2x2 transposed convolutions. That is what lets tiled inference equal
-whole-image inference (see :mod:`pipeline.infer`).
+whole-image inference (see :mod:`pipeline.convnet.inference`).
 """
 
 from __future__ import annotations

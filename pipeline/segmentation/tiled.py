@@ -1,4 +1,4 @@
-"""Exact tiled instance segmentation on Dask (DESIGN contract 2).
+"""Exact tiled instance segmentation on Dask (contract 2 of docs/ARCHITECTURE.md).
 
 Each block reads its core plus a halo, segments the whole extended region, and keeps the pixels of
 its core. A cell's id is derived from the cell itself: ``1 + the global raster index (t, z, y, x)
