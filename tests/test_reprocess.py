@@ -15,6 +15,11 @@ def _plate(path: Path, seed: int) -> Path:
     return simulate_plate(path, rows=1, columns=1, fields=2, n_frames=2, size=96, seed=seed)
 
 
+def _label_mtimes(out: Path, field: str) -> list[int]:
+    files = sorted((out / field / "labels").rglob("*"))
+    return [path.stat().st_mtime_ns for path in files if path.is_file()]
+
+
 def _finished(out: Path) -> dict[str, str]:
     root = zarr.open_group(out, mode="r")
     return {path: root[path].attrs["pipeline"]["finished"] for path in ("A/1/0", "A/1/1")}
@@ -34,6 +39,7 @@ def test_reprocess_computes_new_and_stale_and_reports_bad_plates(
     assert [Path(item.input_path).name for item in items] == ["first.zarr", "second.zarr"]
     assert all(not item.failed and not item.summary.skipped for item in items)
     before = {name: _finished(results / name) for name in ("first.zarr", "second.zarr")}
+    labels_before = {f: _label_mtimes(results / "second.zarr", f) for f in ("A/1/0", "A/1/1")}
     assert (results / "first.report" / "index.html").is_file()
 
     # the archive changes: a new plate, one field of a plate re-acquired, a broken plate
@@ -57,7 +63,11 @@ def test_reprocess_computes_new_and_stale_and_reports_bad_plates(
     assert _finished(results / "first.zarr") == before["first.zarr"]
     second = _finished(results / "second.zarr")
     assert second["A/1/0"] == before["second.zarr"]["A/1/0"]
-    assert second["A/1/1"] >= before["second.zarr"]["A/1/1"]
+    # the stale field was recomputed (record and label files strictly newer), the other not
+    assert second["A/1/1"] > before["second.zarr"]["A/1/1"]
+    stale_labels = _label_mtimes(results / "second.zarr", "A/1/1")
+    assert min(stale_labels) > max(labels_before["A/1/1"])
+    assert _label_mtimes(results / "second.zarr", "A/1/0") == labels_before["A/1/0"]
     assert not (results / "broken.zarr").exists()
 
     # nothing new: every plate skipped, no cluster started
