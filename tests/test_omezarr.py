@@ -395,15 +395,20 @@ def test_missing_well(tmp_path):
         open_plate(tmp_path / "plate.zarr")
 
 
-def test_corrupt_chunk_v3(tmp_path):
-    path = tmp_path / "plate.zarr"
+def _one_field_plate(path: Path, image: np.ndarray) -> None:
+    """A plate with one well (B/3) and one field of ``image`` (t, c, y, x) in 4x4 chunks."""
     root = create_root(path)
     well = write_well(root, "B", "3", ["0"])
-    image = RNG.integers(0, 1000, size=(1, 2, 8, 8), dtype=np.uint16)
     write_image(well, "0", image, "tcyx", {"y": 1.0, "x": 1.0}, chunks={"y": 4, "x": 4})
     write_plate_metadata(
         root, name="p", rows=["B"], columns=["3"], wells=[("B", "3")], field_count=1
     )
+
+
+def test_corrupt_chunk_v3(tmp_path):
+    path = tmp_path / "plate.zarr"
+    image = RNG.integers(0, 1000, size=(1, 2, 8, 8), dtype=np.uint16)
+    _one_field_plate(path, image)
     chunk_file = path / "B/3/0/0/c/0/1/1/0"
     assert chunk_file.is_file()
     chunk_file.write_bytes(b"this is not zstd data")
@@ -431,13 +436,8 @@ def test_corrupt_chunk_v2(tmp_path):
 
 def test_missing_chunk_fails_naming_it_unless_asked_to_fill(tmp_path):
     path = tmp_path / "plate.zarr"
-    root = create_root(path)
-    well = write_well(root, "B", "3", ["0"])
     image = RNG.integers(1, 1000, size=(1, 1, 8, 8), dtype=np.uint16)
-    write_image(well, "0", image, "tcyx", {"y": 1.0, "x": 1.0}, chunks={"y": 4, "x": 4})
-    write_plate_metadata(
-        root, name="p", rows=["B"], columns=["3"], wells=[("B", "3")], field_count=1
-    )
+    _one_field_plate(path, image)
     (path / "B/3/0/0/c/0/0/1/0").unlink()
 
     with pytest.raises(CorruptChunkError, match="chunk c/0/0/1/0 is missing") as error:
