@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +109,14 @@ def main() -> None:
     start = dict(item.split("=") for item in args.start.split(",") if item)
     best = ConvNetParameters(**{name: float(value) for name, value in start.items()})
     best_score = score(cases, best)
-    path = [{"changed": "start", **asdict(best), "ap50": best_score[0], "map": best_score[1]}]
+    path = [{"changed": "start", **best.model_dump(), "ap50": best_score[0], "map": best_score[1]}]
     print(f"start {best}: AP50 {best_score[0]:.4f}  mAP {best_score[1]:.4f}", flush=True)
     for round_number in range(1, args.rounds + 1):
         for name, values in CANDIDATES.items():
             for value in values:
                 if getattr(best, name) == value:
                     continue
-                candidate = replace(best, **{name: value})
+                candidate = best.model_copy(update={name: value})
                 result = score(cases, candidate)
                 print(
                     f"round {round_number} {name}={value}: AP50 {result[0]:.4f}  "
@@ -127,7 +126,7 @@ def main() -> None:
                 if result > best_score:
                     best, best_score = candidate, result
                     path.append(
-                        {"changed": name, **asdict(best), "ap50": result[0], "map": result[1]}
+                        {"changed": name, **best.model_dump(), "ap50": result[0], "map": result[1]}
                     )
     print(f"best: {best}  AP50 {best_score[0]:.4f}  mAP {best_score[1]:.4f}")
     if args.json:

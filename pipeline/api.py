@@ -15,7 +15,7 @@ from distributed import futures_of, wait
 from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
 from pipeline.io.omezarr import open_plate
 from pipeline.normalize import colour_to_grey
-from pipeline.runner import run
+from pipeline.orchestration.runner import run
 from pipeline.segmentation.parameters import ConvNetExecution
 from pipeline.segmentation.tiled import relabel_consecutive, sorted_ids, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
@@ -103,7 +103,7 @@ def segment(
         least six nucleus diameters are used.
     **parameters
         Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
-        ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalConfig`; and how the
+        ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalParameters`; and how the
         conv-net runs: :class:`pipeline.segmentation.parameters.ConvNetExecution`
         (``device``, ``cpu_threads``, ``batch_size``, ``tile_px``, ``frames_per_block``).
 

@@ -21,7 +21,7 @@ EXIT_PARTIAL = 3
 
 
 def _cluster_options(args: argparse.Namespace):
-    from pipeline.runner import ClusterOptions
+    from pipeline.orchestration.runner import ClusterOptions
 
     return ClusterOptions(
         cluster=args.cluster,
@@ -36,7 +36,7 @@ def _cluster_options(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from pipeline.runner import run
+    from pipeline.orchestration.runner import run
 
     summary = run(
         args.input,
@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
-    from pipeline.runner import reprocess
+    from pipeline.orchestration.runner import reprocess
 
     items = reprocess(
         args.inputs,
@@ -65,7 +65,7 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.resume import unit_states
+    from pipeline.orchestration.records import unit_states
 
     ledger, states = unit_states(args.output)
     counts = {state: 0 for state in ("done", "failed", "pending")}
@@ -83,8 +83,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from pipeline.orchestration.runner import report_folder
     from pipeline.report import write_qc_report
-    from pipeline.runner import report_folder
 
     index = write_qc_report(args.output, args.dir or report_folder(args.output))
     print(f"QC report: {index}")
@@ -110,7 +110,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.runner import run
+    from pipeline.orchestration.runner import run
     from pipeline.synthetic import simulate_plate
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="pipeline-demo-"))

@@ -11,16 +11,12 @@ import yaml
 from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 
 from pipeline.errors import PipelineInputError
-from pipeline.segmentation.parameters import (
-    ClassicalConfig,
-    ConvNetConfig,
-    ConvNetExecution,
-    SegmentationConfig,
-    StrictModel,
-)
+from pipeline.segmentation.classical import ClassicalParameters
+from pipeline.segmentation.parameters import ConvNetConfig, ConvNetExecution, SegmentationConfig
+from pipeline.settings import StrictModel
 
 __all__ = [
-    "ClassicalConfig",
+    "ClassicalParameters",
     "ComputeConfig",
     "ConvNetConfig",
     "HaloConfig",

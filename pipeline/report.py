@@ -34,7 +34,7 @@ from skimage.segmentation import find_boundaries
 from pipeline.errors import CorruptChunkError, PipelineInputError
 from pipeline.io import tables
 from pipeline.io.omezarr import FieldOfView, Plate, open_image, open_plate
-from pipeline.resume import ATTRIBUTE, RUN_ATTRIBUTE
+from pipeline.orchestration.records import ATTRIBUTE, RUN_ATTRIBUTE
 
 __all__ = [
     "choose_level",

@@ -22,8 +22,8 @@ from distributed import Client, LocalCluster
 from distributed.comm import get_address_host, parse_host_port
 from distributed.security import Security
 
-from pipeline.cluster import connect, gpu_requested
 from pipeline.errors import PipelineInputError
+from pipeline.orchestration.cluster import connect, gpu_requested
 
 DEPLOY_YAML = Path(__file__).parents[1] / "deploy" / "slurm" / "jobqueue.yaml"
 

@@ -21,7 +21,7 @@ from pipeline.convnet.receptive_field import measure_receptive_field_radius, mea
 from pipeline.convnet.training import read_name_list
 from pipeline.convnet.unet import UNet
 from pipeline.convnet.weights import ModelInfo, load_model, save_model
-from pipeline.graph import persist_on_gpu_workers
+from pipeline.orchestration.field import persist_on_gpu_workers
 
 
 @pytest.fixture(scope="module")

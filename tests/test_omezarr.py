@@ -21,6 +21,7 @@ from pipeline.errors import CorruptChunkError, PipelineInputError
 from pipeline.io.omezarr import (
     create_root,
     open_image,
+    open_labels,
     open_plate,
     write_image,
     write_labels,
@@ -218,8 +219,12 @@ def test_label_levels_equal_image_levels(tmp_path, shape):
     label_group = write_labels(group, "cells", labels)
 
     image_field = open_image(tmp_path / "lab.zarr")
-    label_field = open_image(tmp_path / "lab.zarr", image_path="labels/cells")
+    label_field = open_labels(tmp_path / "lab.zarr", name="cells")
     assert label_field.data.dims == ("y", "x")
+    np.testing.assert_array_equal(label_field.data.values, labels)
+    with pytest.raises(PipelineInputError, match="no label image labels/nuclei") as error:
+        open_labels(tmp_path / "lab.zarr", name="nuclei")
+    assert error.value.path == str(tmp_path / "lab.zarr")
     assert [lv.shape for lv in label_field.levels] == [lv.shape[1:] for lv in image_field.levels]
     for image_level, label_level in zip(image_field.levels, label_field.levels, strict=True):
         assert label_level.scale == {"y": image_level.scale["y"], "x": image_level.scale["x"]}

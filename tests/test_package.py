@@ -14,18 +14,21 @@ import pipeline
 
 PACKAGE = Path(pipeline.__file__).parent
 
-# Top-level units of the package, from the bottom up. A module may import from its own unit
-# and from units of lower layers only: science stages never reach into orchestration.
+# Units of the package (top-level modules and packages; a few submodules of orchestration on
+# their own), from the bottom up. A module may import from its own unit and from units of lower
+# layers only: science stages never reach into orchestration, and the QC report reads an
+# output's records without depending on how runs are scheduled.
 LAYERS = (
-    {"_version", "errors", "normalize", "tiling", "metrics", "plausibility"},
+    {"_version", "errors", "settings", "normalize", "tiling", "metrics", "plausibility"},
     {"io"},
     {"synthetic"},
     {"convnet"},
     {"segmentation", "measurement", "tracking"},
-    {"config", "evaluate", "outcomes", "cluster"},
-    {"resume"},
-    {"report", "graph"},
-    {"runner"},
+    {"config", "evaluate", "orchestration.outcomes", "orchestration.cluster"},
+    {"orchestration.records"},
+    {"orchestration.plan"},
+    {"report"},
+    {"orchestration"},
     {"api"},
     {"cli", "__init__"},
     {"__main__"},
@@ -43,6 +46,8 @@ def _modules() -> list[str]:
 
 def _unit(module: str) -> str:
     parts = module.split(".")
+    if len(parts) > 2 and ".".join(parts[1:3]) in LAYER_OF:
+        return ".".join(parts[1:3])
     return parts[1] if len(parts) > 1 else "__init__"
 
 

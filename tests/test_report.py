@@ -17,6 +17,7 @@ from skimage.segmentation import find_boundaries
 from pipeline.api import run
 from pipeline.cli import main
 from pipeline.errors import PipelineInputError
+from pipeline.orchestration.records import RUN_ATTRIBUTE
 from pipeline.report import (
     choose_level,
     outline_overlay,
@@ -24,7 +25,6 @@ from pipeline.report import (
     well_cell_counts,
     write_qc_report,
 )
-from pipeline.resume import RUN_ATTRIBUTE
 from pipeline.synthetic import simulate_plate
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import zarr
 
-from pipeline.runner import ClusterOptions, reprocess
+from pipeline.orchestration.runner import ClusterOptions, reprocess
 from pipeline.synthetic import simulate_plate
 
 

@@ -29,8 +29,9 @@ from pipeline.config import RunConfig
 from pipeline.convnet.weights import load_model, model_paths, save_model
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import open_plate
-from pipeline.resume import input_fingerprint, unit_states
-from pipeline.runner import run
+from pipeline.orchestration.plan import input_fingerprint
+from pipeline.orchestration.records import unit_states
+from pipeline.orchestration.runner import run
 from pipeline.synthetic import simulate_plate
 
 FIELDS = ["A/1/0", "A/1/1", "A/2/0", "A/2/1"]

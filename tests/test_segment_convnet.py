@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import dask.array as da
 import numpy as np
 import pytest
@@ -126,6 +124,8 @@ def test_axial_half_maximum_bounds_nuclei_along_z():
     # Without the intensity (four maps) or with the gate off, every plane is kept.
     for kept in (
         cells_from_maps(maps[:4], 16.0, params, pixel_size=(1.0, 1.0, 1.0)),
-        cells_from_maps(maps, 16.0, replace(params, axial_fraction=0.0), (1.0, 1.0, 1.0)),
+        cells_from_maps(
+            maps, 16.0, params.model_copy(update={"axial_fraction": 0.0}), (1.0, 1.0, 1.0)
+        ),
     ):
         assert kept.any(axis=(1, 2)).all()

@@ -23,7 +23,7 @@ import yaml
 import zarr
 
 import pipeline.api
-from pipeline.cluster import connect
+from pipeline.orchestration.cluster import connect
 from pipeline.synthetic import simulate_plate
 
 REPO = Path(__file__).parents[1]

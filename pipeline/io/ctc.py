@@ -479,28 +479,20 @@ def export_ctc(
     """
     import zarr
 
-    from pipeline.io.omezarr import open_image
+    from pipeline.io.omezarr import open_image, open_labels
     from pipeline.io.tables import read_table
 
     field = field.strip("/")
     location = f"{Path(output_zarr).resolve()}/{field}".rstrip("/")
     open_image(output_zarr, image_path=field)  # checks the output and the field exist
+    cells = open_labels(output_zarr, image_path=field, name="cells")
     group = zarr.open_group(str(output_zarr), mode="r")
-    if field:
-        group = group[field]
     try:
-        label_group = group["labels/cells"]
-        multiscale = label_group.attrs["ome"]["multiscales"][0]
-        level = label_group[multiscale["datasets"][0]["path"]]
-    except (KeyError, IndexError, TypeError):
-        raise PipelineInputError("field has no label image labels/cells", location) from None
-    try:
-        table = read_table(group, "cells")
+        table = read_table(group[field] if field else group, "cells")
     except FileNotFoundError:
         raise PipelineInputError("field has no cell table tables/cells", location) from None
-    labels = da.from_zarr(level)
-    axes = [axis["name"] for axis in multiscale["axes"]]
-    if "t" not in axes:
+    labels = cells.levels[0].dask_array()
+    if "t" not in cells.data.dims:
         labels = labels[None]
         table = table.assign(t=0) if "t" not in table.columns else table
     return write_ctc(labels, table, directory, overwrite=overwrite)

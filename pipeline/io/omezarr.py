@@ -44,6 +44,7 @@ __all__ = [
     "PyramidLevel",
     "create_root",
     "open_image",
+    "open_labels",
     "open_plate",
     "write_image",
     "write_labels",
@@ -327,6 +328,40 @@ def open_image(
         field=field,
         missing_chunks=missing_chunks,
     )
+
+
+def open_labels(
+    path: str | Path, *, image_path: str = "", name: str, missing_chunks: MissingChunks = "error"
+) -> FieldOfView:
+    """Open the label image ``labels/NAME`` of an image, parsed like any multiscale image.
+
+    Parameters
+    ----------
+    path
+        Root of the zarr hierarchy (a plate or a lone image).
+    image_path
+        Path of the image group inside the root; "" for a lone image.
+    name
+        The label image's name, e.g. "cells".
+    missing_chunks
+        As for :func:`open_plate`.
+
+    Raises
+    ------
+    PipelineInputError
+        The image has no label image of that name, or its metadata is not valid.
+    """
+    image_path = image_path.strip("/")
+    label_path = f"{image_path}/labels/{name}" if image_path else f"labels/{name}"
+    root_path, root = _open_root(path)
+    try:
+        node = root[label_path]
+    except KeyError:
+        node = None
+    if not isinstance(node, zarr.Group):
+        location = os.path.join(root_path, image_path) if image_path else root_path
+        raise PipelineInputError(f"image has no label image labels/{name}", location)
+    return _read_field(root_path, root, label_path, missing_chunks=missing_chunks)
 
 
 def _open_root(path: str | Path) -> tuple[str, zarr.Group]:

@@ -18,8 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field, PositiveFloat
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
+
+from pipeline.settings import StrictModel
 
 __all__ = [
     "ClassicalParameters",
@@ -34,9 +37,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ClassicalParameters:
-    """Parameters of the classical recipe, in micrometres.
+class ClassicalParameters(StrictModel):
+    """Parameters of the classical recipe, in micrometres (the ``segmentation.classical``
+    section of a run's configuration, and what the recipe takes).
 
     Attributes
     ----------
@@ -56,12 +59,12 @@ class ClassicalParameters:
         Drop cells that touch the border of the image.
     """
 
-    closing_radius_um: float = 1.0
-    max_hole_size_um: float = 100.0
-    smoothing_sigma_um: float = 1.0
-    min_distance_um: float = 3.0
-    min_size_um: float = 10.0
-    max_size_um: float | None = None
+    closing_radius_um: float = Field(1.0, ge=0)
+    max_hole_size_um: float = Field(100.0, ge=0)
+    smoothing_sigma_um: float = Field(1.0, ge=0)
+    min_distance_um: PositiveFloat = 3.0
+    min_size_um: float = Field(10.0, ge=0)
+    max_size_um: PositiveFloat | None = None
     clear_border: bool = False
 
 

@@ -19,20 +19,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field, PositiveFloat
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from pipeline.segmentation.classical import ellipsoid_footprint, local_maxima_markers, remove_cells
+from pipeline.settings import StrictModel
 
 __all__ = ["ConvNetParameters", "ConvNetRecipe", "cells_from_maps"]
 
 
-@dataclass(frozen=True)
-class ConvNetParameters:
+class ConvNetParameters(StrictModel):
     """Post-processing of the network's maps; lengths in nucleus diameters.
 
     The defaults were chosen by ``benchmarks/postprocessing_grid.py`` on 60 grey fluorescence
-    training images of the DSB 2018 collection (never on the validation split).
+    training images of the DSB 2018 collection (never on the validation split). A run's
+    ``segmentation.convnet`` section (:class:`pipeline.segmentation.parameters.ConvNetConfig`)
+    is one of these, with the model and its scale besides.
 
     Attributes
     ----------
@@ -55,13 +58,18 @@ class ConvNetParameters:
         which a 2D network still calls nucleus, are cut. 0 turns it off.
     """
 
-    foreground_threshold: float = 0.8
-    seed_threshold: float = 0.1
-    seed_radius: float = 0.5
-    smoothing: float = 0.15
-    min_size: float = 0.1
+    foreground_threshold: float = Field(0.8, gt=0, lt=1)
+    seed_threshold: float = Field(0.1, ge=0)
+    seed_radius: PositiveFloat = Field(0.5, description="in nucleus diameters")
+    smoothing: float = Field(0.15, ge=0, description="Gaussian sigma in nucleus diameters")
+    min_size: float = Field(0.1, ge=0, description="fraction of a one-diameter disc or ball")
     clear_border: bool = False
-    axial_fraction: float = 0.5
+    axial_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="z-stacks: keep voxels above this fraction of the axial intensity peak",
+    )
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def estimate_field_diameter(
     return dask.delayed(estimate_diameter, pure=True)(
         diameter_sample(frames),
         inference_settings(segmentation, compute),
-        segmentation.convnet.parameters(),
+        segmentation.convnet,
     )
 
 
@@ -114,7 +114,7 @@ def instance_ids(
         workers).
     """
     if segmentation.method == "classical":
-        recipe = ClassicalRecipe(segmentation.classical.parameters())
+        recipe = ClassicalRecipe(segmentation.classical)
         return label_frames(
             frames, frame_thresholds(frames), recipe=recipe, pixel_size=pixel_size, halo=halo
         )
@@ -136,7 +136,7 @@ def instance_ids(
     if volumetric:  # the intensity shapes 3D instances along z (ConvNetRecipe)
         maps = da.concatenate([maps, normalised[:, np.newaxis]], axis=1).rechunk({1: -1})
     recipe = ConvNetRecipe(
-        segmentation.convnet.parameters(),
+        segmentation.convnet,
         diameter_px * float(pixel_size[-1]),
         volumetric=volumetric,
     )

@@ -1,52 +1,26 @@
 """The settings of the segmentation stage, as a run's configuration and the API take them.
 
-The post-processing fields mirror :class:`~pipeline.segmentation.convnet.ConvNetParameters` and
-:class:`~pipeline.segmentation.classical.ClassicalParameters` (which the recipes take); how the
-network runs (:class:`ConvNetExecution`) does not change results and is kept apart, under the
-run's ``compute`` section.
+The recipes' own parameter models are the settings: ``segmentation.classical`` is a
+:class:`~pipeline.segmentation.classical.ClassicalParameters`, ``segmentation.convnet`` a
+:class:`~pipeline.segmentation.convnet.ConvNetParameters` with the model and its scale
+(:class:`ConvNetConfig`). How the network runs (:class:`ConvNetExecution`) does not change
+results and is kept apart, under the run's ``compute`` section.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from pipeline.segmentation.classical import ClassicalParameters
 from pipeline.segmentation.convnet import ConvNetParameters
+from pipeline.settings import StrictModel
 
-__all__ = [
-    "ClassicalConfig",
-    "ConvNetConfig",
-    "ConvNetExecution",
-    "SegmentationConfig",
-    "StrictModel",
-]
+__all__ = ["ConvNetConfig", "ConvNetExecution", "SegmentationConfig"]
 
 
-class StrictModel(BaseModel):
-    """Settings that reject unknown keys and cannot be changed once made."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClassicalConfig(StrictModel):
-    """Parameters of the classical recipe (see :class:`ClassicalParameters`)."""
-
-    closing_radius_um: float = Field(1.0, ge=0)
-    max_hole_size_um: float = Field(100.0, ge=0)
-    smoothing_sigma_um: float = Field(1.0, ge=0)
-    min_distance_um: PositiveFloat = 3.0
-    min_size_um: float = Field(10.0, ge=0)
-    max_size_um: PositiveFloat | None = None
-    clear_border: bool = False
-
-    def parameters(self) -> ClassicalParameters:
-        """The recipe parameters as the segmenter takes them."""
-        return ClassicalParameters(**self.model_dump())
-
-
-class ConvNetConfig(StrictModel):
+class ConvNetConfig(ConvNetParameters):
     """The conv-net segmenter: model, scale and post-processing (how it runs: ``compute``)."""
 
     model: str | None = Field(None, description="model path (NAME or NAME.pt); None: shipped")
@@ -59,29 +33,6 @@ class ConvNetConfig(StrictModel):
         description="nuclei bright on dark (fluorescence) or dark on light (brightfield, "
         "inverted); auto: decided per frame",
     )
-    foreground_threshold: float = Field(ConvNetParameters.foreground_threshold, gt=0, lt=1)
-    seed_threshold: float = Field(ConvNetParameters.seed_threshold, ge=0)
-    seed_radius: PositiveFloat = Field(
-        ConvNetParameters.seed_radius, description="in nucleus diameters"
-    )
-    smoothing: float = Field(
-        ConvNetParameters.smoothing, ge=0, description="Gaussian sigma in nucleus diameters"
-    )
-    min_size: float = Field(
-        ConvNetParameters.min_size, ge=0, description="fraction of a one-diameter disc or ball"
-    )
-    clear_border: bool = ConvNetParameters.clear_border
-    axial_fraction: float = Field(
-        ConvNetParameters.axial_fraction,
-        ge=0,
-        le=1,
-        description="z-stacks: keep voxels above this fraction of the axial intensity peak",
-    )
-
-    def parameters(self) -> ConvNetParameters:
-        """The post-processing parameters."""
-        names = ConvNetParameters.__dataclass_fields__
-        return ConvNetParameters(**{k: v for k, v in self.model_dump().items() if k in names})
 
 
 class SegmentationConfig(StrictModel):
@@ -90,7 +41,7 @@ class SegmentationConfig(StrictModel):
     method: Literal["convnet", "classical"] = "convnet"
     channel: str | int = Field(0, description="channel name or index holding the nuclei")
     convnet: ConvNetConfig = ConvNetConfig()
-    classical: ClassicalConfig = ClassicalConfig()
+    classical: ClassicalParameters = ClassicalParameters()
 
 
 class ConvNetExecution(StrictModel):

@@ -10,7 +10,7 @@ That holds for every cell whose surroundings fit in the halo. Each block checks 
 its core, and every cell touching one of those, must stay farther from an inner face of the
 extended region than its own distance-transform value plus the recipe's influence radius. A block
 where that fails raises :class:`HaloTooSmall`; the run then recomputes the field with a larger
-halo (see :mod:`pipeline.graph`). Ids are finally renumbered 1..n per field.
+halo (see :mod:`pipeline.orchestration.field`). Ids are finally renumbered 1..n per field.
 """
 
 from __future__ import annotations

@@ -23,12 +23,12 @@ from distributed import performance_report
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 
-from pipeline.cluster import RunCluster, connect
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import Plate, open_plate
-from pipeline.outcomes import RunSummary, skipped_outcome
-from pipeline.resume import RunPlan, plan_run
+from pipeline.orchestration.cluster import RunCluster, connect
+from pipeline.orchestration.outcomes import RunSummary, skipped_outcome
+from pipeline.orchestration.plan import RunPlan, plan_run
 
 __all__ = [
     "ClusterOptions",
@@ -62,7 +62,7 @@ class _QuietHandledFailures(WorkerPlugin):
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """Where a run computes: see :func:`pipeline.cluster.connect` for each option."""
+    """Where a run computes: see :func:`pipeline.orchestration.cluster.connect` for each option."""
 
     cluster: str = "local"
     scheduler: str | None = None
@@ -138,7 +138,7 @@ def _compute(
 ) -> RunSummary:
     """Compute the units of one planned plate on a running cluster, then its reports."""
     # Imported here: torch and matplotlib load only when there is work.
-    from pipeline.graph import process_plate
+    from pipeline.orchestration.plate import process_plate
     from pipeline.report import write_qc_report
 
     plate, plan = item.plate, item.plan

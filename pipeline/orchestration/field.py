@@ -1,0 +1,491 @@
+"""One field of view, from its image to its results, as a sequence of explicit stages.
+
+:func:`process_field` runs the stages in order on a Dask cluster; each takes and returns plain
+typed values, so a reader (or a test) can follow one field's data:
+
+1. :func:`field_diameter`: the conv-net's nucleus diameter, from the config or estimated on the
+   field (``None`` for the classical recipe);
+2. :func:`segment_and_measure`: tiled segmentation giving global cell ids, stored to a scratch
+   array, and per-block partial statistics merged into the field's cell table, which stays on
+   the workers (:class:`Segmented`); a field whose cells do not fit in the halo is retried with
+   a doubled halo (:func:`pipeline.segmentation.tiled.with_halo_retries`). When the cluster has
+   workers with a ``GPU`` resource, the inference tasks (and the reads feeding them) are
+   persisted there and the post-processing runs on any worker;
+3. :func:`renumber_cells` (on a worker): ids become 1..n, one mapping for the label image and
+   the table, so the two agree by construction;
+4. :func:`write_images`: a copy of the image and the renumbered label pyramid, to the output;
+5. :func:`tabulate_field` (on a worker): tracking, growth rates, the ``cells`` and ``tracks``
+   tables and the plate table's part, written there; only counts and QC come back;
+6. :func:`write_track_labels`: ``labels/tracks`` (each cell painted with its track id);
+7. the completion record, last (:mod:`pipeline.orchestration.records`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+from distributed import Client, Future, wait
+
+from pipeline._version import __version__
+from pipeline.config import RunConfig
+from pipeline.errors import PipelineInputError
+from pipeline.io import omezarr, tables
+from pipeline.measurement.cells import measure_dask
+from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
+from pipeline.orchestration.layout import (
+    CELLS,
+    TRACKS,
+    clear_unit,
+    field_parent,
+    plate_table_path,
+    scratch_folder,
+)
+from pipeline.orchestration.outcomes import FieldOutcome
+from pipeline.orchestration.records import ATTRIBUTE, Ledger, now
+from pipeline.plausibility import segmentation_warnings
+from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
+from pipeline.segmentation.tiled import label_dtype, relabel_consecutive, with_halo_retries
+from pipeline.tiling import block_chunks, halo_pixels
+from pipeline.tracking import track
+
+__all__ = [
+    "FieldData",
+    "FieldTables",
+    "Placement",
+    "Segmented",
+    "field_diameter",
+    "persist_on_gpu_workers",
+    "process_field",
+    "renumber_cells",
+    "segment_and_measure",
+    "tabulate_field",
+    "write_images",
+    "write_track_labels",
+]
+
+
+def persist_on_gpu_workers(client: Client, collection):
+    """Persist a Dask collection on workers with a ``GPU`` resource.
+
+    The restriction is given at persist time: graph fusion drops ``dask.annotate``.
+    """
+    return client.persist(collection, resources={"GPU": 1})
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a field's graphs run: the cluster's client, and whether it has GPU workers."""
+
+    client: Client
+    gpu_workers: bool = False
+
+    def on_gpu_workers(self, collection):
+        """``collection`` persisted on the GPU workers if the cluster has them, else as is."""
+        if not self.gpu_workers:
+            return collection
+        return persist_on_gpu_workers(self.client, collection)
+
+
+@dataclass(frozen=True)
+class FieldData:
+    """A field of view as its stages read it: (t, c, [z,] y, x) data and its geometry."""
+
+    fov: omezarr.FieldOfView
+    data: xr.DataArray
+    spatial_dims: str
+    channel: int
+    pixel_size: dict[str, float]
+    translation: dict[str, float]
+
+    @classmethod
+    def open(cls, fov: omezarr.FieldOfView, channel: str | int) -> FieldData:
+        """The field's data with a t and a c axis, whatever the file had, and its channel."""
+        data = fov.data
+        for dim in ("c", "t"):
+            if dim not in data.dims:
+                data = data.expand_dims(dim)
+        spatial = "".join(d for d in ("z", "y", "x") if d in data.dims)
+        return cls(
+            fov=fov,
+            data=data.transpose("t", "c", *spatial),
+            spatial_dims=spatial,
+            channel=_channel_index(fov, channel),
+            pixel_size={d: fov.pixel_size.get(d, 1.0) for d in spatial},
+            translation={d: fov.levels[0].translation.get(d, 0.0) for d in spatial},
+        )
+
+    @property
+    def segmentation_channel(self) -> da.Array:
+        """(t, [z,] y, x) frames of the channel that is segmented."""
+        return self.data.data[:, self.channel]
+
+    @property
+    def n_frames(self) -> int:
+        """Timepoints."""
+        return self.data.shape[0]
+
+    @property
+    def frame_pixels(self) -> int:
+        """Pixels (voxels) of one channel of one timepoint."""
+        return int(np.prod(self.data.shape[2:]))
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """Shape of the label image: the image's, without its channel axis, in its axis order."""
+        dims, shape = self.fov.data.dims, self.fov.data.shape
+        return tuple(n for d, n in zip(dims, shape, strict=True) if d != "c")
+
+
+def _channel_index(fov: omezarr.FieldOfView, channel: str | int) -> int:
+    names = list(fov.channel_names)
+    if isinstance(channel, int):
+        if not 0 <= channel < len(names):
+            raise PipelineInputError(
+                f"segmentation channel {channel} does not exist ({len(names)} channels)",
+                Path(fov.dataset_path) / fov.path,
+            )
+        return channel
+    if channel not in names:
+        raise PipelineInputError(
+            f"segmentation channel '{channel}' not found (channels: {', '.join(names)})",
+            Path(fov.dataset_path) / fov.path,
+        )
+    return names.index(channel)
+
+
+def field_diameter(field: FieldData, config: RunConfig, placement: Placement) -> float | None:
+    """The conv-net's nucleus diameter in pixels: from the config, or estimated on the field.
+
+    ``None`` for the classical recipe, whose sizes are in micrometres.
+    """
+    segmentation = config.segmentation
+    if segmentation.method != "convnet":
+        return None
+    if segmentation.convnet.diameter_px is not None:
+        return segmentation.convnet.diameter_px
+    estimate = placement.on_gpu_workers(
+        estimate_field_diameter(field.segmentation_channel, segmentation, config.compute)
+    )
+    return float(placement.client.compute(estimate, sync=True))
+
+
+@dataclass
+class Segmented:
+    """A field's global cell ids (in a scratch array) and its cell table (on the workers).
+
+    ``tables`` holds one future per block of timepoints, each a cell table whose ``t`` counts
+    from the block's first timepoint ``starts[i]``; ``halo_um`` is the halo that sufficed.
+    """
+
+    scratch: zarr.Array
+    chunks: tuple[tuple[int, ...], ...]
+    tables: list[Future]
+    starts: list[int]
+    halo_um: dict[str, float]
+
+
+def segment_and_measure(
+    field: FieldData,
+    config: RunConfig,
+    placement: Placement,
+    scratch_path: Path,
+    diameter_px: float | None,
+    halo_um: dict[str, float],
+) -> Segmented:
+    """Global cell ids to a scratch array, and the cell table, computed on the workers.
+
+    The field's timepoints go through in blocks of ``compute.frames_in_flight``, one after
+    the other, so the conv-net maps held on GPU workers are bounded by a block. Ids are those
+    of the whole field (offset by the block's first pixel index), so the blocks give what one
+    graph over all timepoints would.
+
+    Raises
+    ------
+    HaloTooSmall
+        A cell does not fit in the halo (the caller retries with a larger one).
+    """
+    frames = field.segmentation_channel
+    dims = field.spatial_dims
+    halo = halo_pixels(halo_um, field.pixel_size, dims)
+    min_block = [1 if d == "z" else config.tiling.min_block_px for d in dims]
+    spatial_chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], halo, min_block)
+    frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
+    scratch = zarr.open_array(
+        scratch_path,
+        mode="w",
+        shape=frames.shape,
+        chunks=tuple(c[0] for c in frames.chunks),
+        dtype=label_dtype(field.n_frames * field.frame_pixels + 1),
+        fill_value=0,
+    )
+    block_tables, starts = [], []
+    step = config.compute.frames_in_flight
+    for start in range(0, field.n_frames, step):
+        stop = min(start + step, field.n_frames)
+        ids = instance_ids(
+            frames[start:stop],
+            config.segmentation,
+            pixel_size=[field.pixel_size[d] for d in dims],
+            halo=halo,
+            diameter_px=diameter_px,
+            compute=config.compute,
+            on_maps=placement.on_gpu_workers,
+        ).astype(scratch.dtype)
+        ids = da.where(ids > 0, ids + start * field.frame_pixels, 0).astype(scratch.dtype)
+        stored = da.store(ids, scratch, regions=(slice(start, stop),), lock=False, compute=False)
+        table = measure_dask(
+            ids,
+            field.data.data[start:stop],
+            dims="t" + dims,
+            pixel_size=field.pixel_size,
+            translation=field.translation,
+            channel_names=list(field.fov.channel_names),
+        )
+        futures = placement.client.compute([stored, table])
+        _raise_first_error(futures)
+        block_tables.append(futures[1])
+        starts.append(start)
+        del ids, stored, table, futures  # releases the block's persisted maps before the next
+    return Segmented(scratch, frames.chunks, block_tables, starts, halo_um)
+
+
+def _raise_first_error(futures: list[Future]) -> None:
+    """Wait for ``futures`` and raise the error of the first that failed, if any."""
+    wait(futures)
+    for future in futures:
+        if future.status == "error":
+            future.result()
+
+
+def renumber_cells(
+    block_tables: list[pd.DataFrame], starts: list[int]
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """One field's cell table, with global ids renumbered 1..n, and the ids it renumbered.
+
+    The one renumbering of a field: ``ids`` (sorted global ids) give each cell its new number
+    ``searchsorted(ids, id) + 1``, in the label image (:func:`relabel_consecutive`) as in the
+    returned table.
+    """
+    cells = pd.concat(
+        [
+            table.assign(t=table["t"] + start)
+            for table, start in zip(block_tables, starts, strict=True)
+        ],
+        ignore_index=True,
+    )
+    ids = np.sort(cells["label"].to_numpy())
+    return ids, cells.assign(label=np.searchsorted(ids, cells["label"].to_numpy()) + 1)
+
+
+def write_images(
+    field: FieldData,
+    segmented: Segmented,
+    ids: np.ndarray,
+    root: zarr.Group,
+    ledger: Ledger,
+    client: Client,
+) -> zarr.Group:
+    """A copy of the image and its renumbered label pyramid (``labels/cells``), to the output.
+
+    Returns the field's image group in the output.
+    """
+    scratch = segmented.scratch
+    labels = relabel_consecutive(
+        da.from_zarr(scratch, chunks=segmented.chunks), ids.astype(scratch.dtype)
+    )
+    fov = field.fov
+    parent, name = field_parent(root, fov.path)
+    image_group, image_writes = omezarr.write_image(
+        parent,
+        name,
+        [level.dask_array() for level in fov.levels],
+        fov.data.dims,
+        fov.levels[0].scale,
+        translation=fov.levels[0].translation or None,
+        channel_names=list(fov.channel_names),
+        level_shapes=[level.shape for level in fov.levels],
+        compute=False,
+    )
+    if not fov.path:  # a lone image's group is the root: its ledger was just dropped
+        ledger.rewrite()
+    labels = labels.reshape(field.label_shape)
+    _, label_writes = omezarr.write_labels(image_group, CELLS, labels, compute=False)
+    client.compute([*image_writes, *label_writes], sync=True)
+    return image_group
+
+
+@dataclass(frozen=True)
+class FieldTables:
+    """What :func:`tabulate_field` wrote, in numbers: counts, QC, and the track of each label."""
+
+    n_cells: int
+    n_tracks: int
+    merge_qc: dict[str, float]
+    warnings: list[str]
+    track_of_label: np.ndarray | None
+
+
+def tabulate_field(
+    cells: pd.DataFrame,
+    output: str,
+    fov: omezarr.FieldOfView,
+    config: RunConfig,
+    *,
+    frame_pixels: int,
+    n_frames: int,
+    spatial_ndim: int,
+    diameter_px: float | None,
+) -> FieldTables:
+    """Track the cells, add growth rates and write the field's tables (runs on a worker).
+
+    Writes ``tables/cells`` and ``tables/tracks`` in the field's group of ``output`` and, for
+    plates, the field's part of the plate-wide cells table.
+    """
+    frame_interval = float(fov.levels[0].scale.get("t", 1.0))
+    cells = track(cells, **config.tracking.parameters())
+    cells = cells.assign(growth_rate=growth_rates(cells, frame_interval=frame_interval))
+    image_group = zarr.open_group(store=output, path=fov.path, mode="r+")
+    tables.write_table(
+        image_group,
+        TRACKS,
+        track_table(cells, frame_interval=frame_interval),
+        table_type="generic_table",
+    )
+    tables.write_table(
+        image_group,
+        CELLS,
+        cells,
+        table_type="feature_table",
+        region=f"../../labels/{CELLS}",
+        instance_key="label",
+    )
+    if fov.well is not None:
+        tables.write_plate_table_part(
+            plate_table_path(output), fov.row + fov.column, fov.field, cells.assign(field=fov.field)
+        )
+    track_of_label = None
+    if config.tracking.write_track_labels:
+        track_of_label = np.zeros(len(cells) + 1, dtype=np.int64)
+        track_of_label[cells["label"].to_numpy()] = cells["track_id"].to_numpy()
+    return FieldTables(
+        n_cells=len(cells),
+        n_tracks=int(cells["track_id"].nunique()) if len(cells) else 0,
+        merge_qc=merge_qc(cells),
+        warnings=segmentation_warnings(
+            cells["n_pixels"].to_numpy(),
+            frame_pixels=frame_pixels,
+            n_frames=n_frames,
+            diameter_px=diameter_px,
+            spatial_ndim=spatial_ndim,
+        ),
+        track_of_label=track_of_label,
+    )
+
+
+def write_track_labels(
+    image_group: zarr.Group,
+    output: str,
+    fov: omezarr.FieldOfView,
+    track_of_label: np.ndarray,
+    client: Client,
+) -> None:
+    """``labels/tracks``: the cell labels with each cell's track id (as CTC expects)."""
+    labels = omezarr.open_labels(output, image_path=fov.path, name=CELLS).levels[0].dask_array()
+    lookup = track_of_label.astype(labels.dtype)
+    tracks = da.map_blocks(np.take, lookup, labels, dtype=labels.dtype)
+    _, writes = omezarr.write_labels(image_group, TRACKS, tracks, compute=False)
+    client.compute(writes, sync=True)
+
+
+def process_field(
+    fov: omezarr.FieldOfView,
+    root: zarr.Group,
+    config: RunConfig,
+    provenance: dict[str, Any],
+    placement: Placement,
+    ledger: Ledger,
+    on_frames: Callable[[int], None],
+) -> FieldOutcome:
+    """Run every stage of one field into the output ``root``; its completion record last.
+
+    ``on_frames`` is told of the field's timepoints twice: segmented, then written.
+    """
+    started = now()
+    client = placement.client
+    output = str(root.store.root)
+    field = FieldData.open(fov, config.segmentation.channel)
+    outcome = FieldOutcome(
+        path=fov.path,
+        well=fov.well,
+        n_frames=field.n_frames,
+        n_pixels=field.n_frames * field.frame_pixels,
+    )
+    clear_unit(root, fov.path)
+    outcome.diameter_px = field_diameter(field, config, placement)
+    diameter_um = (
+        None if outcome.diameter_px is None else outcome.diameter_px * field.pixel_size["x"]
+    )
+    halo_um = stitching_halo_um(config.tiling.halo_um.model_dump(), diameter_um)
+    scratch_path = scratch_folder(output) / (fov.path or "image")
+    segmented = with_halo_retries(
+        partial(segment_and_measure, field, config, placement, scratch_path, outcome.diameter_px),
+        halo_um,
+        config.tiling.halo_retries,
+    )
+    outcome.halo_um = segmented.halo_um
+    on_frames(field.n_frames)
+    renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
+    ids = client.submit(_first, renumbered).result()
+    image_group = write_images(field, segmented, ids, root, ledger, client)
+    written = client.submit(
+        tabulate_field,
+        client.submit(_second, renumbered),
+        output,
+        fov,
+        config,
+        frame_pixels=field.frame_pixels,
+        n_frames=field.n_frames,
+        spatial_ndim=len(field.spatial_dims),
+        diameter_px=outcome.diameter_px,
+        pure=False,
+    ).result()
+    del renumbered, segmented
+    if written.track_of_label is not None:
+        write_track_labels(image_group, output, fov, written.track_of_label, client)
+    shutil.rmtree(scratch_path)
+    outcome.n_cells = written.n_cells
+    outcome.n_tracks = written.n_tracks
+    outcome.warnings = written.warnings
+    image_group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
+        "status": "complete",
+        "version": __version__,
+        **provenance,
+        "started": started,
+        "finished": now(),
+        "halo_um": outcome.halo_um,
+        "diameter_px": outcome.diameter_px,
+        "n_cells": outcome.n_cells,
+        "n_tracks": outcome.n_tracks,
+        "merge_qc": written.merge_qc,
+        "warnings": outcome.warnings,
+    }
+    on_frames(field.n_frames)
+    return outcome
+
+
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]

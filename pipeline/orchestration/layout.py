@@ -1,0 +1,70 @@
+"""Where a run puts things: each field's group in the output, the tables, the scratch space.
+
+The output mirrors the input plate (``ROW/COLUMN/FIELD``; a lone image is the root itself).
+Each field's group holds a copy of the image, ``labels/cells`` (and ``labels/tracks``) and
+``tables/cells`` and ``tables/tracks``; a plate's cells of all fields are also in the
+Hive-partitioned Parquet dataset ``tables/cells`` at the root. Intermediate global ids go to a
+scratch folder beside (not inside) the output, removed when the field is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import zarr
+
+from pipeline.io.omezarr import FieldOfView
+from pipeline.orchestration.records import UNIT_OUTPUT_FOLDERS
+
+__all__ = [
+    "CELLS",
+    "TRACKS",
+    "clear_unit",
+    "field_parent",
+    "plate_table_path",
+    "scratch_folder",
+    "wells",
+]
+
+CELLS = "cells"
+TRACKS = "tracks"
+
+
+def field_parent(root: zarr.Group, path: str) -> tuple[zarr.Group, str]:
+    """The group a field's image group is written into, and its name there ("" at the root)."""
+    if not path:
+        return root, ""
+    well_path, name = path.rsplit("/", 1)
+    return root[well_path], name
+
+
+def clear_unit(root: zarr.Group, path: str) -> None:
+    """Remove what an earlier, stale or interrupted computation of a unit left behind."""
+    folder = Path(root.store.root) / path
+    if path:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in UNIT_OUTPUT_FOLDERS:  # a lone image's output is the root itself
+        shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def scratch_folder(output: str | Path) -> Path:
+    """Scratch space for a run's intermediate ids, beside (not inside) the output dataset."""
+    output = Path(output)
+    return output.parent / f".{output.name}.scratch"
+
+
+def plate_table_path(output: str | Path) -> Path:
+    """The plate-wide cells table (Parquet, partitioned by well)."""
+    return Path(output) / "tables" / CELLS
+
+
+def wells(fields: Iterable[FieldOfView]) -> dict[tuple[str, str], list[str]]:
+    """Field names per (row, column) of the fields of a plate."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for fov in fields:
+        if fov.well is not None:
+            found.setdefault((fov.row, fov.column), []).append(fov.field)
+    return found

@@ -1,0 +1,144 @@
+"""Plan a run: which fields of view to compute, which are done with matching provenance.
+
+A field is done when its completion record (:mod:`pipeline.orchestration.records`) carries the
+provenance the run would give it now: the digest of the settings that decide results, the model
+weights' sha256 and a fingerprint of its input files. The others are computed (from scratch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.convnet.weights import weights_sha256
+from pipeline.errors import PipelineInputError
+from pipeline.io import omezarr
+from pipeline.orchestration.records import (
+    RUN_ATTRIBUTE,
+    UNIT_OUTPUT_FOLDERS,
+    completion_record,
+    output_root,
+)
+
+__all__ = ["RunPlan", "input_fingerprint", "plan_run", "run_provenance"]
+
+_PROVENANCE_KEYS = ("config_sha256", "model_sha256", "input_fingerprint")
+
+
+def input_fingerprint(fov: omezarr.FieldOfView) -> str:
+    """sha256 over the name, size and modification time of every file of a field's image.
+
+    The image's ``labels`` and ``tables`` folders are left out. This reads no pixel data
+    (one ``stat`` per stored chunk), so it is cheap enough to check on every run; a chunk
+    rewritten in place, or the data copied without keeping times, counts as changed.
+    """
+    image = Path(fov.dataset_path) / fov.path
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(image):
+        if Path(folder) == image:
+            subfolders[:] = [name for name in subfolders if name not in UNIT_OUTPUT_FOLDERS]
+        subfolders.sort()
+        for name in sorted(files):
+            path = Path(folder, name)
+            stat = path.stat()
+            relative = path.relative_to(image).as_posix()
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def run_provenance(config: RunConfig) -> dict[str, Any]:
+    """What decides every unit's results besides its input: settings digest and model sha256."""
+    segmentation = config.segmentation
+    model = weights_sha256(segmentation.convnet.model) if segmentation.method == "convnet" else None
+    return {"config_sha256": config.digest(), "model_sha256": model}
+
+
+@dataclass
+class RunPlan:
+    """What a run has to do on an output: the units to compute and those already done."""
+
+    output: Path
+    exists: bool
+    todo: list[omezarr.FieldOfView]
+    done: dict[str, dict[str, Any]]
+    provenance: dict[str, dict[str, Any]]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Every unit is done with matching provenance."""
+        return not self.todo
+
+
+def plan_run(
+    plate: omezarr.Plate,
+    out: str | Path,
+    config: RunConfig,
+    *,
+    force: bool = False,
+    only_failed: bool = False,
+) -> RunPlan:
+    """Decide which units of ``plate`` to compute into ``out``; reads metadata only.
+
+    Parameters
+    ----------
+    plate
+        The input.
+    out
+        The output; a new one, or one an earlier run of the same input wrote.
+    config
+        The run's settings.
+    force
+        Recompute every unit (the old output is replaced).
+    only_failed
+        Compute only the units the last run recorded as failed.
+
+    Returns
+    -------
+    RunPlan
+        Units to compute, in plate order, and the records of those to skip.
+
+    Raises
+    ------
+    PipelineInputError
+        The output exists but is not a pipeline output, was made from another input (without
+        ``force``), or ``only_failed`` is asked of an output that does not exist.
+    """
+    out = Path(out)
+    if out.resolve() == Path(plate.path).resolve():
+        raise PipelineInputError("output must differ from the input", out)
+    common = run_provenance(config)
+    provenance = {
+        fov.path: {**common, "input_fingerprint": input_fingerprint(fov)} for fov in plate.fields
+    }
+    if not out.exists():
+        if only_failed:
+            raise PipelineInputError("--only-failed needs an existing output", out)
+        return RunPlan(out, False, list(plate.fields), {}, provenance)
+    root = output_root(out)
+    ledger = root.attrs.get(RUN_ATTRIBUTE)
+    if not isinstance(ledger, dict) or "input" not in ledger:
+        raise PipelineInputError("output exists but was not written by pipeline run", out)
+    if Path(ledger["input"]).resolve() != Path(plate.path).resolve() and not force:
+        raise PipelineInputError(
+            f"output was made from {ledger['input']}, not this input; choose another output "
+            "or use --force to replace it",
+            out,
+        )
+    if force:
+        return RunPlan(out, True, list(plate.fields), {}, provenance)
+    failed = {path for path, unit in ledger.get("units", {}).items() if unit["state"] == "failed"}
+    todo, done = [], {}
+    for fov in plate.fields:
+        record = completion_record(root, fov.path)
+        current = record is not None and all(
+            record.get(key) == provenance[fov.path][key] for key in _PROVENANCE_KEYS
+        )
+        if current:
+            done[fov.path] = record
+        elif not only_failed or fov.path in failed:
+            todo.append(fov)
+    return RunPlan(out, True, todo, done, provenance)

@@ -1,0 +1,139 @@
+"""A plate on a Dask cluster: its fields in flight a few at a time, then the plate metadata.
+
+At most ``compute.fields_in_flight`` fields (:func:`pipeline.orchestration.field.process_field`)
+are on the scheduler at once, so a 384-well plate never puts millions of tasks on it. A field
+that fails is recorded in the run's ledger and the others go on. Only the fields the run's plan
+lists are computed; the others are done already and kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import zarr
+from distributed import Client
+
+from pipeline.config import RunConfig
+from pipeline.io import omezarr
+from pipeline.orchestration.field import Placement, process_field
+from pipeline.orchestration.layout import scratch_folder, wells
+from pipeline.orchestration.outcomes import (
+    FieldOutcome,
+    RunSummary,
+    failed_outcome,
+    skipped_outcome,
+)
+from pipeline.orchestration.plan import RunPlan
+from pipeline.orchestration.records import Ledger
+
+__all__ = ["process_plate"]
+
+
+def process_plate(
+    plate: omezarr.Plate,
+    plan: RunPlan,
+    config: RunConfig,
+    client: Client,
+    *,
+    gpu_workers: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Compute the units of ``plan`` and finish the output: plate metadata, the run's ledger.
+
+    Parameters
+    ----------
+    plate
+        The input, from :func:`pipeline.io.omezarr.open_plate` (never modified).
+    plan
+        What to compute and what is done, from :func:`pipeline.orchestration.plan.plan_run`; a
+        new output is created, an existing one is updated.
+    config
+        Run configuration.
+    client
+        Dask client of the cluster to run on.
+    gpu_workers
+        Restrict inference to workers with a ``GPU`` resource.
+    progress
+        Called with a number of frame-steps done (each frame counts twice: segmented, written).
+
+    Returns
+    -------
+    RunSummary
+        Per-field outcomes (computed, skipped or failed); the output's ledger records the same.
+    """
+    started = time.perf_counter()
+    if plan.exists and plan.done:
+        root = zarr.open_group(plan.output, mode="r+")
+    else:
+        root = omezarr.create_root(plan.output, overwrite=plan.exists)
+    ledger = Ledger(plan.output, plate.path, [fov.path for fov in plate.fields])
+    for (row, column), fields in wells(plate.fields).items():
+        omezarr.write_well(root, row, column, fields)
+    placement = Placement(client, gpu_workers)
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    def run_unit(fov: omezarr.FieldOfView) -> FieldOutcome:
+        ledger.set(fov.path, "running")
+        outcome = process_field(
+            fov, root, config, plan.provenance[fov.path], placement, ledger, advance
+        )
+        ledger.set(fov.path, "done")
+        return outcome
+
+    outcomes = [
+        skipped_outcome(fov, plan.done[fov.path]) for fov in plate.fields if fov.path in plan.done
+    ]
+    with ThreadPoolExecutor(max_workers=config.compute.fields_in_flight) as pool:
+        futures = {pool.submit(run_unit, fov): fov for fov in plan.todo}
+        for future in as_completed(futures):
+            fov = futures[future]
+            try:
+                outcomes.append(future.result())
+            except Exception as error:  # a failed field is recorded; the others go on
+                outcome = failed_outcome(fov, error)
+                ledger.set(fov.path, "failed", outcome.error)
+                outcomes.append(outcome)
+    summary = RunSummary(plate.path, str(plan.output), _in_plate_order(plate, outcomes), 0.0)
+    summary.wall_seconds = time.perf_counter() - started
+    _finish_output(plan.output, plate, summary)
+    ledger.finish(summary.wall_seconds)
+    return summary
+
+
+def _in_plate_order(plate: omezarr.Plate, outcomes: list[FieldOutcome]) -> list[FieldOutcome]:
+    order = {fov.path: i for i, fov in enumerate(plate.fields)}
+    return sorted(outcomes, key=lambda o: order[o.path])
+
+
+def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> None:
+    """Write the plate metadata, listing the fields that are done (now or before)."""
+    root = zarr.open_group(output, mode="r+")  # a lone image rewrote the root group
+    shutil.rmtree(scratch_folder(output), ignore_errors=True)
+    if not plate.is_plate:
+        return
+    done = [fov for fov, o in zip(plate.fields, summary.fields, strict=True) if o.error is None]
+    done_wells = wells(done)
+    for (row, column), fields in done_wells.items():
+        omezarr.write_well(root, row, column, fields)
+    for fov in plate.fields:  # a well none of whose fields is done must not list them
+        if (fov.row, fov.column) not in done_wells:
+            shutil.rmtree(Path(output) / fov.row / fov.column, ignore_errors=True)
+    if done_wells:
+        omezarr.write_plate_metadata(
+            root,
+            name=plate.name or Path(plate.path).stem,
+            rows=plate.rows,
+            columns=plate.columns,
+            wells=list(done_wells),
+            field_count=max(len(f) for f in done_wells.values()),
+        )

@@ -1,0 +1,171 @@
+"""What an output records about its run: each field's completion record and the run's ledger.
+
+When a field (a *unit* of work) has written all its label chunks and tables, its image group
+gets a *completion record* (attribute ``pipeline``): its provenance (settings digest, model
+sha256, input fingerprint, package version), timestamps, counts and QC. The output's root
+attribute ``pipeline_run`` holds the run's *ledger*: the state of every unit (``done``,
+``failed`` with its error, ``running``, ``pending``), which ``pipeline status`` shows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from pipeline._version import __version__
+from pipeline.errors import PipelineInputError
+
+__all__ = [
+    "ATTRIBUTE",
+    "RUN_ATTRIBUTE",
+    "Ledger",
+    "UnitState",
+    "completion_record",
+    "now",
+    "output_root",
+    "unit_states",
+]
+
+ATTRIBUTE = "pipeline"  # a unit's completion record, on its image group
+RUN_ATTRIBUTE = "pipeline_run"  # the run's ledger, on the output's root
+UNIT_OUTPUT_FOLDERS = ("labels", "tables")  # what a run writes into an image's group
+
+
+def now() -> str:
+    """The current time in UTC, ISO 8601 to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def output_root(out: Path) -> zarr.Group:
+    """The root group of an existing output, read-only."""
+    try:
+        return zarr.open_group(out, mode="r")
+    except Exception:
+        raise PipelineInputError(
+            "output exists but is not a zarr group written by pipeline run", out
+        ) from None
+
+
+def completion_record(root: zarr.Group, path: str) -> dict[str, Any] | None:
+    """The completion record of the unit at ``path`` ("" for a lone image), if complete."""
+    try:
+        group = root[path] if path else root
+    except KeyError:
+        return None
+    record = group.attrs.get(ATTRIBUTE)
+    if isinstance(record, dict) and record.get("status") == "complete":
+        return record
+    return None
+
+
+class Ledger:
+    """The run's record of every unit's state, in the output's root attributes (thread-safe).
+
+    Each write re-reads the root group, so that other root metadata (a lone image's, which a
+    unit rewrites) is kept.
+
+    Parameters
+    ----------
+    output
+        The output's root path.
+    input_path
+        The input the output is made from.
+    units
+        Paths of all units of the input.
+    """
+
+    def __init__(self, output: str | Path, input_path: str, units: Iterable[str]) -> None:
+        self._output = str(output)
+        self._lock = threading.Lock()
+        previous = zarr.open_group(self._output, mode="r").attrs.get(RUN_ATTRIBUTE) or {}
+        known = previous.get("units", {}) if previous.get("input") == input_path else {}
+        self._state: dict[str, Any] = {
+            "status": "running",
+            "version": __version__,
+            "input": input_path,
+            "started": now(),
+            "units": {
+                path: known.get(path, {"state": "pending", "error": None, "time": None})
+                for path in units
+            },
+        }
+        self.rewrite()
+
+    def _write(self) -> None:
+        zarr.open_group(self._output, mode="r+").attrs[RUN_ATTRIBUTE] = self._state
+
+    def rewrite(self) -> None:
+        """Write the ledger to the root's attributes (again)."""
+        with self._lock:
+            self._write()
+
+    def set(self, path: str, state: str, error: str | None = None) -> None:
+        """Record that unit ``path`` is ``running``, ``done`` or ``failed`` (with ``error``)."""
+        with self._lock:
+            self._state["units"][path] = {"state": state, "error": error, "time": now()}
+            self._write()
+
+    def finish(self, wall_seconds: float) -> str:
+        """Record the end of the run; returns its status, ``complete`` or ``partial``."""
+        units = self._state["units"]
+        status = "complete" if all(u["state"] == "done" for u in units.values()) else "partial"
+        with self._lock:
+            self._state.update(
+                status=status,
+                finished=now(),
+                wall_seconds=round(wall_seconds, 3),
+                fields_done=sum(u["state"] == "done" for u in units.values()),
+                failures=[
+                    {"field": path, "error": u["error"]}
+                    for path, u in units.items()
+                    if u["state"] == "failed"
+                ],
+            )
+            self._write()
+        return status
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """One unit of an output as ``pipeline status`` shows it."""
+
+    path: str
+    state: str
+    error: str | None
+    time: str | None
+
+
+def unit_states(out: str | Path) -> tuple[dict[str, Any], list[UnitState]]:
+    """The run ledger of an output and the state of each unit: done, failed or pending.
+
+    A unit is *done* only when its completion record is written; one that was running when
+    the run was killed is *pending*.
+
+    Raises
+    ------
+    PipelineInputError
+        If ``out`` does not exist or was not written by ``pipeline run``.
+    """
+    out = Path(out)
+    if not out.exists():
+        raise PipelineInputError("output not found", out)
+    root = output_root(out)
+    ledger = root.attrs.get(RUN_ATTRIBUTE)
+    if not isinstance(ledger, dict) or "units" not in ledger:
+        raise PipelineInputError("not an output of pipeline run (no run ledger)", out)
+    states = []
+    for path, unit in ledger["units"].items():
+        record = completion_record(root, path)
+        if record is not None:
+            states.append(UnitState(path, "done", None, record.get("finished")))
+        elif unit["state"] == "failed":
+            states.append(UnitState(path, "failed", unit["error"], unit["time"]))
+        else:
+            states.append(UnitState(path, "pending", None, unit["time"]))
+    return ledger, states
