@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.tracking import track
+from pipeline.tracking import NO_LINK_COST_FACTOR, track
 
 
 def _objects(rows: list[tuple[int, float, float]]) -> pd.DataFrame:
@@ -331,3 +331,36 @@ def test_feature_weights_prefer_links_that_keep_the_size():
     assert weighted.loc["B", "track_id"] == weighted.loc["P", "track_id"]
     with pytest.raises(ValueError, match="feature 'volume'"):
         track(objects, feature_weights={"volume": 1.0})
+
+
+def test_frame_linking_equals_laptrack_on_dense_random_walkers() -> None:
+    """The same frame-to-frame problem given to laptrack (an independent implementation of
+    Jaqaman's linear assignment): identical tracks, births and deaths included."""
+    laptrack = pytest.importorskip("laptrack")
+    rng = np.random.default_rng(7)
+    rows, position = [], rng.uniform(0, 80, size=(60, 2))
+    for t in range(8):
+        position = position + rng.normal(0, 2.5, size=position.shape)  # ~ nearest neighbour / 2
+        alive = rng.random(len(position)) > 0.05  # some cells vanish, new ones appear
+        position = np.vstack([position[alive], rng.uniform(0, 80, size=(3, 2))])
+        rows += [(t, y, x) for y, x in position]
+    objects = pd.DataFrame(rows, columns=["t", "y", "x"])
+    max_distance = 8.0
+    ours = track(objects, max_distance=max_distance, max_gap=0, divisions=False)
+
+    no_link = NO_LINK_COST_FACTOR * max_distance**2
+    tracker = laptrack.LapTrack(
+        metric="sqeuclidean",
+        cutoff=max_distance**2,
+        gap_closing_cutoff=False,
+        splitting_cutoff=False,
+        track_start_cost=no_link,
+        track_end_cost=no_link,
+    )
+    theirs, _, _ = tracker.predict_dataframe(
+        objects.rename(columns={"t": "frame"}), ["y", "x"], frame_col="frame"
+    )
+    # Same partition of the objects into tracks: the ids correspond one to one.
+    pairs = pd.DataFrame({"ours": ours["track_id"].to_numpy(), "theirs": theirs["track_id"]})
+    assert pairs.drop_duplicates().shape[0] == pairs["ours"].nunique() == pairs["theirs"].nunique()
+    assert 60 < pairs["ours"].nunique() < len(objects)  # links and new tracks both occur
