@@ -30,6 +30,7 @@ import tifffile
 import zarr
 
 from pipeline.errors import PipelineInputError
+from pipeline.io.omezarr import open_image
 from pipeline.metrics import (
     DEFAULT_IOU_THRESHOLDS,
     MATCHED_OBJECTS_THRESHOLD,
@@ -334,38 +335,26 @@ def _zarr_label_images(location: str) -> list[LabelImage]:
             f"not an OME-Zarr label image (give its path, e.g. IMAGE/labels/NAME){hint}",
             location,
         )
-    multiscale = metadata["multiscales"][0]
-    if not multiscale.get("axes"):
-        raise PipelineInputError("multiscales metadata has no axes (OME-Zarr 0.4+)", location)
-    axes = [axis.get("name") if isinstance(axis, dict) else axis for axis in multiscale["axes"]]
-    datasets = multiscale.get("datasets") or []
-    if not datasets:
-        raise PipelineInputError("multiscale label image has no datasets", location)
-    array_location = os.path.join(location, str(datasets[0]["path"]).strip("/"))
-    try:
-        array = group[str(datasets[0]["path"]).strip("/")]
-    except Exception as error:
-        raise PipelineInputError("cannot open the full-resolution level", array_location) from error
-    if not isinstance(array, zarr.Array) or array.ndim != len(axes):
+    labels = open_image(location)  # the one OME-Zarr parser: axes, datasets, dtypes
+    dims = labels.data.dims
+    array_location = os.path.join(location, labels.levels[0].path)
+    if "c" in dims and labels.data.sizes["c"] != 1:
         raise PipelineInputError(
-            f"full-resolution level does not match the axes {axes}", array_location
+            f"label image has {labels.data.sizes['c']} channels; expected one", location
         )
-    unknown = [axis for axis in axes if axis not in ("t", "c", "z", "y", "x")]
-    if unknown:
-        raise PipelineInputError(f"unsupported axes {unknown}; expected t, c, z, y, x", location)
-    if "c" in axes and array.shape[axes.index("c")] != 1:
-        raise PipelineInputError(
-            f"label image has {array.shape[axes.index('c')]} channels; expected one", location
-        )
-    image_shape = tuple(size for axis, size in zip(axes, array.shape, strict=True) if axis in "zyx")
-    n_frames = array.shape[axes.index("t")] if "t" in axes else None
+    data = labels.levels[0].dask_array()
+    if "c" in dims:
+        data = data[(slice(None),) * dims.index("c") + (0,)]
+    spatial = tuple(dim for dim in dims if dim != "c")
+    image_shape = tuple(n for dim, n in zip(spatial, data.shape, strict=True) if dim != "t")
+    dtype = np.dtype(data.dtype)
 
     def reader(t: int | None) -> Callable[[], np.ndarray]:
-        key = tuple((t if axis == "t" else 0) if axis in "tc" else slice(None) for axis in axes)
-
         def read() -> np.ndarray:
             try:
-                return np.asarray(array[key])
+                return np.asarray(data if t is None else data[t])
+            except PipelineInputError:
+                raise
             except Exception as error:
                 raise PipelineInputError(
                     f"cannot read labels ({type(error).__name__}: {error})", array_location
@@ -373,14 +362,12 @@ def _zarr_label_images(location: str) -> list[LabelImage]:
 
         return read
 
-    if n_frames is None:
+    if "t" not in dims:
         name = os.path.basename(location.rstrip(os.sep))
-        return [LabelImage(name, array_location, image_shape, np.dtype(array.dtype), reader(None))]
+        return [LabelImage(name, array_location, image_shape, dtype, reader(None))]
     return [
-        LabelImage(
-            f"t{t}", f"{array_location} [t={t}]", image_shape, np.dtype(array.dtype), reader(t)
-        )
-        for t in range(n_frames)
+        LabelImage(f"t{t}", f"{array_location} [t={t}]", image_shape, dtype, reader(t))
+        for t in range(data.shape[0])
     ]
 
 
