@@ -13,10 +13,10 @@ import xarray as xr
 from distributed import futures_of, wait
 
 from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
+from pipeline.convnet.settings import ConvNetExecution
 from pipeline.io.omezarr import open_plate
 from pipeline.normalize import colour_to_grey
 from pipeline.orchestration.runner import run
-from pipeline.segmentation.parameters import ConvNetExecution
 from pipeline.segmentation.tiled import relabel_consecutive, sorted_ids, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels
 
@@ -104,7 +104,7 @@ def segment(
     **parameters
         Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
         ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalParameters`; and how the
-        conv-net runs: :class:`pipeline.segmentation.parameters.ConvNetExecution`
+        conv-net runs: :class:`pipeline.convnet.settings.ConvNetExecution`
         (``device``, ``cpu_threads``, ``batch_size``, ``tile_px``, ``frames_per_block``).
 
     Returns

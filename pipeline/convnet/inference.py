@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from functools import partial
 
 import dask.array as da
@@ -32,6 +31,7 @@ import torch
 from dask_image.ndinterp import affine_transform
 from scipy import ndimage as ndi
 
+from pipeline.convnet.settings import InferenceSettings
 from pipeline.convnet.unet import UNet
 from pipeline.convnet.weights import ModelInfo, load_model
 from pipeline.normalize import frame_percentiles, normalize
@@ -53,39 +53,6 @@ __all__ = [
 ]
 
 N_MAPS = 4
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How the network runs: model file, device, threads, batch and tile sizes, TTA.
-
-    Attributes
-    ----------
-    model
-        Path of a model (``NAME`` or ``NAME.pt``; None: the shipped one).
-    device
-        ``"auto"`` (CUDA if this process sees a GPU, else CPU), ``"cpu"`` or ``"cuda"``.
-    cpu_threads
-        torch threads on the CPU (None: torch's default).
-    batch_size
-        Tiles per forward pass.
-    tile_px
-        Core tile edge at the model's scale (rounded up to a multiple of the stride).
-    tta
-        Average the 8 rotations/reflections of each tile (a cheap ensemble).
-    polarity
-        ``"bright"`` nuclei on a dark background (fluorescence), ``"dark"`` on a light one
-        (brightfield: the frame is inverted), ``"auto"``: decided per frame from its histogram
-        (:func:`pipeline.normalize.limits_from_histogram`).
-    """
-
-    model: str | None = None
-    device: str = "auto"
-    cpu_threads: int | None = None
-    batch_size: int = 4
-    tile_px: int = 1024
-    tta: bool = False
-    polarity: str = "auto"
 
 
 _MODELS: dict[tuple[str | None, str], tuple[UNet, ModelInfo]] = {}
@@ -405,7 +372,7 @@ def maps_from_normalised(
         new_axis=1,
         chunks=out_chunks,
         dtype=np.float32,
-        name=f"infer-{da.core.tokenize(scaled, asdict(settings), halo)}",
+        name=f"infer-{da.core.tokenize(scaled, settings.model_dump(), halo)}",
         meta=np.empty((0,) * (scaled.ndim + 1), dtype=np.float32),
     )
     spatial_chunks = output_chunks or normalised.chunks[-2:]

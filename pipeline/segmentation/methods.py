@@ -14,7 +14,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from pipeline.convnet.inference import InferenceSettings, maps_from_normalised, normalised_frames
+from pipeline.convnet.inference import maps_from_normalised, normalised_frames
+from pipeline.convnet.settings import InferenceSettings, ModelSettings
 from pipeline.segmentation.classical import ClassicalRecipe
 from pipeline.segmentation.convnet import ConvNetRecipe
 from pipeline.segmentation.diameter import estimate_diameter
@@ -36,15 +37,8 @@ def inference_settings(
 ) -> InferenceSettings:
     """The inference settings of a segmentation configuration and how the network runs."""
     convnet, compute = segmentation.convnet, compute or ConvNetExecution()
-    return InferenceSettings(
-        model=convnet.model,
-        device=compute.device,
-        cpu_threads=compute.cpu_threads,
-        batch_size=compute.batch_size,
-        tile_px=compute.tile_px,
-        tta=convnet.tta,
-        polarity=convnet.polarity,
-    )
+    chosen = {name: getattr(convnet, name) for name in ModelSettings.model_fields}
+    return InferenceSettings(**chosen, **compute.model_dump())
 
 
 def diameter_sample(frames: da.Array) -> da.Array:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat
 
+from pipeline.convnet.settings import ConvNetExecution, ModelSettings
 from pipeline.segmentation.classical import ClassicalParameters
 from pipeline.segmentation.convnet import ConvNetParameters
 from pipeline.settings import StrictModel
@@ -20,18 +21,11 @@ from pipeline.settings import StrictModel
 __all__ = ["ConvNetConfig", "ConvNetExecution", "SegmentationConfig"]
 
 
-class ConvNetConfig(ConvNetParameters):
+class ConvNetConfig(ConvNetParameters, ModelSettings):
     """The conv-net segmenter: model, scale and post-processing (how it runs: ``compute``)."""
 
-    model: str | None = Field(None, description="model path (NAME or NAME.pt); None: shipped")
     diameter_px: PositiveFloat | None = Field(
         None, description="typical nucleus diameter in pixels; None: estimated per field"
-    )
-    tta: bool = Field(False, description="average the 8 rotations/reflections of each tile")
-    polarity: Literal["auto", "bright", "dark"] = Field(
-        "auto",
-        description="nuclei bright on dark (fluorescence) or dark on light (brightfield, "
-        "inverted); auto: decided per frame",
     )
 
 
@@ -42,17 +36,3 @@ class SegmentationConfig(StrictModel):
     channel: str | int = Field(0, description="channel name or index holding the nuclei")
     convnet: ConvNetConfig = ConvNetConfig()
     classical: ClassicalParameters = ClassicalParameters()
-
-
-class ConvNetExecution(StrictModel):
-    """How the conv-net runs; results do not depend on it (tiled == whole-image inference)."""
-
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the conv-net runs (auto: cuda where a worker has a GPU)"
-    )
-    cpu_threads: PositiveInt | None = Field(
-        1, description="torch threads per inference task on a CPU (None: torch's default)"
-    )
-    batch_size: PositiveInt = Field(4, description="tiles per forward pass")
-    tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
-    frames_per_block: PositiveInt = Field(4, description="timepoints batched in one task")

@@ -1,0 +1,47 @@
+"""How the network runs and which network: the settings of inference (torch-free to import).
+
+:class:`ModelSettings` decide results (which weights, test-time augmentation, polarity) and
+belong to a run's ``segmentation.convnet`` section; :class:`ConvNetExecution` does not (tiled
+== whole-image inference) and is the run's ``compute`` section. :class:`InferenceSettings`
+is both, as :mod:`pipeline.convnet.inference` takes them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveInt
+
+from pipeline.settings import StrictModel
+
+__all__ = ["ConvNetExecution", "InferenceSettings", "ModelSettings"]
+
+
+class ModelSettings(StrictModel):
+    """Which network, and how its input is presented; these change results."""
+
+    model: str | None = Field(None, description="model path (NAME or NAME.pt); None: shipped")
+    tta: bool = Field(False, description="average the 8 rotations/reflections of each tile")
+    polarity: Literal["auto", "bright", "dark"] = Field(
+        "auto",
+        description="nuclei bright on dark (fluorescence) or dark on light (brightfield, "
+        "inverted); auto: decided per frame from its histogram",
+    )
+
+
+class ConvNetExecution(StrictModel):
+    """How the conv-net runs; results do not depend on it (tiled == whole-image inference)."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the conv-net runs (auto: cuda where the process sees a GPU)"
+    )
+    cpu_threads: PositiveInt | None = Field(
+        1, description="torch threads per inference task on a CPU (None: torch's default)"
+    )
+    batch_size: PositiveInt = Field(4, description="tiles per forward pass")
+    tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
+    frames_per_block: PositiveInt = Field(4, description="timepoints batched in one task")
+
+
+class InferenceSettings(ModelSettings, ConvNetExecution):
+    """Everything inference takes: the model settings and how it runs."""
