@@ -38,7 +38,8 @@ def inference_settings(
     """The inference settings of a segmentation configuration and how the network runs."""
     convnet, compute = segmentation.convnet, compute or ConvNetExecution()
     chosen = {name: getattr(convnet, name) for name in ModelSettings.model_fields}
-    return InferenceSettings(**chosen, **compute.model_dump())
+    execution = {name: getattr(compute, name) for name in ConvNetExecution.model_fields}
+    return InferenceSettings(**chosen, **execution)
 
 
 def diameter_sample(frames: da.Array) -> da.Array:
