@@ -28,6 +28,14 @@ def small_plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start a cluster or need SLURM are slow as well: ``-m "not slow"`` is the
+    fast subset."""
+    for item in items:
+        if item.get_closest_marker("cluster") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
 def run_pipeline(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline ARGS`` in a subprocess, as a user would."""
     return subprocess.run(

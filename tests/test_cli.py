@@ -26,6 +26,9 @@ from scipy import ndimage
 from pipeline.cli import main
 from pipeline.io.omezarr import open_plate
 
+# Every test runs the `pipeline` command (most of them on a local Dask cluster).
+pytestmark = pytest.mark.slow
+
 VALIDATOR = Path(sys.executable).with_name("ome-zarr-models")
 FIELDS = {"A/1": "A/1/0", "A/2": "A/2/0"}
 TABLE_COLUMNS = {

@@ -97,6 +97,7 @@ def _worker_arguments(job_script: str) -> list[str]:
     return shlex.split(command)
 
 
+@pytest.mark.cluster
 def test_local_cluster_listens_on_localhost_only():
     before = _children()
     with connect(workers=2) as run:
@@ -134,6 +135,7 @@ def _write_certificates(directory: Path) -> dict[str, str]:
     return settings
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_public_interface_with_tls_certificates(tmp_path):
     before = _children()
@@ -162,6 +164,7 @@ def test_incomplete_tls_config_is_named(tmp_path):
                 pass
 
 
+@pytest.mark.cluster
 def test_existing_scheduler_reports_gpu_workers():
     for resources, expected in (({"GPU": 1}, True), ({}, False)):
         with LocalCluster(
@@ -226,6 +229,7 @@ def test_deployed_config_sections(tmp_path):
         assert host == "127.0.0.1"
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_slurm_uses_temporary_tls_by_default(tmp_path, monkeypatch):
     """Without certificates in the config, a SLURM cluster makes temporary ones and its jobs

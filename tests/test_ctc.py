@@ -245,6 +245,7 @@ def test_read_sparse1_ground_truth() -> None:
         assert row.parent_track_id == lines.set_index("track_id").loc[row.label, "parent_track_id"]
 
 
+@pytest.mark.slow
 def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plate = simulate_plate(
         tmp_path / "plate.zarr", rows=1, columns=1, fields=1, n_frames=3, size=64, seed=0

@@ -61,6 +61,7 @@ def test_weights_load_with_weights_only(random_model):
     assert len(info.weights_sha256) == 64
 
 
+@pytest.mark.slow
 def test_shipped_model_loads_with_weights_only_and_matches_its_record():
     import importlib.resources
 
@@ -162,6 +163,7 @@ def _two_worker_cluster(gpu_resources: dict[str, float]) -> SpecCluster:
     return SpecCluster(workers=workers, scheduler=scheduler)
 
 
+@pytest.mark.cluster
 def test_model_is_loaded_once_per_worker(random_model):
     frames = np.stack([_blobs((256, 256), seed) for seed in range(4)])
     settings = InferenceSettings(model=random_model, tile_px=64, batch_size=4)
@@ -178,6 +180,7 @@ def test_model_is_loaded_once_per_worker(random_model):
     assert sorted(loads.values()) == [1, 1]  # ... and each loaded the model exactly once
 
 
+@pytest.mark.cluster
 def test_inference_runs_only_on_the_gpu_worker(random_model):
     frames = np.stack([_blobs((192, 192), seed) for seed in range(3)])
     settings = InferenceSettings(model=random_model, tile_px=64, device="cpu")
@@ -201,6 +204,7 @@ def test_inference_runs_only_on_the_gpu_worker(random_model):
     assert 0 <= total <= 3 * 192 * 192
 
 
+@pytest.mark.cluster
 def test_run_on_a_cluster_with_one_gpu_worker(small_plate, tmp_path):
     """``pipeline run``: inference (and the diameter estimate) only where ``GPU=1``."""
     import zarr

@@ -14,6 +14,8 @@ import pytest
 
 from pipeline.synthetic import simulate_plate
 
+pytestmark = pytest.mark.cluster
+
 
 def _fetch(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=30) as response:

@@ -43,6 +43,7 @@ def test_stored_notebook_has_no_outputs():
     assert notebook.metadata.kernelspec.name == "python3"
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(600)
 def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     jupyter_path = tmp_path / "jupyter"

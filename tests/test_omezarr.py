@@ -254,6 +254,7 @@ def test_write_labels_rejects_wrong_shape_and_float(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_written_plate_validates_and_reads_back(tmp_path):
     path = tmp_path / "plate.zarr"
     root = create_root(path)

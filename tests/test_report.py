@@ -68,6 +68,7 @@ def _truth_counts(output: Path) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+@pytest.mark.cluster
 def test_plate_report_links_every_figure_and_each_decodes(outputs, tmp_path):
     index = write_qc_report(outputs["plate"], tmp_path / "qc")
     assert index == tmp_path / "qc" / "index.html"
@@ -92,6 +93,7 @@ def test_plate_report_links_every_figure_and_each_decodes(outputs, tmp_path):
         assert f'<td class="num">{cells["track_id"].nunique()}</td>' in text
 
 
+@pytest.mark.cluster
 def test_heat_map_counts_equal_the_parquet_tables(outputs):
     counts = well_cell_counts(outputs["plate"]).set_index("well")
     truth = _truth_counts(outputs["plate"])
@@ -124,6 +126,7 @@ def test_outline_overlay_marks_exactly_the_skimage_boundaries():
         outline_overlay(image, labels[:-1])
 
 
+@pytest.mark.cluster
 def test_failed_fields_are_listed_with_their_error(outputs, tmp_path):
     # As a run leaves a partial output: the failed well's field is gone and unlisted, the
     # run's ledger on the root names it with its error; a second field has no completion
@@ -155,6 +158,7 @@ def test_failed_fields_are_listed_with_their_error(outputs, tmp_path):
     assert counts["cells_first"].isna().all() and (counts["fields"] == 0).all()
 
 
+@pytest.mark.cluster
 def test_an_output_whose_fields_all_failed_lists_the_failures(outputs, tmp_path):
     # No field completed: the run writes no plate metadata, only its ledger.
     output = tmp_path / "failed.zarr"
@@ -176,6 +180,7 @@ def test_an_output_whose_fields_all_failed_lists_the_failures(outputs, tmp_path)
         write_qc_report(tmp_path / "nothing.zarr", tmp_path / "qc2")
 
 
+@pytest.mark.cluster
 def test_a_field_without_a_cells_table_is_skipped_gracefully(outputs, tmp_path):
     output = tmp_path / "no_table.zarr"
     shutil.copytree(outputs["plate"], output)
@@ -190,6 +195,7 @@ def test_a_field_without_a_cells_table_is_skipped_gracefully(outputs, tmp_path):
     assert counts.loc["A/1", "cells_first"] == _truth_counts(outputs["plate"]).loc["A/1"].iloc[0]
 
 
+@pytest.mark.cluster
 def test_lone_image_report_has_no_heat_map(outputs, tmp_path):
     index = write_qc_report(outputs["lone"], tmp_path / "qc", channel="cytoplasm", max_pixels=50)
     links = _links(index)
@@ -221,6 +227,7 @@ def test_safe_name():
     assert safe_name("A/1/f 0") == "A1_f_0"
 
 
+@pytest.mark.cluster
 def test_run_writes_its_report_and_the_command_rewrites_it(outputs, tmp_path):
     own = outputs["plate"].with_suffix(".report") / "index.html"  # written by the run itself
     assert set(_links(own)) == set(_links(write_qc_report(outputs["plate"], tmp_path / "qc")))
@@ -228,6 +235,7 @@ def test_run_writes_its_report_and_the_command_rewrites_it(outputs, tmp_path):
     _check_pngs(tmp_path / "again" / "index.html", _links(tmp_path / "again" / "index.html"))
 
 
+@pytest.mark.cluster
 def test_a_failing_report_does_not_fail_the_run(outputs, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")

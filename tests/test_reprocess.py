@@ -5,10 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import zarr
 
 from pipeline.orchestration.runner import ClusterOptions, reprocess
 from pipeline.synthetic import simulate_plate
+
+pytestmark = pytest.mark.cluster
 
 
 def _plate(path: Path, seed: int) -> Path:

@@ -34,6 +34,8 @@ from pipeline.orchestration.records import unit_states
 from pipeline.orchestration.runner import run
 from pipeline.synthetic import simulate_plate
 
+pytestmark = pytest.mark.cluster
+
 FIELDS = ["A/1/0", "A/1/1", "A/2/0", "A/2/1"]
 
 

@@ -26,6 +26,8 @@ import pipeline.api
 from pipeline.orchestration.cluster import connect
 from pipeline.synthetic import simulate_plate
 
+pytestmark = [pytest.mark.slurm, pytest.mark.cluster]
+
 REPO = Path(__file__).parents[1]
 TESTING = REPO / "deploy" / "slurm" / "testing"
 FIELDS = ("A/1/0", "A/2/0")

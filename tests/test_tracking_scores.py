@@ -90,6 +90,7 @@ def test_simulated_field_tra(seed, tmp_path):
     assert scores["DET"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_sparse1_tra_and_divisions(tmp_path):
     directory = _tracking_data("sparse1")
     labels, objects = read_ctc(directory / "TRA")
@@ -101,6 +102,7 @@ def test_sparse1_tra_and_divisions(tmp_path):
     assert scores["BC(0)"] >= 0.9
 
 
+@pytest.mark.slow
 def test_epidermis_area1_sanity(tmp_path):
     """Dense, dividing epidermis: reported, with only a sanity floor (parameters not tuned)."""
     directory = _tracking_data("epidermis_area1")

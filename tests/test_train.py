@@ -226,6 +226,7 @@ def test_training_recipe_file(tmp_path, tiny_folder):
         read_training_recipe(recipe)
 
 
+@pytest.mark.slow
 def test_exclusion_by_name_and_path_end(tiny_folder):
     excluded: list[str] = []
     kept = load_image_folder(tiny_folder, ["tiny/t00.tif", "t02.tif"], excluded)
@@ -239,6 +240,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.clone() for name, value in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_records_itself(tiny_folder, tmp_path):
     lines: list[str] = []
     model_a, info = train(
@@ -296,6 +298,7 @@ def test_zarr_source_reads_every_frame(tmp_path):
         load_zarr(plate, "ground_truth", "dapi")
 
 
+@pytest.mark.slow
 def test_train_command(tiny_folder, tmp_path, capsys):
     out = tmp_path / "model"
     argv = [
@@ -334,6 +337,7 @@ def test_train_command(tiny_folder, tmp_path, capsys):
     assert main([*argv[:2], str(tmp_path / "m2"), "--data", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_given_model(tiny_folder, tmp_path):
     base, _ = train(out=tmp_path / "base", data=[tiny_folder], config=TINY, log=print)
     still = replace(TINY, learning_rate=0.0, diameter_px=20.0, base_channels=8)
