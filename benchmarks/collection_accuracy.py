@@ -37,8 +37,8 @@ import tifffile
 from pipeline import segment
 from pipeline.convnet.inference import InferenceSettings, median_diameter
 from pipeline.convnet.training import image_groups, read_name_list
-from pipeline.metrics import score_segmentation
 from pipeline.normalize import colour_to_grey
+from pipeline.qc.metrics import score_segmentation
 from pipeline.segmentation.diameter import estimate_diameter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,8 +31,8 @@ from collection_accuracy import DEFAULT_DATA, DEFAULT_SPLIT, read_split
 
 from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
 from pipeline.convnet.training import image_groups
-from pipeline.metrics import score_segmentation
 from pipeline.normalize import colour_to_grey
+from pipeline.qc.metrics import score_segmentation
 from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 
 CANDIDATES = {

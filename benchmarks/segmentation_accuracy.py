@@ -35,7 +35,7 @@ Scoring protocols for the real images
                 the mask and the prediction before matching. Unannotated nuclei away from the
                 border still count as false positives.
 
-AP = TP / (TP + FP + FN) at an IoU threshold, one-to-one matching (:mod:`pipeline.metrics`).
+AP = TP / (TP + FP + FN) at an IoU threshold, one-to-one matching (:mod:`pipeline.qc.metrics`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from skimage.segmentation import clear_border
 from pipeline import segment
 from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
 from pipeline.convnet.weights import load_model
-from pipeline.metrics import average_precision, score_segmentation
+from pipeline.qc.metrics import average_precision, score_segmentation
 from pipeline.segmentation.classical import ClassicalParameters, segment_region
 from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 from pipeline.segmentation.diameter import estimate_diameter

@@ -84,7 +84,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.orchestration.runner import report_folder
-    from pipeline.report import write_qc_report
+    from pipeline.qc.report import write_qc_report
 
     index = write_qc_report(args.output, args.dir or report_folder(args.output))
     print(f"QC report: {index}")
@@ -155,7 +155,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate
+    from pipeline.qc.evaluate import evaluate
 
     options = {} if args.thresholds is None else {"thresholds": args.thresholds}
     report = evaluate(args.prediction, args.ground_truth, min_size=args.min_size, **options)

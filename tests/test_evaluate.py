@@ -1,4 +1,4 @@
-"""Tests of ``pipeline.evaluate`` and the ``pipeline evaluate`` command.
+"""Tests of ``pipeline.qc.evaluate`` and the ``pipeline evaluate`` command.
 
 Label sets are written as TIFF files and OME-Zarr label images holding hand-drawn images whose
 scores are counted by hand (the same 6x6 case as in test_metrics.py), and a simulated plate
@@ -17,8 +17,8 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.errors import PipelineInputError
-from pipeline.evaluate import evaluate, read_label_images
 from pipeline.io.omezarr import create_root, write_image, write_labels
+from pipeline.qc.evaluate import evaluate, read_label_images
 from pipeline.synthetic import simulate_plate
 
 

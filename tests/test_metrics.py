@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from pipeline.metrics import (
+from pipeline.qc.metrics import (
     DEFAULT_IOU_THRESHOLDS,
     adjusted_rand_index,
     average_precision,

@@ -19,15 +19,24 @@ PACKAGE = Path(pipeline.__file__).parent
 # layers only: science stages never reach into orchestration, and the QC report reads an
 # output's records without depending on how runs are scheduled.
 LAYERS = (
-    {"_version", "errors", "settings", "normalize", "tiling", "metrics", "plausibility"},
+    {
+        "_version",
+        "errors",
+        "settings",
+        "normalize",
+        "tiling",
+        "qc",
+        "qc.metrics",
+        "qc.plausibility",
+    },
     {"io"},
     {"synthetic"},
     {"convnet"},
     {"segmentation", "measurement", "tracking"},
-    {"config", "evaluate", "orchestration.outcomes", "orchestration.cluster"},
+    {"config", "qc.evaluate", "orchestration.outcomes", "orchestration.cluster"},
     {"orchestration.records"},
     {"orchestration.plan"},
-    {"report"},
+    {"qc.report"},
     {"orchestration"},
     {"api"},
     {"cli", "__init__"},

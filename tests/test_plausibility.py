@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.plausibility import segmentation_warnings
+from pipeline.qc.plausibility import segmentation_warnings
 
 
 def _discs(diameter: float, count: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from pipeline.api import run
 from pipeline.cli import main
 from pipeline.errors import PipelineInputError
 from pipeline.orchestration.records import RUN_ATTRIBUTE
-from pipeline.report import (
+from pipeline.qc.report import (
     choose_level,
     outline_overlay,
     safe_name,
@@ -240,7 +240,7 @@ def test_a_failing_report_does_not_fail_the_run(outputs, tmp_path, monkeypatch, 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr("pipeline.report.write_qc_report", broken)
+    monkeypatch.setattr("pipeline.qc.report.write_qc_report", broken)
     plate = zarr.open_group(outputs["plate"], mode="r").attrs["pipeline_run"]["input"]
     summary = run(plate, tmp_path / "out.zarr", workers=1)
     assert not summary.failed and len(summary.fields) == 2

@@ -8,7 +8,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from pipeline import segment
-from pipeline.metrics import average_precision
+from pipeline.qc.metrics import average_precision
 from pipeline.segmentation.classical import ClassicalParameters, ClassicalRecipe, segment_region
 from pipeline.segmentation.threshold import frame_threshold, frame_thresholds
 from pipeline.segmentation.tiled import HaloTooSmall, label_frames

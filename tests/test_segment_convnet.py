@@ -9,7 +9,7 @@ from test_segment import same_up_to_renumbering
 
 from pipeline import segment
 from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
-from pipeline.metrics import average_precision
+from pipeline.qc.metrics import average_precision
 from pipeline.segmentation.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
 from pipeline.segmentation.diameter import estimate_diameter
 from pipeline.segmentation.tiled import HaloTooSmall, label_frames

@@ -52,7 +52,7 @@ from pipeline.orchestration.layout import (
 )
 from pipeline.orchestration.outcomes import FieldOutcome
 from pipeline.orchestration.records import ATTRIBUTE, Ledger, now
-from pipeline.plausibility import segmentation_warnings
+from pipeline.qc.plausibility import segmentation_warnings
 from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
 from pipeline.segmentation.tiled import label_dtype, relabel_consecutive, with_halo_retries
 from pipeline.tiling import block_chunks, halo_pixels

@@ -139,7 +139,7 @@ def _compute(
     """Compute the units of one planned plate on a running cluster, then its reports."""
     # Imported here: torch and matplotlib load only when there is work.
     from pipeline.orchestration.plate import process_plate
-    from pipeline.report import write_qc_report
+    from pipeline.qc.report import write_qc_report
 
     plate, plan = item.plate, item.plan
     reports = report_folder(plan.output)

@@ -10,8 +10,8 @@ Each side of :func:`evaluate` is one of
 
 Two folders are paired by identical file names; otherwise images are paired in order (sorted
 file names, timepoints), which needs equal counts. Every pair is scored with
-:func:`pipeline.metrics.score_segmentation`, and the report holds the per-image scores and
-their summary (:func:`pipeline.metrics.summarize`).
+:func:`pipeline.qc.metrics.score_segmentation`, and the report holds the per-image scores and
+their summary (:func:`pipeline.qc.metrics.summarize`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import zarr
 
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import open_image
-from pipeline.metrics import (
+from pipeline.qc.metrics import (
     DEFAULT_IOU_THRESHOLDS,
     MATCHED_OBJECTS_THRESHOLD,
     ImageScores,
@@ -85,9 +85,9 @@ class EvaluationReport:
     sources
         (prediction location, ground-truth location) of each pair; timepoints as ``[t=i]``.
     scores
-        :class:`~pipeline.metrics.ImageScores` of each pair.
+        :class:`~pipeline.qc.metrics.ImageScores` of each pair.
     summary
-        :func:`~pipeline.metrics.summarize` of ``scores``.
+        :func:`~pipeline.qc.metrics.summarize` of ``scores``.
     thresholds
         IoU thresholds scored.
     min_size
