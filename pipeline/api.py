@@ -10,14 +10,19 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-from distributed import futures_of, wait
+from distributed import futures_of
 
 from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
 from pipeline.convnet.settings import ConvNetExecution
 from pipeline.io.omezarr import open_plate
 from pipeline.normalize import colour_to_grey
 from pipeline.orchestration.runner import run
-from pipeline.segmentation.tiled import relabel_consecutive, sorted_ids, with_halo_retries
+from pipeline.segmentation.tiled import (
+    raise_first_error,
+    relabel_consecutive,
+    sorted_ids,
+    with_halo_retries,
+)
 from pipeline.tiling import block_chunks, halo_pixels
 
 __all__ = ["open_plate", "run", "segment"]
@@ -175,10 +180,5 @@ def _persisted(array: da.Array, scheduler: str | None) -> da.Array:
     """``array`` computed and kept (in memory, or on the cluster's workers under a
     distributed client), raising the first error of its tasks, e.g. ``HaloTooSmall``."""
     (array,) = dask.persist(array, scheduler=scheduler)
-    futures = futures_of(array)
-    if futures:
-        wait(futures)
-        for future in futures:
-            if future.status == "error":
-                future.result()
+    raise_first_error(futures_of(array))
     return array

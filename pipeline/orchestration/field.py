@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
-from distributed import Client, Future, wait
+from distributed import Client, Future
 
 from pipeline._version import __version__
 from pipeline.config import RunConfig
@@ -54,7 +55,12 @@ from pipeline.orchestration.outcomes import FieldOutcome
 from pipeline.orchestration.records import ATTRIBUTE, Ledger, now
 from pipeline.qc.plausibility import segmentation_warnings
 from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
-from pipeline.segmentation.tiled import label_dtype, relabel_consecutive, with_halo_retries
+from pipeline.segmentation.tiled import (
+    label_dtype,
+    raise_first_error,
+    relabel_consecutive,
+    with_halo_retries,
+)
 from pipeline.tiling import block_chunks, halo_pixels
 from pipeline.tracking import track
 
@@ -252,19 +258,11 @@ def segment_and_measure(
             channel_names=list(field.fov.channel_names),
         )
         futures = placement.client.compute([stored, table])
-        _raise_first_error(futures)
+        raise_first_error(futures)
         block_tables.append(futures[1])
         starts.append(start)
         del ids, stored, table, futures  # releases the block's persisted maps before the next
     return Segmented(scratch, frames.chunks, block_tables, starts, halo_um)
-
-
-def _raise_first_error(futures: list[Future]) -> None:
-    """Wait for ``futures`` and raise the error of the first that failed, if any."""
-    wait(futures)
-    for future in futures:
-        if future.status == "error":
-            future.result()
 
 
 def renumber_cells(
@@ -445,11 +443,11 @@ def process_field(
     outcome.halo_um = segmented.halo_um
     on_frames(field.n_frames)
     renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
-    ids = client.submit(_first, renumbered).result()
+    ids = client.submit(itemgetter(0), renumbered).result()
     image_group = write_images(field, segmented, ids, root, ledger, client)
     written = client.submit(
         tabulate_field,
-        client.submit(_second, renumbered),
+        client.submit(itemgetter(1), renumbered),
         output,
         fov,
         config,
@@ -481,11 +479,3 @@ def process_field(
     }
     on_frames(field.n_frames)
     return outcome
-
-
-def _first(pair: tuple[Any, Any]) -> Any:
-    return pair[0]
-
-
-def _second(pair: tuple[Any, Any]) -> Any:
-    return pair[1]

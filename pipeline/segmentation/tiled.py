@@ -22,12 +22,14 @@ from typing import Protocol, TypeVar
 import dask
 import dask.array as da
 import numpy as np
+from distributed import Future, wait
 
 __all__ = [
     "HaloTooSmall",
     "Recipe",
     "label_dtype",
     "label_frames",
+    "raise_first_error",
     "relabel_consecutive",
     "sorted_ids",
     "with_halo_retries",
@@ -76,6 +78,17 @@ def with_halo_retries(
                 raise
             retries -= 1
             halo_um = {axis: 2.0 * value for axis, value in halo_um.items()}
+
+
+def raise_first_error(futures: Sequence[Future]) -> None:
+    """Wait for ``futures`` and raise the error of the first that failed (e.g. ``HaloTooSmall``,
+    which :func:`with_halo_retries` catches), if any. No futures: nothing to wait for."""
+    if not futures:
+        return
+    wait(futures)
+    for future in futures:
+        if future.status == "error":
+            future.result()
 
 
 def label_dtype(n_pixels: int) -> np.dtype:
