@@ -284,6 +284,33 @@ def test_training_is_deterministic_and_records_itself(tiny_folder, tmp_path):
     assert all(torch.equal(a[name], reloaded[name]) for name in a)
 
 
+def test_a_stopped_run_leaves_its_best_weights(tiny_folder, tmp_path):
+    """A run killed after its first epoch (of two) has written the best weights so far and
+    a record saying it did not finish; they load and fine-tune."""
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch   1"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            out=tmp_path / "stopped",
+            data=[tiny_folder],
+            config=TINY,
+            log=stop_after_first_epoch,
+        )
+    _, info = load_model(tmp_path / "stopped")
+    record = info.training
+    assert record["finished"] is False and record["best_epoch"] == 1
+    assert [h["epoch"] for h in record["history"]] == [1]
+    assert info.receptive_field_radius_px == 23 and info.stride == 4
+    _, resumed = train(
+        out=None, data=[tiny_folder], config=TINY, init=tmp_path / "stopped", log=print
+    )
+    assert resumed.training["finished"] is True
+    assert resumed.training["init_weights_sha256"] == info.weights_sha256
+
+
 def test_zarr_source_reads_every_frame(tmp_path):
     from pipeline.synthetic import simulate_plate
 

@@ -821,6 +821,19 @@ def _hardware(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
 
 
+def _model_info(
+    model: UNet, config: TrainingConfig, radius: int, stride: int, record: dict[str, Any]
+) -> ModelInfo:
+    return ModelInfo(
+        architecture=dict(model.config),
+        diameter_px=float(config.diameter_px),
+        percentiles=tuple(float(p) for p in DEFAULT_PERCENTILES),
+        receptive_field_radius_px=int(radius),
+        stride=int(stride),
+        training=record,
+    )
+
+
 def train(
     *,
     out: str | Path | None,
@@ -838,7 +851,9 @@ def train(
     Parameters
     ----------
     out
-        Where to save the model (``None``: do not save).
+        Where to save the model (``None``: do not save). The best weights so far are written
+        there after every epoch that improves the validation loss (record ``finished:
+        false``), so a run stopped part-way leaves a usable model and its history.
     data
         Folders with ``images/`` and ``masks/`` TIFFs.
     zarr
@@ -914,6 +929,60 @@ def train(
         counts += np.bincount(classes[valid].ravel(), minlength=3)[:3]
     frequency, weights = class_weights(counts, config.class_weight_power)
 
+    def describe(
+        step: int, history: list[dict], best_epoch: int, best_loss: float, finished: bool
+    ) -> dict[str, Any]:
+        """The training record: what made the weights, and how far training got."""
+        return {
+            "command": command,
+            "init": None if init is None else str(init),
+            "init_weights_sha256": None if initial is None else initial[1].weights_sha256,
+            "seed": config.seed,
+            "config": asdict(config),
+            "data": [str(folder) for folder in data],
+            "zarr": [{"path": str(p), "label": lbl, "channel": ch} for p, lbl, ch in zarr],
+            "simulated": {
+                "fields": simulated,
+                "seeds": simulated_seeds(simulated, config.seed) if simulated else [],
+                "frames": list(config.simulated_frames),
+                "size": config.simulated_size,
+            },
+            "excluded": sorted(excluded),
+            "images": [
+                {
+                    "name": item.name,
+                    "group": item.source,
+                    "median_diameter_px": round(item.median_diameter, 2),
+                    "factor": round(item.factor, 4),
+                    "ignored_fraction": round(1.0 - float(np.mean(item.valid)), 4),
+                }
+                for item in prepared
+                if item.source != "simulated"
+            ],
+            "finished": finished,
+            "steps": step,
+            "epochs": len(history),
+            "best_epoch": best_epoch,
+            "best_val_loss": best_loss,
+            "history": list(history),
+            "validation": (
+                f"last {config.validation_fraction:.0%} of the rows of every image; loss on up "
+                f"to {config.validation_per_source} crops of <= {config.validation_crop} px "
+                "per group"
+            ),
+            "hardware": _hardware(device),
+            "augmentations": AUGMENTATIONS,
+            "class_frequencies": dict(zip(CLASS_NAMES, frequency.tolist(), strict=True)),
+            "class_weights": dict(zip(CLASS_NAMES, weights.tolist(), strict=True)),
+            "loss": (
+                f"class-weighted cross-entropy + {config.distance_weight} x masked MSE of the "
+                f"distance map (weight 1 on nuclei, {_BACKGROUND_DISTANCE_WEIGHT} on background)"
+            ),
+            "device": str(device),
+            "torch": torch.__version__,
+            "wall_time_s": round(time.perf_counter() - started, 1),
+        }
+
     with _Determinism(config.seed, device, config.threads):
         model = UNet(in_channels=1, base_channels=config.base_channels, depth=config.depth)
         if initial is not None:
@@ -938,6 +1007,7 @@ def train(
                 device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
             )
 
+        checkpoint_geometry = measure_receptive_field_radius(model), model.stride
         total_steps = config.steps_per_epoch * config.max_epochs
         best_loss, best_epoch, best_state = math.inf, 0, None
         history = []
@@ -970,6 +1040,12 @@ def train(
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            if improved and out is not None:
+                checkpoint = copy.deepcopy(model).cpu().float().eval()
+                record = describe(step, history, best_epoch, best_loss, finished=False)
+                save_model(
+                    checkpoint, _model_info(checkpoint, config, *checkpoint_geometry, record), out
+                )
             elapsed = time.perf_counter() - started
             log(
                 f"epoch {epoch:3d}/{config.max_epochs}  train {train_loss:.4f}  "
@@ -986,61 +1062,8 @@ def train(
         radius = measure_receptive_field_radius(model)
         measured_stride = measure_stride(model, radius=radius)
 
-    record: dict[str, Any] = {
-        "command": command,
-        "init": None if init is None else str(init),
-        "init_weights_sha256": None if initial is None else initial[1].weights_sha256,
-        "seed": config.seed,
-        "config": asdict(config),
-        "data": [str(folder) for folder in data],
-        "zarr": [{"path": str(p), "label": lbl, "channel": ch} for p, lbl, ch in zarr],
-        "simulated": {
-            "fields": simulated,
-            "seeds": simulated_seeds(simulated, config.seed) if simulated else [],
-            "frames": list(config.simulated_frames),
-            "size": config.simulated_size,
-        },
-        "excluded": sorted(excluded),
-        "images": [
-            {
-                "name": item.name,
-                "group": item.source,
-                "median_diameter_px": round(item.median_diameter, 2),
-                "factor": round(item.factor, 4),
-                "ignored_fraction": round(1.0 - float(np.mean(item.valid)), 4),
-            }
-            for item in prepared
-            if item.source != "simulated"
-        ],
-        "steps": step,
-        "epochs": len(history),
-        "best_epoch": best_epoch,
-        "best_val_loss": best_loss,
-        "history": history,
-        "validation": (
-            f"last {config.validation_fraction:.0%} of the rows of every image; loss on up to "
-            f"{config.validation_per_source} crops of <= {config.validation_crop} px per group"
-        ),
-        "hardware": _hardware(device),
-        "augmentations": AUGMENTATIONS,
-        "class_frequencies": dict(zip(CLASS_NAMES, frequency.tolist(), strict=True)),
-        "class_weights": dict(zip(CLASS_NAMES, weights.tolist(), strict=True)),
-        "loss": (
-            f"class-weighted cross-entropy + {config.distance_weight} x masked MSE of the "
-            f"distance map (weight 1 on nuclei, {_BACKGROUND_DISTANCE_WEIGHT} on background)"
-        ),
-        "device": str(device),
-        "torch": torch.__version__,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-    }
-    info = ModelInfo(
-        architecture=dict(model.config),
-        diameter_px=float(config.diameter_px),
-        percentiles=tuple(float(p) for p in DEFAULT_PERCENTILES),
-        receptive_field_radius_px=int(radius),
-        stride=int(measured_stride),
-        training=record,
-    )
+    record = describe(step, history, best_epoch, best_loss, finished=True)
+    info = _model_info(model, config, radius, measured_stride, record)
     if out is not None:
         save_model(model, info, out)
     return model, info
