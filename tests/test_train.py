@@ -16,9 +16,9 @@ from skimage.draw import disk
 from pipeline.cli import main
 from pipeline.convnet.inference import median_diameter
 from pipeline.convnet.training import (
+    CropSampler,
     LabelledImage,
     TrainingConfig,
-    _Sampler,
     class_weights,
     grouped_holdout,
     image_groups,
@@ -187,7 +187,7 @@ def test_training_crops_never_reach_the_validation_rows():
     image, labels = _discs(3)
     prepared = prepare_image(LabelledImage("x", "s", image, labels), 12.0, 0.25)
     prepared.image[prepared.train_rows :] = np.nan  # any crop touching them would carry NaN
-    sampler = _Sampler([prepared], crop=16, seed=0, scale_range=(0.7, 1.4), margin=12)
+    sampler = CropSampler([prepared], crop=16, seed=0, scale_range=(0.7, 1.4), margin=12)
     for _ in range(200):
         crop, _, _, _ = sampler.sample()
         assert np.isfinite(crop).all()
