@@ -1,0 +1,194 @@
+"""Quality-control report of a run's output: outline overlays, track plots, a plate heat map.
+
+:func:`write_qc_report` reads an output written by :func:`pipeline.run` (a plate or a lone
+image) and writes, into a report folder, one PNG of label outlines over the image per field
+(a few timepoints; z stacks as maximum projections), one PNG of the tracks per field (centroid
+paths coloured by time over the last timepoint, divisions marked), a heat map of the cells per
+well (plates only), and an ``index.html`` that lists every field, failed ones with their error.
+Images are read from the finest pyramid level that fits in ``max_pixels`` on a side (labels from
+the same level), so a large field is never loaded whole. Figures are drawn with matplotlib's Agg
+canvas (no screen, no pyplot state).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zarr
+
+from pipeline.errors import CorruptChunkError
+from pipeline.io.omezarr import FieldOfView
+from pipeline.qc.report.figures import (
+    HEATMAP_FILE,
+    outline_overlay,
+    stretch_contrast,
+    write_heatmap,
+    write_overlay,
+    write_tracks,
+)
+from pipeline.qc.report.page import (
+    INDEX_FILE,
+    FieldEntry,
+    index_html,
+    merge_qc_text,
+    safe_name,
+    unique_name,
+)
+from pipeline.qc.report.reading import (
+    CELLS,
+    TRACK_COLUMNS,
+    cells_table,
+    channel_index,
+    choose_level,
+    completion_record,
+    field_group,
+    field_view,
+    frame_counts,
+    open_output,
+    plate_well_counts,
+    run_record,
+    spread_timepoints,
+    unfinished_units,
+    well_cell_counts,
+)
+
+__all__ = [
+    "choose_level",
+    "outline_overlay",
+    "safe_name",
+    "stretch_contrast",
+    "well_cell_counts",
+    "write_qc_report",
+]
+
+
+def _field_entry(
+    root: zarr.Group,
+    fov: FieldOfView,
+    report: Path,
+    name: str,
+    *,
+    channel: int | str,
+    timepoints: int,
+    max_pixels: int,
+    unfinished: tuple[str, str | None] | None,
+) -> FieldEntry:
+    """Draw a field's figures into ``report`` and describe it for the index."""
+    record = completion_record(field_group(root, fov))
+    entry = FieldEntry(
+        fov.path, str(record.get("status", "missing")), merge_qc=merge_qc_text(record)
+    )
+    if entry.status != "complete":
+        if unfinished is not None:
+            entry.status, entry.error = unfinished
+        entry.error = entry.error or f"the field has no completion record ({entry.status})"
+        return entry
+    n_frames = fov.data.sizes.get("t", 1)
+    title = fov.path or "image"
+    cells = cells_table(root, fov)
+    notes = [f"warning: {warning}" for warning in record.get("warnings") or []]
+    try:
+        view = field_view(fov, channel_index(fov, channel), max_pixels)
+        if view.labels is None:
+            notes.append(f"no labels/{CELLS} at a level of the image's shape")
+        else:
+            overlay = f"{name}_outlines.png"
+            frames = spread_timepoints(n_frames, timepoints)
+            write_overlay(view, frames, title, report / overlay, cells)
+            entry.images.append((overlay, f"{title}: label outlines"))
+        if cells is not None and len(cells) and TRACK_COLUMNS <= set(cells.columns):
+            track_file = f"{name}_tracks.png"
+            write_tracks(view, cells, n_frames - 1, title, report / track_file)
+            entry.images.append((track_file, f"{title}: tracks"))
+    except CorruptChunkError as error:
+        notes.append(f"cannot draw: {error}")
+    if cells is None:
+        notes.append(f"no tables/{CELLS}")
+    else:
+        first, last = frame_counts(cells, n_frames)
+        entry.cells = f"{first} → {last}"
+        if TRACK_COLUMNS <= set(cells.columns):
+            entry.tracks = str(cells["track_id"].nunique())
+            parents = cells.groupby("track_id")["parent_track_id"].first()
+            entry.daughters = str(int((parents != 0).sum()))
+    entry.note = "; ".join(notes) or None
+    return entry
+
+
+def write_qc_report(
+    output: str | Path,
+    report_dir: str | Path,
+    *,
+    channel: int | str = 0,
+    timepoints: int = 3,
+    max_pixels: int = 1024,
+) -> Path:
+    """Write a quality-control report (PNG figures and ``index.html``) of a run's output.
+
+    Parameters
+    ----------
+    output
+        A plate or lone image written by :func:`pipeline.run`.
+    report_dir
+        Folder for the report (created if needed; files of the same names are replaced).
+    channel
+        Channel shown, by index or name.
+    timepoints
+        Number of timepoints in each outline figure, spread from the first to the last.
+    max_pixels
+        Largest y/x size read per field: the finest pyramid level within it is used (labels
+        from the same level), or the coarsest level read with a stride.
+
+    Returns
+    -------
+    Path
+        The report's ``index.html``. Figures lie beside it: ``ROWCOL_FIELD_outlines.png`` and
+        ``ROWCOL_FIELD_tracks.png`` per field (``image_*`` for a lone image) and, for a plate,
+        ``plate_heatmap.png``; all links in the HTML are relative.
+
+    Raises
+    ------
+    PipelineInputError
+        ``output`` is not an OME-Zarr output of the pipeline.
+    ValueError
+        ``channel`` is not a channel of a field.
+
+    Notes
+    -----
+    Fields are listed in plate order, then the units the run record gives as failed, running
+    or pending that the plate does not list. A complete field without ``tables/cells`` gets its
+    outline figure only; one whose chunks cannot be read gets a note instead of figures.
+    """
+    root, plate = open_output(output)
+    report = Path(report_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    run = run_record(root)
+    unfinished = unfinished_units(run)
+    fields = plate.fields if plate is not None else ()
+    taken: set[str] = set()
+    entries = [
+        _field_entry(
+            root,
+            fov,
+            report,
+            unique_name(fov.path, taken),
+            channel=channel,
+            timepoints=timepoints,
+            max_pixels=max_pixels,
+            unfinished=unfinished.get(fov.path),
+        )
+        for fov in fields
+    ]
+    listed = {fov.path for fov in fields}
+    entries += [
+        FieldEntry(path, state, error=error)
+        for path, (state, error) in unfinished.items()
+        if path not in listed
+    ]
+    heatmap = None
+    if plate is not None and plate.is_plate and plate.rows and plate.columns:
+        heatmap = HEATMAP_FILE
+        write_heatmap(plate_well_counts(root, plate), plate.rows, plate.columns, report / heatmap)
+    index = report / INDEX_FILE
+    index.write_text(index_html(str(output), run, entries, heatmap), encoding="utf-8")
+    return index
