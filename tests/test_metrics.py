@@ -1,7 +1,8 @@
 """Tests of instance matching, AP, precision/recall, Jaccard/Dice and the adjusted Rand index.
 
-Expected values are counted by hand in the comments; the adjusted Rand index is also checked
-against ``sklearn.metrics.adjusted_rand_score`` as an independent reference.
+Expected values are counted by hand in the comments; independent references: the adjusted Rand
+index against ``sklearn.metrics.adjusted_rand_score``, matching and AP against StarDist's
+``stardist.matching.matching`` on simulated nuclei with typical segmentation errors.
 """
 
 from __future__ import annotations
@@ -474,3 +475,48 @@ def test_adjusted_rand_index_matches_sklearn_on_a_large_dense_image() -> None:
     prediction[:100] = 0
     expected = adjusted_rand_score(truth.ravel(), prediction.ravel())
     assert adjusted_rand_index(truth, prediction) == pytest.approx(expected, abs=1e-12)
+
+
+def _perturbed(truth: np.ndarray, seed: int) -> np.ndarray:
+    """A prediction with the errors segmenters make: grown or shrunk outlines, a shift,
+    merged neighbours, a split nucleus, missed nuclei and false positives."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import expand_labels
+
+    rng = np.random.default_rng(seed)
+    prediction = expand_labels(truth, distance=int(rng.integers(0, 3)))
+    prediction = np.roll(prediction, tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))
+    ids = np.unique(prediction[prediction > 0])
+    for a, b in rng.choice(ids, size=(3, 2), replace=False):
+        prediction[prediction == b] = a  # merged
+    for missed in rng.choice(ids, size=3, replace=False):
+        prediction[prediction == missed] = 0
+    split = rng.choice(ids)
+    ys, xs = np.nonzero(prediction == split)
+    if len(xs):
+        prediction[ys[xs > np.median(xs)], xs[xs > np.median(xs)]] = ids.max() + 1
+    for k in range(3):  # blobs in the background
+        y, x = rng.integers(5, truth.shape[0] - 5, size=2)
+        blob = ndi.binary_dilation(np.pad([[1]], 3).astype(bool), iterations=3)
+        region = prediction[y - 3 : y + 4, x - 3 : x + 4]
+        region[blob & (region == 0)] = ids.max() + 2 + k
+    return prediction
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_equal_stardist_matching_on_simulated_nuclei(seed: int) -> None:
+    """StarDist's ``matching`` (the metric behind its published scores on this collection) is
+    an independent implementation: its ``accuracy`` is TP / (TP + FP + FN)."""
+    from stardist.matching import matching
+
+    from pipeline.synthetic import simulate_field
+
+    truth = simulate_field(n_frames=1, size=192, seed=seed).labels[0].astype(np.int32)
+    prediction = _perturbed(truth, seed)
+    for threshold in (0.1, 0.3, 0.5, 0.7, 0.9):
+        reference = matching(truth, prediction, thresh=threshold)
+        ours = match_instances(truth, prediction, iou_threshold=threshold)
+        assert (ours.tp, ours.fp, ours.fn) == (reference.tp, reference.fp, reference.fn)
+        assert average_precision(truth, prediction, iou_threshold=threshold) == pytest.approx(
+            reference.accuracy
+        )
