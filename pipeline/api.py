@@ -17,6 +17,12 @@ from pipeline.convnet.settings import ConvNetExecution
 from pipeline.io.omezarr import open_plate
 from pipeline.normalize import colour_to_grey
 from pipeline.orchestration.runner import run
+from pipeline.segmentation.cells import (
+    CellParameters,
+    cell_channel_levels,
+    grow_cells,
+    grow_cells_dask,
+)
 from pipeline.segmentation.tiled import (
     raise_first_error,
     relabel_consecutive,
@@ -81,9 +87,14 @@ def segment(
     channel: int = 0,
     diameter: float | None = None,
     halo_um: Mapping[str, float] | None = None,
+    target: str = "nuclei",
+    nuclei: Any = None,
+    cell_channel: int | None = None,
+    cell_method: str = "propagation",
+    cell_options: Mapping[str, Any] | None = None,
     **parameters: Any,
 ) -> Any:
-    """Segment nuclei into instances; tiled on Dask input, whole-image on numpy input.
+    """Segment nuclei, or whole cells, into instances; tiled on Dask input, whole-image on numpy.
 
     Parameters
     ----------
@@ -106,6 +117,21 @@ def segment(
     halo_um
         Halo of the tiles, ``{"xy": ..., "z": ...}`` (Dask input only); for the conv-net at
         least six nucleus diameters are used.
+    target
+        ``"nuclei"``, or ``"cells"``: whole cells grown from the nuclei over a cell channel
+        (:mod:`pipeline.segmentation.cells`), each with the id of its nucleus.
+    nuclei
+        Cells only: nuclear labels to grow from (the image's dims without ``c``); default:
+        the nuclei segmented from ``channel`` with ``method``.
+    cell_channel
+        Cells only: the channel of a cytoplasm, membrane or phase stain. Without a ``c`` axis
+        the image itself is the cell channel (then ``nuclei`` must be given).
+    cell_method
+        Cells only: ``"propagation"`` (CellProfiler's default), ``"watershed"`` or
+        ``"expand"`` (no cell channel: grow each nucleus by ``distance_um``).
+    cell_options
+        Cells only: the other fields of :class:`pipeline.segmentation.cells.CellParameters`
+        (``distance_um``, ``threshold_correction``, ``regularization``, ``smoothing_um``).
     **parameters
         Parameters of the method: see :class:`pipeline.config.ConvNetConfig` (e.g. ``model``,
         ``tta``, ``seed_threshold``) or :class:`pipeline.config.ClassicalParameters`; and how the
@@ -128,6 +154,20 @@ def segment(
         stitching_halo_um,
     )
 
+    if target == "cells":
+        return _segment_cells(
+            image,
+            nuclei,
+            dims=dims,
+            pixel_size=pixel_size,
+            channel=channel,
+            cell_channel=cell_channel,
+            settings=CellParameters(method=cell_method, **(cell_options or {})),
+            halo_um=halo_um,
+            nuclear_options={"method": method, "diameter": diameter, **parameters},
+        )
+    if target != "nuclei":
+        raise ValueError(f"unknown target {target!r}; use 'nuclei' or 'cells'")
     if method not in ("convnet", "classical"):
         raise ValueError(f"unknown segmentation method {method!r}; use 'convnet' or 'classical'")
     execution = {k: parameters.pop(k) for k in _EXECUTION_PARAMETERS if k in parameters}
@@ -135,11 +175,7 @@ def segment(
     segmentation = SegmentationConfig(method=method, **{method: parameters})
     array, dims, sizes = _image_layout(image, dims, pixel_size)
     if "c" in dims:
-        array = (
-            np.take(array, channel, axis=dims.index("c"))
-            if isinstance(array, np.ndarray)
-            else array[(slice(None),) * dims.index("c") + (channel,)]
-        )
+        array = _take_channel(array, dims, channel)
         dims = dims.replace("c", "")
     lazy = isinstance(array, da.Array)
     frames = array if "t" in dims else array[np.newaxis]
@@ -174,6 +210,92 @@ def segment(
     if "t" not in dims:
         labels = labels[0]
     return labels if lazy else labels.compute(scheduler="threads")
+
+
+def _segment_cells(
+    image: Any,
+    nuclei: Any,
+    *,
+    dims: str | None,
+    pixel_size: Mapping[str, float] | None,
+    channel: int,
+    cell_channel: int | None,
+    settings: CellParameters,
+    halo_um: Mapping[str, float] | None,
+    nuclear_options: dict[str, Any],
+) -> Any:
+    """:func:`segment` with ``target="cells"``."""
+    array, dims, sizes = _image_layout(image, dims, pixel_size)
+    needs_channel = settings.method != "expand"
+    if nuclei is None:
+        if "c" not in dims:
+            raise ValueError("target='cells' on an image without channels needs nuclei= labels")
+        nuclei = segment(
+            array,
+            dims=dims,
+            pixel_size=sizes,
+            channel=channel,
+            halo_um=halo_um,
+            **nuclear_options,
+        )
+    shape = tuple(n for n, d in zip(array.shape, dims, strict=True) if d != "c")
+    cell_image = array if needs_channel else None
+    if "c" in dims:
+        if needs_channel and cell_channel is None:
+            raise ValueError(f"cell method {settings.method!r} needs cell_channel=")
+        cell_image = _take_channel(array, dims, cell_channel) if needs_channel else None
+        dims = dims.replace("c", "")
+    if tuple(nuclei.shape) != shape:
+        raise ValueError(f"nuclei of shape {tuple(nuclei.shape)} do not match the image {shape}")
+    spatial = dims.replace("t", "")
+    pixel_sizes = [sizes[d] for d in spatial]
+    lazy = isinstance(nuclei, da.Array) or isinstance(array, da.Array)
+    frames = nuclei if "t" in dims else nuclei[np.newaxis]
+    channel_frames = None
+    if cell_image is not None:
+        channel_frames = cell_image if "t" in dims else cell_image[np.newaxis]
+    if lazy:
+        frames = da.asarray(frames)
+        halo_um = {"xy": 3 * settings.distance_um, "z": 3 * settings.distance_um, **(halo_um or {})}
+
+        def attempt(halo_um: dict[str, float]) -> da.Array:
+            halo = halo_pixels(halo_um, sizes, spatial)
+            chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], halo)
+            blocks = frames.rechunk(((1,) * frames.shape[0], *chunks))
+            channel_blocks = None
+            if channel_frames is not None:
+                channel_blocks = da.asarray(channel_frames).rechunk(blocks.chunks)
+            cells = grow_cells_dask(blocks, channel_blocks, settings, pixel_sizes, halo)
+            return _persisted(cells, scheduler=None)
+
+        cells = with_halo_retries(attempt, halo_um, TilingConfig().halo_retries)
+    else:
+        frames = np.asarray(frames)
+        levels = None
+        if channel_frames is not None:
+            channel_frames = np.asarray(channel_frames)
+            levels = cell_channel_levels(channel_frames)
+        cells = np.stack(
+            [
+                grow_cells(
+                    frames[k],
+                    None if channel_frames is None else channel_frames[k],
+                    None if levels is None else levels[k],
+                    settings,
+                    pixel_sizes,
+                )
+                for k in range(frames.shape[0])
+            ]
+        )
+    return cells if "t" in dims else cells[0]
+
+
+def _take_channel(array: Any, dims: str, index: int) -> Any:
+    """The image without its ``c`` axis, at channel ``index``."""
+    axis = dims.index("c")
+    if isinstance(array, np.ndarray):
+        return np.take(array, index, axis=axis)
+    return array[(slice(None),) * axis + (index,)]
 
 
 def _persisted(array: da.Array, scheduler: str | None) -> da.Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,22 @@ def small_plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
         size=256,
         seed=3,
     )
+
+
+@pytest.fixture(scope="session")
+def shared_scheduler() -> Iterator[str]:
+    """Address of one local Dask cluster (2 worker processes, 1 thread each) for the session.
+
+    Tests whose subject is what a run computes, not how it starts its cluster, pass it as
+    ``run(..., scheduler=...)``: workers then import torch and load the model once, not once
+    per run. Tests of cluster start-up, worker loss or the command line start their own.
+    """
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

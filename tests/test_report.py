@@ -29,14 +29,14 @@ from pipeline.synthetic import simulate_plate
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def outputs(tmp_path_factory: pytest.TempPathFactory, shared_scheduler: str) -> dict[str, Path]:
     """A 1 x 2 plate (a field per well, 3 frames of 128 x 128) run as a plate and a lone image."""
     tmp = tmp_path_factory.mktemp("report")
     plate = simulate_plate(
         tmp / "plate.zarr", rows=1, columns=2, fields=1, n_frames=3, size=128, seed=11
     )
-    run(plate, tmp / "out.zarr", workers=1)
-    run(plate / "A" / "1" / "0", tmp / "lone.zarr", workers=1)
+    run(plate, tmp / "out.zarr", scheduler=shared_scheduler)
+    run(plate / "A" / "1" / "0", tmp / "lone.zarr", scheduler=shared_scheduler)
     return {"plate": tmp / "out.zarr", "lone": tmp / "lone.zarr"}
 
 
@@ -236,12 +236,14 @@ def test_run_writes_its_report_and_the_command_rewrites_it(outputs, tmp_path):
 
 
 @pytest.mark.cluster
-def test_a_failing_report_does_not_fail_the_run(outputs, tmp_path, monkeypatch, capsys):
+def test_a_failing_report_does_not_fail_the_run(
+    outputs, tmp_path, monkeypatch, capsys, shared_scheduler
+):
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr("pipeline.qc.report.write_qc_report", broken)
     plate = zarr.open_group(outputs["plate"], mode="r").attrs["pipeline_run"]["input"]
-    summary = run(plate, tmp_path / "out.zarr", workers=1)
+    summary = run(plate, tmp_path / "out.zarr", scheduler=shared_scheduler)
     assert not summary.failed and len(summary.fields) == 2
     assert "warning: no QC report (RuntimeError: no fonts)" in capsys.readouterr().err

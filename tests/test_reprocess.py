@@ -29,7 +29,7 @@ def _finished(out: Path) -> dict[str, str]:
 
 
 def test_reprocess_computes_new_and_stale_and_reports_bad_plates(
-    tmp_path: Path, pipeline_command
+    tmp_path: Path, pipeline_command, shared_scheduler: str
 ) -> None:
     archive = tmp_path / "archive"
     _plate(archive / "first.zarr", seed=1)
@@ -37,7 +37,7 @@ def test_reprocess_computes_new_and_stale_and_reports_bad_plates(
     results = tmp_path / "results"
     pattern = str(archive / "*.zarr")
 
-    items = reprocess([pattern], results, cluster=ClusterOptions(workers=2))
+    items = reprocess([pattern], results, cluster=ClusterOptions(scheduler=shared_scheduler))
 
     assert [Path(item.input_path).name for item in items] == ["first.zarr", "second.zarr"]
     assert all(not item.failed and not item.summary.skipped for item in items)

@@ -54,9 +54,9 @@ def plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean(plate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clean(plate: Path, tmp_path_factory: pytest.TempPathFactory, shared_scheduler: str) -> Path:
     out = tmp_path_factory.mktemp("clean") / "out.zarr"
-    summary = run(plate, out, workers=2)
+    summary = run(plate, out, scheduler=shared_scheduler)
     assert not summary.failed and not summary.skipped
     return out
 
@@ -124,12 +124,14 @@ def test_rerun_skips_everything_and_changes_nothing(
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_changed_config_recomputes_every_field(clean: Path, plate: Path, tmp_path: Path) -> None:
+def test_changed_config_recomputes_every_field(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
     out = tmp_path / "out.zarr"
     shutil.copytree(clean, out)
     config = tmp_path / "config.yaml"
     config.write_text("tracking: {max_gap: 1}\n")
-    summary = run(plate, out, config=config, workers=2)
+    summary = run(plate, out, config=config, scheduler=shared_scheduler)
     assert not summary.skipped and not summary.failed
     old, new = _records(clean), _records(out)
     assert all(new[p]["config_sha256"] != old[p]["config_sha256"] for p in FIELDS)
@@ -144,41 +146,47 @@ def test_changed_config_recomputes_every_field(clean: Path, plate: Path, tmp_pat
         "tracking: {max_gap: 1}\n"
         "compute: {fields_in_flight: 1, batch_size: 2, cpu_threads: 2, tile_px: 512}\n"
     )
-    assert len(run(plate, out, config=config, workers=2).skipped) == len(FIELDS)
+    assert len(run(plate, out, config=config, scheduler=shared_scheduler).skipped) == len(FIELDS)
 
 
-def test_time_blocks_of_a_field_give_the_same_results(clean: Path, plate: Path, tmp_path: Path):
+def test_time_blocks_of_a_field_give_the_same_results(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+):
     """Two blocks of timepoints (2 + 1 frames) segmented one after the other: the same ids,
     labels and tables as all three at once."""
     config = tmp_path / "config.yaml"
     config.write_text("compute: {frames_in_flight: 2}\n")
-    summary = run(plate, tmp_path / "out.zarr", config=config, workers=2)
+    summary = run(plate, tmp_path / "out.zarr", config=config, scheduler=shared_scheduler)
     assert not summary.failed
     _assert_equal_results(tmp_path / "out.zarr", clean)
 
 
-def test_changed_model_weights_recompute(clean: Path, plate: Path, tmp_path: Path) -> None:
+def test_changed_model_weights_recompute(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
     model, info = load_model()
     save_model(model, info, tmp_path / "copy")  # same weights, another file: another digest
     config = tmp_path / "config.yaml"
     config.write_text(f"segmentation: {{convnet: {{model: {tmp_path / 'copy'}}}}}\n")
     out = tmp_path / "out.zarr"
     shutil.copytree(clean, out)
-    summary = run(plate, out, config=config, workers=2)
+    summary = run(plate, out, config=config, scheduler=shared_scheduler)
     assert not summary.skipped and not summary.failed
     copy_digest = load_model(tmp_path / "copy")[1].weights_sha256
     assert {r["model_sha256"] for r in _records(out).values()} == {copy_digest}
     _assert_equal_results(out, clean)
 
 
-def test_changed_input_recomputes_only_that_field(clean: Path, plate: Path, tmp_path: Path) -> None:
+def test_changed_input_recomputes_only_that_field(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
     copy = _copy_plate(plate, tmp_path)
     out = tmp_path / "out.zarr"
-    assert not run(copy, out, workers=2).failed
+    assert not run(copy, out, scheduler=shared_scheduler).failed
     first = _records(out)
     chunk = sorted((copy / "A/2/1/0/c").rglob("*"))[-1]
     chunk.write_bytes(chunk.read_bytes())  # rewritten in place: same bytes, new time
-    summary = run(copy, out, workers=2)
+    summary = run(copy, out, scheduler=shared_scheduler)
     assert [f.path for f in summary.fields if not f.skipped] == ["A/2/1"]
     second = _records(out)
     assert second["A/2/1"]["finished"] >= first["A/2/1"]["finished"]
@@ -186,10 +194,15 @@ def test_changed_input_recomputes_only_that_field(clean: Path, plate: Path, tmp_
     _assert_equal_results(out, clean)
 
 
-def test_force_recomputes_every_field(clean: Path, plate: Path, tmp_path: Path) -> None:
+def test_force_recomputes_every_field(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
     out = tmp_path / "out.zarr"
     shutil.copytree(clean, out)
-    assert main(["run", str(plate), "--out", str(out), "--workers", "2", "--force"]) == 0
+    assert (
+        main(["run", str(plate), "--out", str(out), "--scheduler", shared_scheduler, "--force"])
+        == 0
+    )
     assert all(
         new["started"] >= old["finished"]
         for new, old in zip(_records(out).values(), _records(clean).values(), strict=True)
@@ -215,7 +228,7 @@ def test_output_of_another_input_is_refused(clean: Path, tmp_path: Path, pipelin
 
 
 def test_missing_chunk_fails_its_field_then_only_failed_retries_it(
-    clean: Path, plate: Path, tmp_path: Path, pipeline_command
+    clean: Path, plate: Path, tmp_path: Path, pipeline_command, shared_scheduler: str
 ) -> None:
     copy = _copy_plate(plate, tmp_path)
     array = copy / "A/1/1/0"
@@ -242,7 +255,7 @@ def test_missing_chunk_fails_its_field_then_only_failed_retries_it(
     chunk.write_bytes(saved)  # the chunk is back, with its old time: the same input as before
     os.utime(chunk, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     done_before = _records(out)
-    summary = run(copy, out, workers=2, only_failed=True)
+    summary = run(copy, out, scheduler=shared_scheduler, only_failed=True)
     assert [f.path for f in summary.fields if not f.skipped] == ["A/1/1"]
     assert not summary.failed
     assert all(_records(out)[p] == done_before[p] for p in done_before)
@@ -250,13 +263,15 @@ def test_missing_chunk_fails_its_field_then_only_failed_retries_it(
     assert unit_states(out)[0]["status"] == "complete"
 
 
-def test_missing_chunks_may_read_as_fill_value_when_configured(plate: Path, tmp_path: Path) -> None:
+def test_missing_chunks_may_read_as_fill_value_when_configured(
+    plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
     copy = _copy_plate(plate, tmp_path)
     chunk = sorted(p for p in (copy / "A/1/1/0/c").rglob("*") if p.is_file())[1]
     chunk.unlink()
     config = tmp_path / "config.yaml"
     config.write_text("input: {missing_chunks: fill}\n")
-    summary = run(copy, tmp_path / "out.zarr", config=config, workers=2)
+    summary = run(copy, tmp_path / "out.zarr", config=config, scheduler=shared_scheduler)
     assert not summary.failed
 
 
@@ -301,7 +316,9 @@ def test_worker_killed_mid_run_still_completes_equal(
     _assert_equal_results(out, clean)
 
 
-def test_killed_run_is_completed_by_a_rerun(clean: Path, plate: Path, tmp_path: Path) -> None:
+def test_killed_run_is_completed_by_a_rerun(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("compute: {fields_in_flight: 1}\n")
     out = tmp_path / "out.zarr"
@@ -340,7 +357,7 @@ def test_killed_run_is_completed_by_a_rerun(clean: Path, plate: Path, tmp_path: 
     assert counts["done"] >= 1 and counts["pending"] >= 1
     done = {s.path: _records(out)[s.path] for s in states if s.state == "done"}
 
-    summary = run(plate, out, config=config, workers=2)
+    summary = run(plate, out, config=config, scheduler=shared_scheduler)
 
     assert not summary.failed
     assert {f.path for f in summary.skipped} == set(done)

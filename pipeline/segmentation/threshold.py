@@ -13,10 +13,10 @@ from skimage.filters import threshold_otsu
 
 from pipeline.normalize import frame_histogram, frame_statistics
 
-__all__ = ["frame_threshold", "frame_thresholds"]
+__all__ = ["frame_threshold", "frame_thresholds", "otsu_from_histogram"]
 
 
-def _otsu_from_histogram(counts: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def otsu_from_histogram(counts: np.ndarray, centres: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts)
     nonzero = np.flatnonzero(counts)
     if nonzero.size == 0:
@@ -30,7 +30,7 @@ def _otsu_from_histogram(counts: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 def frame_threshold(frame: np.ndarray) -> float:
     """Otsu's threshold of one frame (one timepoint and channel, any number of spatial dims)."""
-    return float(_otsu_from_histogram(*frame_histogram(frame)))
+    return float(otsu_from_histogram(*frame_histogram(frame)))
 
 
 def frame_thresholds(frames: da.Array) -> da.Array:
@@ -40,4 +40,4 @@ def frame_thresholds(frames: da.Array) -> da.Array:
     """
     if frames.shape[0] == 0:
         return da.zeros((0,), chunks=1)
-    return frame_statistics(frames, _otsu_from_histogram)
+    return frame_statistics(frames, otsu_from_histogram)

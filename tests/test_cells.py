@@ -1,0 +1,138 @@
+"""Whole cells grown from nuclei: against scikit-image's expansion, against the simulated cells,
+tiled (odd chunks, a halo too small at first) equal to whole-image, and clear errors."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from skimage.segmentation import expand_labels
+
+import pipeline
+from pipeline.qc.metrics import average_precision
+from pipeline.segmentation.cells import (
+    CellParameters,
+    cell_channel_levels,
+    grow_cells,
+    grow_cells_dask,
+)
+from pipeline.segmentation.tiled import HaloTooSmall
+from pipeline.synthetic import simulate_field
+
+PIXEL = {"y": 0.5, "x": 0.5}
+
+
+@pytest.fixture(scope="module")
+def field():
+    """Two frames of a simulated field: nuclei, a cytoplasm channel on a 3 um ring around each
+    nucleus (channel 1), and so true cells = nuclei expanded by 3 um (6 px)."""
+    simulated = simulate_field(n_frames=2, size=192, seed=4)
+    truth = np.stack([expand_labels(frame, 6) for frame in simulated.labels])
+    return simulated.image, simulated.labels, truth
+
+
+def test_expand_grows_by_micrometres_as_skimage_does() -> None:
+    nuclei = np.zeros((40, 50), np.uint16)
+    nuclei[10:14, 10:14] = 3
+    nuclei[10:14, 20:23] = 9
+    nuclei[30:33, 40:44] = 5
+    cells = pipeline.segment(
+        nuclei,
+        target="cells",
+        nuclei=nuclei,
+        cell_method="expand",
+        cell_options={"distance_um": 2.0},
+        pixel_size=PIXEL,
+    )
+    np.testing.assert_array_equal(cells, expand_labels(nuclei, distance=4))
+    anisotropic = np.zeros((6, 20, 20), np.uint16)
+    anisotropic[3, 8:11, 8:11] = 2
+    grown = grow_cells(
+        anisotropic, None, None, CellParameters(method="expand", distance_um=3.0), [2.0, 1, 1]
+    )
+    np.testing.assert_array_equal(
+        grown, expand_labels(anisotropic, distance=3.0, spacing=[2.0, 1, 1])
+    )
+
+
+@pytest.mark.parametrize(("method", "least_ap"), [("propagation", 0.9), ("watershed", 0.75)])
+def test_cells_grown_over_the_cytoplasm_match_the_simulated_cells(field, method, least_ap):
+    image, nuclei, truth = field
+    cells = pipeline.segment(
+        image,
+        dims="tcyx",
+        target="cells",
+        nuclei=nuclei,
+        cell_channel=1,
+        cell_method=method,
+        cell_options={"distance_um": 5.0},
+        pixel_size=PIXEL,
+    )
+    for k in range(len(nuclei)):
+        assert average_precision(truth[k], cells[k]) >= least_ap
+        inside = nuclei[k] > 0
+        np.testing.assert_array_equal(cells[k][inside], nuclei[k][inside])  # shared ids
+        assert set(np.unique(cells[k])) == set(np.unique(nuclei[k]))
+    # no cell reaches farther than distance_um = 10 px from its nucleus
+    assert np.all(cells[expand_labels(nuclei[:, None], 10)[:, 0] == 0] == 0)
+
+
+@pytest.mark.parametrize("method", ["propagation", "watershed", "expand"])
+def test_tiled_cells_equal_whole_image_cells(field, method):
+    image, nuclei, _ = field
+    options = {
+        "dims": "tcyx",
+        "target": "cells",
+        "cell_channel": 1,
+        "cell_method": method,
+        "cell_options": {"distance_um": 5.0},
+        "pixel_size": PIXEL,
+    }
+    whole = pipeline.segment(image, nuclei=nuclei, **options)
+    tiled = pipeline.segment(
+        da.from_array(image, chunks=(1, 2, 50, 70)),
+        nuclei=da.from_array(nuclei, chunks=(1, 50, 70)),
+        halo_um={"xy": 5.0},  # too small for these cells: retried with a larger halo
+        **options,
+    )
+    assert isinstance(tiled, da.Array)
+    np.testing.assert_array_equal(tiled.compute(), whole)
+
+
+def test_levels_of_numpy_and_dask_frames_agree(field):
+    image, _, _ = field
+    cytoplasm = image[:, 1]
+    np.testing.assert_array_equal(
+        cell_channel_levels(cytoplasm),
+        cell_channel_levels(da.from_array(cytoplasm, chunks=(1, 64, 96))).compute(),
+    )
+
+
+def test_nuclei_are_segmented_first_when_not_given(field):
+    image, _, _ = field
+    nuclei = pipeline.segment(image, "classical", dims="tcyx", pixel_size=PIXEL)
+    cells = pipeline.segment(
+        image, "classical", dims="tcyx", pixel_size=PIXEL, target="cells", cell_channel=1
+    )
+    np.testing.assert_array_equal(cells[nuclei > 0], nuclei[nuclei > 0])
+
+
+def test_bad_requests_say_what_is_missing(field):
+    image, nuclei, _ = field
+    with pytest.raises(ValueError, match="needs cell_channel="):
+        pipeline.segment(image, dims="tcyx", target="cells", nuclei=nuclei)
+    with pytest.raises(ValueError, match="needs nuclei= labels"):
+        pipeline.segment(image[:, 1], dims="tyx", target="cells")
+    with pytest.raises(ValueError, match="do not match the image"):
+        pipeline.segment(image, dims="tcyx", target="cells", nuclei=nuclei[0], cell_channel=1)
+    with pytest.raises(ValueError, match="unknown target"):
+        pipeline.segment(image[0, 0], target="cytoplasm")
+
+
+def test_a_halo_smaller_than_the_cells_is_detected(field):
+    image, nuclei, _ = field
+    blocks = da.from_array(nuclei, chunks=(1, 50, 70))
+    cytoplasm = da.from_array(image[:, 1], chunks=(1, 50, 70))
+    settings = CellParameters(distance_um=5.0)
+    with pytest.raises(HaloTooSmall):
+        grow_cells_dask(blocks, cytoplasm, settings, [0.5, 0.5], (10, 10)).compute()
