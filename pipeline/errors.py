@@ -28,3 +28,7 @@ class PipelineInputError(Exception):
 
 class CorruptChunkError(PipelineInputError):
     """A chunk of an input array cannot be read or decoded."""
+
+
+class HaloTooSmall(RuntimeError):
+    """A cell (or what shapes it) reaches beyond the halo of its block."""

@@ -430,6 +430,8 @@ def measure(
     pixel_size: Mapping[str, float] | None = None,
     translation: Mapping[str, float] | None = None,
     channel_names: Sequence[str] | None = None,
+    cells: np.ndarray | da.Array | xr.DataArray | None = None,
+    ring_um: float = 3.0,
 ) -> pd.DataFrame | dd.DataFrame:
     """Measure every labelled object: position, size, bounding box, intensities.
 
@@ -450,6 +452,13 @@ def measure(
     channel_names
         Names used in the intensity column names. Default: the image's ``c`` coordinate,
         else the channel index.
+    cells
+        Whole-cell labels of the same dims, each cell with its nucleus' id (``labels`` are
+        then the nuclei): adds each channel's intensity statistics per compartment (nucleus,
+        cell, cytoplasm, cytoring) and the cytoplasm/nucleus and cytoring/nucleus ratios
+        (:mod:`pipeline.measurement.compartments`). Needs ``image``.
+    ring_um
+        Width of the cytoplasmic ring outside the nucleus (``cytoring``), in micrometres.
 
     Returns
     -------
@@ -500,7 +509,10 @@ def measure(
             spatial_dims=spatial_dims,
             **options,
         )
-        return dd.from_delayed([table], meta=meta, verify_meta=False)
+        table = dd.from_delayed([table], meta=meta, verify_meta=False)
+        if cells is None:
+            return table
+        return _with_compartments(table, labels, cells, image, dims, ring_um, **options)
 
     labels = np.asarray(labels)
     image = None if image is None else np.asarray(image)
@@ -514,4 +526,56 @@ def measure(
         block_statistics(frame_labels, frame_image, offset=[0] * frame_labels.ndim, t=t)
         for frame_labels, frame_image, t in frames
     ]
-    return finalize_statistics(merge_statistics(partials), spatial_dims=spatial_dims, **options)
+    table = finalize_statistics(merge_statistics(partials), spatial_dims=spatial_dims, **options)
+    if cells is None:
+        return table
+    return _with_compartments(table, labels, cells, image, dims, ring_um, **options)
+
+
+def _with_compartments(
+    table: pd.DataFrame | dd.DataFrame,
+    nuclei: np.ndarray | da.Array,
+    cells: np.ndarray | da.Array | xr.DataArray,
+    image: np.ndarray | da.Array | None,
+    dims: str,
+    ring_um: float,
+    *,
+    pixel_size: Mapping[str, float],
+    translation: Mapping[str, float],
+    channel_names: Sequence[str] | None,
+) -> pd.DataFrame | dd.DataFrame:
+    """``table`` joined with the compartment intensities of every cell (one row per nucleus;
+    cells without a nucleus are not measured)."""
+    from pipeline.measurement.compartments import compartment_table, compartment_table_dask
+
+    del translation  # compartments are intensities only
+    if image is None:
+        raise ValueError("measuring compartments (cells=) needs an image")
+    cells = cells.data if isinstance(cells, xr.DataArray) else cells
+    if tuple(cells.shape) != tuple(nuclei.shape):
+        raise ValueError(f"cells of shape {cells.shape} do not match labels {nuclei.shape}")
+    if not np.issubdtype(cells.dtype, np.integer):
+        raise ValueError(f"cells must be an integer array, got dtype {cells.dtype}")
+    if not dims.startswith("t"):
+        nuclei, cells, image = nuclei[None], cells[None], image[None]
+    spatial = dims.removeprefix("t")
+    ring_px = [ring_um / float(pixel_size.get(dim, 1.0)) for dim in spatial]
+    names = list(channel_names or [str(c) for c in range(image.shape[1])])
+    if isinstance(table, pd.DataFrame):
+        extra = compartment_table(nuclei, np.asarray(cells), image, names, ring_px)
+        merged = table.merge(extra, on=["t", "label"], how="left")
+        return merged.astype({"label": table["label"].dtype})
+    cells = da.asarray(cells)
+    extents = measure(cells, dims="t" + spatial)[
+        [f"bbox_{end}_{dim}" for dim in spatial for end in ("min", "max")]
+    ].compute()
+    halo = [
+        int((extents[f"bbox_max_{dim}"] - extents[f"bbox_min_{dim}"]).to_numpy().max(initial=0)) + 1
+        for dim in spatial
+    ]
+    from pipeline.tiling import block_chunks
+
+    spatial_chunks = block_chunks(cells.shape[1:], cells.chunksize[1:], halo)
+    cells = cells.rechunk(((1,) * cells.shape[0], *spatial_chunks))
+    extra = compartment_table_dask(da.asarray(nuclei), cells, image, names, ring_px, halo)
+    return table.merge(extra, on=["t", "label"], how="left")

@@ -24,6 +24,8 @@ import dask.array as da
 import numpy as np
 from distributed import Future, wait
 
+from pipeline.errors import HaloTooSmall
+
 __all__ = [
     "HaloTooSmall",
     "Recipe",
@@ -56,10 +58,6 @@ class Recipe(Protocol):
         border_faces: Sequence[tuple[bool, bool]] | None = None,
     ) -> np.ndarray:
         """Cells that survive the recipe's size and border filters."""
-
-
-class HaloTooSmall(RuntimeError):
-    """A cell (or what shapes it) reaches beyond the halo of its block."""
 
 
 def with_halo_retries(

@@ -1,0 +1,236 @@
+"""Intensities per cell compartment: nucleus, cell, cytoplasm and a cytoplasmic ring.
+
+For every cell (a whole-cell label that shares its id with its nucleus, see
+:mod:`pipeline.segmentation.cells`) and every channel: mean, median, sum, standard deviation,
+minimum and maximum over
+
+- ``nucleus``: the nucleus' pixels;
+- ``cell``: the whole cell;
+- ``cytoplasm``: the cell minus its nucleus;
+- ``cytoring``: the pixels of the cell within ``ring_um`` outside its nucleus (the kinase
+  translocation reporter readout of Van Valen et al. 2016 uses a 5 px ring),
+
+plus the ratios ``ratio_cytoplasm_nucleus_<channel>`` and ``ratio_cytoring_nucleus_<channel>``
+(mean over the compartment / mean over the nucleus). Columns are named
+``intensity_<statistic>_<channel>_<compartment>``; a compartment without pixels gives NaN.
+
+Tiled (Dask) input: medians and the other order statistics do not merge across blocks, so each
+cell is measured whole by the one block that owns it (the block whose core holds the cell's first
+pixel in raster order), over the block's core plus a halo; a block raises
+:class:`~pipeline.segmentation.tiled.HaloTooSmall` when a cell it owns reaches an inner face of
+its extended region. Every value therefore equals the whole-image value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import itemgetter
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage.segmentation import expand_labels
+
+from pipeline.errors import HaloTooSmall
+
+__all__ = ["COMPARTMENTS", "STATISTICS", "compartment_table", "compartment_table_dask"]
+
+COMPARTMENTS = ("nucleus", "cell", "cytoplasm", "cytoring")
+STATISTICS = {
+    "mean": ndi.mean,
+    "median": ndi.median,
+    "sum": ndi.sum_labels,
+    "std": ndi.standard_deviation,
+    "min": ndi.minimum,
+    "max": ndi.maximum,
+}
+RATIOS = ("cytoplasm", "cytoring")
+
+
+def _compartment_labels(
+    nuclei: np.ndarray, cells: np.ndarray, ring_px: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Each compartment as a label image with the cell's id."""
+    nuclei = np.where(cells > 0, nuclei, 0)  # a nucleus counts where its cell is
+    cytoplasm = np.where(nuclei > 0, 0, cells)
+    if len(set(ring_px)) == 1:
+        grown = expand_labels(nuclei, ring_px[0])
+    else:
+        scale = max(ring_px)
+        grown = expand_labels(nuclei, scale, spacing=[scale / r for r in ring_px])
+    cytoring = np.where((grown == cells) & (nuclei == 0), cells, 0)
+    return {"nucleus": nuclei, "cell": cells, "cytoplasm": cytoplasm, "cytoring": cytoring}
+
+
+def _frame_table(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    image: np.ndarray,
+    channel_names: Sequence[str],
+    ring_px: Sequence[float],
+    ids: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """The compartment columns of the cells ``ids`` (default: all) of one frame."""
+    ids = np.unique(cells[cells > 0]) if ids is None else np.asarray(ids)
+    columns: dict[str, np.ndarray] = {"label": ids.astype(np.int64)}
+    if ids.size == 0:
+        return pd.DataFrame(columns=["label", *column_names(channel_names)])
+    compartments = _compartment_labels(nuclei, cells, ring_px)
+    for c, name in enumerate(channel_names):
+        values = np.asarray(image[c], dtype=np.float64)
+        for compartment, labels in compartments.items():
+            present = np.isin(ids, labels[labels > 0])
+            for statistic, function in STATISTICS.items():
+                column = np.full(ids.size, np.nan)
+                if present.any():
+                    # scipy's variance divides by the count of every label up to the
+                    # largest, absent ones included: harmless NaNs it does not return
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        column[present] = function(values, labels, ids[present])
+                columns[f"intensity_{statistic}_{name}_{compartment}"] = column
+        nucleus_mean = columns[f"intensity_mean_{name}_nucleus"]
+        for compartment in RATIOS:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = columns[f"intensity_mean_{name}_{compartment}"] / nucleus_mean
+            columns[f"ratio_{compartment}_nucleus_{name}"] = ratio
+    return pd.DataFrame(columns)
+
+
+def column_names(channel_names: Sequence[str]) -> list[str]:
+    """The columns :func:`compartment_table` adds, in order, for these channels."""
+    names = []
+    for name in channel_names:
+        names += [
+            f"intensity_{statistic}_{name}_{compartment}"
+            for compartment in COMPARTMENTS
+            for statistic in STATISTICS
+        ]
+        names += [f"ratio_{compartment}_nucleus_{name}" for compartment in RATIOS]
+    return names
+
+
+def compartment_table(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    image: np.ndarray,
+    channel_names: Sequence[str],
+    ring_px: Sequence[float],
+) -> pd.DataFrame:
+    """Compartment intensities of every cell of a (t, ...spatial) field (numpy).
+
+    Parameters
+    ----------
+    nuclei, cells
+        Nuclear and whole-cell labels (t, ...spatial); a cell and its nucleus share the id.
+    image
+        Intensities (t, c, ...spatial).
+    channel_names
+        One name per channel, used in the column names.
+    ring_px
+        Width of the cytoplasmic ring in pixels per spatial axis.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``t``, ``label`` and the columns of :func:`column_names`, one row per cell and frame.
+    """
+    tables = [
+        _frame_table(nuclei[t], cells[t], image[t], channel_names, ring_px).assign(t=t)
+        for t in range(cells.shape[0])
+    ]
+    return _ordered(pd.concat(tables, ignore_index=True), channel_names)
+
+
+def _ordered(table: pd.DataFrame, channel_names: Sequence[str]) -> pd.DataFrame:
+    table = table[["t", "label", *column_names(channel_names)]]
+    return table.astype({"t": "int64"}).sort_values(["t", "label"], ignore_index=True)
+
+
+def _owned_block_table(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    image: np.ndarray,
+    *,
+    t: int,
+    core: tuple[slice, ...],
+    inner: Sequence[tuple[bool, bool]],
+    channel_names: Sequence[str],
+    ring_px: Sequence[float],
+) -> pd.DataFrame:
+    """Compartments of the cells whose first pixel lies in this block's core (one frame)."""
+    flat = cells.ravel()
+    ids, first = np.unique(flat, return_index=True)
+    keep = ids > 0
+    ids, first = ids[keep], first[keep]
+    coordinates = np.unravel_index(first, cells.shape)
+    owned = np.ones(ids.size, dtype=bool)
+    for axis, piece in enumerate(core):
+        start, stop, _ = piece.indices(cells.shape[axis])
+        owned &= (coordinates[axis] >= start) & (coordinates[axis] < stop)
+    ids = ids[owned]
+    for axis, (low, high) in enumerate(inner):
+        faces = ([np.take(cells, 0, axis=axis)] if low else []) + (
+            [np.take(cells, -1, axis=axis)] if high else []
+        )
+        for face in faces:
+            if np.isin(ids, face).any():
+                raise HaloTooSmall("a cell does not fit in the halo; increase tiling.halo_um")
+    table = _frame_table(nuclei, cells, image, channel_names, ring_px, ids=ids)
+    return table.assign(t=t)
+
+
+def compartment_table_dask(
+    nuclei: da.Array,
+    cells: da.Array,
+    image: da.Array,
+    channel_names: Sequence[str],
+    ring_px: Sequence[float],
+    halo: Sequence[int],
+) -> dd.DataFrame:
+    """:func:`compartment_table` of (t, ...spatial) Dask arrays, each cell measured whole by
+    the block that owns it (module notes), with ``halo`` pixels per spatial axis; lazy.
+
+    Raises (when computed)
+    ----------------------
+    HaloTooSmall
+        A cell does not fit in the halo of the block that owns it.
+    """
+    spatial_chunks = cells.chunks[1:]
+    chunks = ((1,) * cells.shape[0], *spatial_chunks)
+    cells = cells.rechunk(chunks)
+    nuclei = nuclei.rechunk(chunks)
+    image = image.rechunk((chunks[0], image.shape[1], *spatial_chunks))
+    depth = {0: 0, **{axis + 1: int(h) for axis, h in enumerate(halo)}}
+    image_depth = {0: 0, 1: 0, **{axis + 2: int(h) for axis, h in enumerate(halo)}}
+    extended = [
+        da.overlap.overlap(array, depth=d, boundary="none").to_delayed()
+        for array, d in ((nuclei, depth), (cells, depth), (image, image_depth))
+    ]
+    counts = [len(c) for c in spatial_chunks]
+    tables = []
+    for index in np.ndindex(cells.numblocks):
+        t, location = index[0], index[1:]
+        inner = [(i > 0, i < n - 1) for i, n in zip(location, counts, strict=True)]
+        core = tuple(
+            slice(h if low else 0, -h if high and h else None)
+            for h, (low, high) in zip(halo, inner, strict=True)
+        )
+        image_block = extended[2][(t, 0, *location)]
+        tables.append(
+            dask.delayed(_owned_block_table)(
+                dask.delayed(itemgetter(0))(extended[0][index]),
+                dask.delayed(itemgetter(0))(extended[1][index]),
+                dask.delayed(itemgetter(0))(image_block),
+                t=t,
+                core=core,
+                inner=inner,
+                channel_names=list(channel_names),
+                ring_px=list(ring_px),
+            )
+        )
+    meta = pd.DataFrame(columns=["t", "label", *column_names(channel_names)]).astype(float)
+    meta = meta.astype({"t": "int64", "label": "int64"})
+    return dd.from_delayed(tables, meta=meta, verify_meta=False)
