@@ -65,12 +65,22 @@ class SimulatedField:
         CTC ``man_track`` table: int64 columns ``label, first, last, parent`` (0 = no parent).
     pixel_size
         Micrometres per pixel along ``"y"``, ``"x"`` and, in 3D, ``"z"``.
+    cells
+        Whole cells, like ``labels``: each nucleus and the ring of ``ring_width_um`` around it
+        on which the cytoplasm channel's reporter lies (a cell shares its nucleus' id).
+    reporter
+        Truth of the reporter per cell and frame: ``t``, ``label``, ``reporter`` (expected
+        signal on the ring), ``nuclear_fraction`` (level inside the nucleus relative to the
+        ring) and ``ratio_cytoplasm_nucleus`` (= 1 / nuclear_fraction, before blur, background
+        and illumination).
     """
 
     image: np.ndarray
     labels: np.ndarray
     lineage: pd.DataFrame
     pixel_size: dict[str, float]
+    cells: np.ndarray
+    reporter: pd.DataFrame
 
 
 @dataclass
@@ -254,6 +264,8 @@ def simulate_field(
     illumination = _illumination(rng, shape, knobs.illumination_falloff)
 
     labels = np.zeros((n_frames, *shape), dtype=np.uint32)
+    whole_cells = np.zeros((n_frames, *shape), dtype=np.uint32)
+    reporter_rows: list[tuple[int, int, float, float]] = []
     image = np.zeros((n_frames, len(CHANNEL_NAMES), *shape), dtype=np.uint16)
     tracks: dict[int, list[int]] = {}  # label -> [first, last, parent]
     for t in range(n_frames):
@@ -266,7 +278,11 @@ def simulate_field(
         for cell in cells:
             tracks.setdefault(cell.label, [t, t, cell.parent])[1] = t
         labels[t] = frame_labels
-        image[t] = _form_image(rng, frame_labels, distance2, cells, illumination, spacing, knobs)
+        whole_cells[t] = expand_labels(frame_labels, distance=knobs.ring_width_um, spacing=spacing)
+        reporter_rows += [(t, cell.label, cell.reporter, cell.nuclear_fraction) for cell in cells]
+        image[t] = _form_image(
+            rng, frame_labels, whole_cells[t], distance2, cells, illumination, spacing, knobs
+        )
 
     lineage = pd.DataFrame(
         [(label, *track) for label, track in sorted(tracks.items())],
@@ -275,7 +291,18 @@ def simulate_field(
     )
     names = ("y", "x") if z_slices is None else ("z", "y", "x")
     pixel_size = {name: float(step) for name, step in zip(names, spacing, strict=True)}
-    return SimulatedField(image=image, labels=labels, lineage=lineage, pixel_size=pixel_size)
+    reporter = pd.DataFrame(
+        reporter_rows, columns=["t", "label", "reporter", "nuclear_fraction"]
+    ).astype({"t": "int64", "label": "int64"})
+    reporter["ratio_cytoplasm_nucleus"] = 1.0 / reporter["nuclear_fraction"]
+    return SimulatedField(
+        image=image,
+        labels=labels,
+        lineage=lineage,
+        pixel_size=pixel_size,
+        cells=whole_cells,
+        reporter=reporter.sort_values(["t", "label"], ignore_index=True),
+    )
 
 
 def simulate_plate(
@@ -639,13 +666,15 @@ def _illumination(rng: np.random.Generator, shape: tuple[int, ...], falloff: flo
 def _form_image(
     rng: np.random.Generator,
     labels: np.ndarray,
+    grown: np.ndarray,
     distance2: np.ndarray,
     cells: list[_Cell],
     illumination: np.ndarray,
     spacing: np.ndarray,
     knobs: _Knobs,
 ) -> np.ndarray:
-    """Both channels of one frame, ``(c, (z,) y, x)`` uint16, from labels and cell properties."""
+    """Both channels of one frame, ``(c, (z,) y, x)`` uint16, from the nuclei, the whole cells
+    (``grown``: nucleus plus ring) and the cells' properties."""
     lookup_size = int(labels.max()) + 1
     brightness, reporter, nuclear_fraction = (np.zeros(lookup_size, np.float32) for _ in range(3))
     for cell in cells:
@@ -655,7 +684,6 @@ def _form_image(
     nuclei = (
         brightness[labels] * (1.0 - _DOME * distance2) * _texture(rng, labels.shape, spacing, knobs)
     )
-    grown = expand_labels(labels, distance=knobs.ring_width_um, spacing=spacing)
     ring = (labels == 0) & (grown > 0)
     cytoplasm = np.where(ring, reporter[grown], reporter[labels] * nuclear_fraction[labels])
     cytoplasm *= _texture(rng, labels.shape, spacing, knobs)

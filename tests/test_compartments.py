@@ -80,7 +80,12 @@ def test_tiled_compartments_equal_whole_image() -> None:
     simulated = simulate_field(n_frames=2, size=160, seed=5)
     nuclei = simulated.labels
     cells = np.stack([expand_labels(frame, 6) for frame in nuclei])
-    options = {"dims": "tyx", "pixel_size": {"y": 0.5, "x": 0.5}, "ring_um": 2.0}
+    options = {
+        "dims": "tyx",
+        "pixel_size": {"y": 0.5, "x": 0.5},
+        "ring_um": 2.0,
+        "cytoplasm_mixture": True,
+    }
     whole = pipeline.measure(nuclei, simulated.image, cells=cells, **options)
     tiled = pipeline.measure(
         da.from_array(nuclei, chunks=(1, 45, 70)),
@@ -91,6 +96,26 @@ def test_tiled_compartments_equal_whole_image() -> None:
     tiled = tiled.sort_values(["t", "label"], ignore_index=True)
     assert len(whole) > 20 and whole["ratio_cytoring_nucleus_1"].notna().all()
     pd.testing.assert_frame_equal(tiled[whole.columns], whole, check_dtype=False)
+
+
+def test_mixture_keeps_the_cytoplasm_not_the_nuclear_signal_bleeding_in() -> None:
+    """A cytoplasm of 400 pixels: 70 % at 20 (the cytoplasm) and 30 % at 100 like the nucleus
+    (signal bleeding in), with noise; the mixture recovers 20, the plain mean does not."""
+    rng = np.random.default_rng(3)
+    nuclei = np.zeros((30, 30), np.int32)
+    cells = np.zeros((30, 30), np.int32)
+    cells[5:25, 5:25] = 1
+    nuclei[13:17, 13:17] = 1
+    image = np.zeros((1, 30, 30))
+    image[0][nuclei == 1] = 100 + rng.normal(0, 2, 16)
+    cytoplasm = (cells == 1) & (nuclei == 0)
+    image[0][cytoplasm] = np.where(rng.random(cytoplasm.sum()) < 0.3, 100, 20) + rng.normal(
+        0, 2, cytoplasm.sum()
+    )
+    table = pipeline.measure(nuclei, image, dims="yx", cells=cells, cytoplasm_mixture=True)
+    assert table["intensity_mixture_0_cytoplasm"][0] == pytest.approx(20, abs=0.5)
+    assert table["intensity_mean_0_cytoplasm"][0] > 35
+    assert table["ratio_mixture_nucleus_0"][0] == pytest.approx(0.2, abs=0.01)
 
 
 def test_compartments_need_an_image_and_matching_cells() -> None:

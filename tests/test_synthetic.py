@@ -201,3 +201,36 @@ def test_large_fields_get_two_pyramid_levels(tmp_path):
 def test_reading_ground_truth_of_a_plain_folder_is_an_input_error(tmp_path):
     with pytest.raises(PipelineInputError, match="no OME-Zarr field"):
         read_ground_truth(tmp_path / "missing")
+
+
+def test_whole_cells_and_reporter_truth_describe_the_cytoplasm_channel(default_field):
+    """The whole-cell truth is each nucleus with its ring, and the reporter table lists every
+    cell of every frame with the ratio the cytoplasm channel was drawn with."""
+    from skimage.segmentation import expand_labels
+
+    field = default_field
+    ring_px = 3.0 / field.pixel_size["x"]  # the default ring width, 3 um
+    for t, frame in enumerate(field.labels):
+        np.testing.assert_array_equal(field.cells[t], expand_labels(frame, ring_px))
+    present = {
+        (t, int(label))
+        for t, frame in enumerate(field.labels)
+        for label in np.unique(frame)
+        if label
+    }
+    truth = field.reporter
+    assert set(zip(truth["t"], truth["label"], strict=True)) == present
+    np.testing.assert_allclose(truth["ratio_cytoplasm_nucleus"], 1 / truth["nuclear_fraction"])
+    # a cell's ring is brighter than its nucleus in the cytoplasm channel by about that ratio
+    first = truth[truth["t"] == 0].set_index("label")
+    cytoplasm = field.image[0, 1].astype(float) - 100  # camera offset
+    ring = (field.cells[0] > 0) & (field.labels[0] == 0)
+    means = {
+        label: (
+            cytoplasm[ring & (field.cells[0] == label)].mean(),
+            cytoplasm[field.labels[0] == label].mean(),
+        )
+        for label in first.index
+    }
+    measured = np.array([ring_mean / nucleus_mean for ring_mean, nucleus_mean in means.values()])
+    assert np.corrcoef(measured, first["ratio_cytoplasm_nucleus"])[0, 1] > 0.8

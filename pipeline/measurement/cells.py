@@ -432,6 +432,7 @@ def measure(
     channel_names: Sequence[str] | None = None,
     cells: np.ndarray | da.Array | xr.DataArray | None = None,
     ring_um: float = 3.0,
+    cytoplasm_mixture: bool = False,
 ) -> pd.DataFrame | dd.DataFrame:
     """Measure every labelled object: position, size, bounding box, intensities.
 
@@ -459,6 +460,9 @@ def measure(
         (:mod:`pipeline.measurement.compartments`). Needs ``image``.
     ring_um
         Width of the cytoplasmic ring outside the nucleus (``cytoring``), in micrometres.
+    cytoplasm_mixture
+        With ``cells``: add the Gaussian-mixture estimate of each cell's cytoplasm and its
+        ratio to the nucleus (slower: one small mixture fit per cell and channel).
 
     Returns
     -------
@@ -512,7 +516,9 @@ def measure(
         table = dd.from_delayed([table], meta=meta, verify_meta=False)
         if cells is None:
             return table
-        return _with_compartments(table, labels, cells, image, dims, ring_um, **options)
+        return _with_compartments(
+            table, labels, cells, image, dims, ring_um, cytoplasm_mixture, **options
+        )
 
     labels = np.asarray(labels)
     image = None if image is None else np.asarray(image)
@@ -529,7 +535,9 @@ def measure(
     table = finalize_statistics(merge_statistics(partials), spatial_dims=spatial_dims, **options)
     if cells is None:
         return table
-    return _with_compartments(table, labels, cells, image, dims, ring_um, **options)
+    return _with_compartments(
+        table, labels, cells, image, dims, ring_um, cytoplasm_mixture, **options
+    )
 
 
 def _with_compartments(
@@ -539,6 +547,7 @@ def _with_compartments(
     image: np.ndarray | da.Array | None,
     dims: str,
     ring_um: float,
+    mixture: bool,
     *,
     pixel_size: Mapping[str, float],
     translation: Mapping[str, float],
@@ -562,7 +571,7 @@ def _with_compartments(
     ring_px = [ring_um / float(pixel_size.get(dim, 1.0)) for dim in spatial]
     names = list(channel_names or [str(c) for c in range(image.shape[1])])
     if isinstance(table, pd.DataFrame):
-        extra = compartment_table(nuclei, np.asarray(cells), image, names, ring_px)
+        extra = compartment_table(nuclei, np.asarray(cells), image, names, ring_px, mixture)
         merged = table.merge(extra, on=["t", "label"], how="left")
         return merged.astype({"label": table["label"].dtype})
     cells = da.asarray(cells)
@@ -577,5 +586,5 @@ def _with_compartments(
 
     spatial_chunks = block_chunks(cells.shape[1:], cells.chunksize[1:], halo)
     cells = cells.rechunk(((1,) * cells.shape[0], *spatial_chunks))
-    extra = compartment_table_dask(da.asarray(nuclei), cells, image, names, ring_px, halo)
+    extra = compartment_table_dask(da.asarray(nuclei), cells, image, names, ring_px, halo, mixture)
     return table.merge(extra, on=["t", "label"], how="left")
