@@ -432,6 +432,7 @@ def measure(
     channel_names: Sequence[str] | None = None,
     cells: np.ndarray | da.Array | xr.DataArray | None = None,
     ring_um: float = 3.0,
+    compartment_margin_um: float = 0.0,
     cytoplasm_mixture: bool = False,
 ) -> pd.DataFrame | dd.DataFrame:
     """Measure every labelled object: position, size, bounding box, intensities.
@@ -460,6 +461,10 @@ def measure(
         (:mod:`pipeline.measurement.compartments`). Needs ``image``.
     ring_um
         Width of the cytoplasmic ring outside the nucleus (``cytoring``), in micrometres.
+    compartment_margin_um
+        With ``cells``: a band this wide on both sides of the nuclear outline is left out of
+        the nucleus, cytoplasm and cytoring (the ring starts beyond it), so that light blurred
+        across the outline does not mix the compartments; 0 keeps the exact outlines.
     cytoplasm_mixture
         With ``cells``: add the Gaussian-mixture estimate of each cell's cytoplasm and its
         ratio to the nucleus (slower: one small mixture fit per cell and channel).
@@ -517,7 +522,14 @@ def measure(
         if cells is None:
             return table
         return _with_compartments(
-            table, labels, cells, image, dims, ring_um, cytoplasm_mixture, **options
+            table,
+            labels,
+            cells,
+            image,
+            dims,
+            (ring_um, compartment_margin_um),
+            cytoplasm_mixture,
+            **options,
         )
 
     labels = np.asarray(labels)
@@ -536,7 +548,14 @@ def measure(
     if cells is None:
         return table
     return _with_compartments(
-        table, labels, cells, image, dims, ring_um, cytoplasm_mixture, **options
+        table,
+        labels,
+        cells,
+        image,
+        dims,
+        (ring_um, compartment_margin_um),
+        cytoplasm_mixture,
+        **options,
     )
 
 
@@ -546,7 +565,7 @@ def _with_compartments(
     cells: np.ndarray | da.Array | xr.DataArray,
     image: np.ndarray | da.Array | None,
     dims: str,
-    ring_um: float,
+    ring_and_margin_um: tuple[float, float],
     mixture: bool,
     *,
     pixel_size: Mapping[str, float],
@@ -555,7 +574,11 @@ def _with_compartments(
 ) -> pd.DataFrame | dd.DataFrame:
     """``table`` joined with the compartment intensities of every cell (one row per nucleus;
     cells without a nucleus are not measured)."""
-    from pipeline.measurement.compartments import compartment_table, compartment_table_dask
+    from pipeline.measurement.compartments import (
+        Geometry,
+        compartment_table,
+        compartment_table_dask,
+    )
 
     del translation  # compartments are intensities only
     if image is None:
@@ -568,10 +591,12 @@ def _with_compartments(
     if not dims.startswith("t"):
         nuclei, cells, image = nuclei[None], cells[None], image[None]
     spatial = dims.removeprefix("t")
-    ring_px = [ring_um / float(pixel_size.get(dim, 1.0)) for dim in spatial]
+    geometry = Geometry(
+        tuple(float(pixel_size.get(dim, 1.0)) for dim in spatial), *ring_and_margin_um
+    )
     names = list(channel_names or [str(c) for c in range(image.shape[1])])
     if isinstance(table, pd.DataFrame):
-        extra = compartment_table(nuclei, np.asarray(cells), image, names, ring_px, mixture)
+        extra = compartment_table(nuclei, np.asarray(cells), image, names, geometry, mixture)
         merged = table.merge(extra, on=["t", "label"], how="left")
         return merged.astype({"label": table["label"].dtype})
     cells = da.asarray(cells)
@@ -586,5 +611,5 @@ def _with_compartments(
 
     spatial_chunks = block_chunks(cells.shape[1:], cells.chunksize[1:], halo)
     cells = cells.rechunk(((1,) * cells.shape[0], *spatial_chunks))
-    extra = compartment_table_dask(da.asarray(nuclei), cells, image, names, ring_px, halo, mixture)
+    extra = compartment_table_dask(da.asarray(nuclei), cells, image, names, geometry, halo, mixture)
     return table.merge(extra, on=["t", "label"], how="left")

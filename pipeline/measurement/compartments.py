@@ -30,6 +30,7 @@ its extended region. Every value therefore equals the whole-image value.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 
 import dask
@@ -42,7 +43,14 @@ from skimage.segmentation import expand_labels
 
 from pipeline.errors import HaloTooSmall
 
-__all__ = ["COMPARTMENTS", "STATISTICS", "compartment_table", "compartment_table_dask"]
+__all__ = [
+    "COMPARTMENTS",
+    "STATISTICS",
+    "Geometry",
+    "column_names",
+    "compartment_table",
+    "compartment_table_dask",
+]
 
 COMPARTMENTS = ("nucleus", "cell", "cytoplasm", "cytoring")
 STATISTICS = {
@@ -57,19 +65,35 @@ RATIOS = ("cytoplasm", "cytoring")
 _MIXTURE_MIN_PIXELS = 10
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How compartments are drawn: pixel size (um per axis), the ring's width outside the
+    nucleus and a margin (um) kept clear on both sides of the nuclear outline (0: none)."""
+
+    spacing: tuple[float, ...]
+    ring_um: float
+    margin_um: float = 0.0
+
+
 def _compartment_labels(
-    nuclei: np.ndarray, cells: np.ndarray, ring_px: Sequence[float]
+    nuclei: np.ndarray, cells: np.ndarray, geometry: Geometry
 ) -> dict[str, np.ndarray]:
     """Each compartment as a label image with the cell's id."""
+    spacing = geometry.spacing
     nuclei = np.where(cells > 0, nuclei, 0)  # a nucleus counts where its cell is
-    cytoplasm = np.where(nuclei > 0, 0, cells)
-    if len(set(ring_px)) == 1:
-        grown = expand_labels(nuclei, ring_px[0])
-    else:
-        scale = max(ring_px)
-        grown = expand_labels(nuclei, scale, spacing=[scale / r for r in ring_px])
-    cytoring = np.where((grown == cells) & (nuclei == 0), cells, 0)
-    return {"nucleus": nuclei, "cell": cells, "cytoplasm": cytoplasm, "cytoring": cytoring}
+    outside = ndi.distance_transform_edt(nuclei == 0, sampling=spacing)
+    nucleus = nuclei
+    if geometry.margin_um > 0:
+        inside = ndi.distance_transform_edt(nuclei > 0, sampling=spacing)
+        nucleus = np.where(inside > geometry.margin_um, nuclei, 0)
+    away = (nuclei == 0) & (outside > geometry.margin_um)
+    grown = expand_labels(nuclei, geometry.margin_um + geometry.ring_um, spacing=spacing)
+    return {
+        "nucleus": nucleus,
+        "cell": cells,
+        "cytoplasm": np.where(away, cells, 0),
+        "cytoring": np.where(away & (grown == cells), cells, 0),
+    }
 
 
 def _frame_table(
@@ -77,7 +101,7 @@ def _frame_table(
     cells: np.ndarray,
     image: np.ndarray,
     channel_names: Sequence[str],
-    ring_px: Sequence[float],
+    geometry: Geometry,
     ids: np.ndarray | None = None,
     mixture: bool = False,
 ) -> pd.DataFrame:
@@ -86,7 +110,7 @@ def _frame_table(
     columns: dict[str, np.ndarray] = {"label": ids.astype(np.int64)}
     if ids.size == 0:
         return pd.DataFrame(columns=["label", *column_names(channel_names, mixture)])
-    compartments = _compartment_labels(nuclei, cells, ring_px)
+    compartments = _compartment_labels(nuclei, cells, geometry)
     for c, name in enumerate(channel_names):
         values = np.asarray(image[c], dtype=np.float64)
         for compartment, labels in compartments.items():
@@ -161,7 +185,7 @@ def compartment_table(
     cells: np.ndarray,
     image: np.ndarray,
     channel_names: Sequence[str],
-    ring_px: Sequence[float],
+    geometry: Geometry,
     mixture: bool = False,
 ) -> pd.DataFrame:
     """Compartment intensities of every cell of a (t, ...spatial) field (numpy).
@@ -174,8 +198,8 @@ def compartment_table(
         Intensities (t, c, ...spatial).
     channel_names
         One name per channel, used in the column names.
-    ring_px
-        Width of the cytoplasmic ring in pixels per spatial axis.
+    geometry
+        Pixel size, ring width and margin (:class:`Geometry`).
     mixture
         Add the Gaussian-mixture estimate of the cytoplasm (module notes).
 
@@ -185,9 +209,9 @@ def compartment_table(
         ``t``, ``label`` and the columns of :func:`column_names`, one row per cell and frame.
     """
     tables = [
-        _frame_table(nuclei[t], cells[t], image[t], channel_names, ring_px, mixture=mixture).assign(
-            t=t
-        )
+        _frame_table(
+            nuclei[t], cells[t], image[t], channel_names, geometry, mixture=mixture
+        ).assign(t=t)
         for t in range(cells.shape[0])
     ]
     return _ordered(pd.concat(tables, ignore_index=True), channel_names, mixture)
@@ -207,7 +231,7 @@ def _owned_block_table(
     core: tuple[slice, ...],
     inner: Sequence[tuple[bool, bool]],
     channel_names: Sequence[str],
-    ring_px: Sequence[float],
+    geometry: Geometry,
     mixture: bool,
 ) -> pd.DataFrame:
     """Compartments of the cells whose first pixel lies in this block's core (one frame)."""
@@ -228,7 +252,7 @@ def _owned_block_table(
         for face in faces:
             if np.isin(ids, face).any():
                 raise HaloTooSmall("a cell does not fit in the halo; increase tiling.halo_um")
-    table = _frame_table(nuclei, cells, image, channel_names, ring_px, ids=ids, mixture=mixture)
+    table = _frame_table(nuclei, cells, image, channel_names, geometry, ids=ids, mixture=mixture)
     return table.assign(t=t)
 
 
@@ -237,7 +261,7 @@ def compartment_table_dask(
     cells: da.Array,
     image: da.Array,
     channel_names: Sequence[str],
-    ring_px: Sequence[float],
+    geometry: Geometry,
     halo: Sequence[int],
     mixture: bool = False,
 ) -> dd.DataFrame:
@@ -279,7 +303,7 @@ def compartment_table_dask(
                 core=core,
                 inner=inner,
                 channel_names=list(channel_names),
-                ring_px=list(ring_px),
+                geometry=geometry,
                 mixture=mixture,
             )
         )
