@@ -11,6 +11,7 @@ import xarray as xr
 from scipy import ndimage
 from skimage.measure import regionprops
 
+import pipeline
 from pipeline.measurement.cells import (
     block_statistics,
     finalize_statistics,
@@ -217,3 +218,27 @@ def test_mismatched_shapes_are_rejected() -> None:
         measure(np.ones((6, 6), dtype=np.int32), np.ones((3, 6, 6)), channel_names=["a", "b"])
     with pytest.raises(ValueError, match="integer"):
         measure(np.ones((6, 6)))
+
+
+def test_plain_labels_take_their_dims_and_scale_from_an_xarray_image() -> None:
+    """``measure(segment(fov.data.sel(c=...)), fov.data)``: the labels come back as a plain
+    array, and the image's dims (t, c, y, x) and coordinates describe them."""
+    labels = np.zeros((2, 6, 8), np.int32)
+    labels[:, 1:3, 2:5] = 4
+    values = np.arange(2 * 2 * 6 * 8, dtype=float).reshape(2, 2, 6, 8)
+    image = xr.DataArray(
+        values,
+        dims=("t", "c", "y", "x"),
+        coords={"c": ["dna", "ktr"], "y": 10 + 0.5 * np.arange(6), "x": 0.25 * np.arange(8)},
+    )
+    implicit = pipeline.measure(labels, image)
+    explicit = pipeline.measure(
+        labels,
+        values,
+        dims="tyx",
+        pixel_size={"y": 0.5, "x": 0.25},
+        translation={"y": 10.0, "x": 0.0},
+        channel_names=["dna", "ktr"],
+    )
+    pd.testing.assert_frame_equal(implicit, explicit)
+    assert implicit["area"].tolist() == [6 * 0.5 * 0.25] * 2

@@ -444,8 +444,9 @@ def measure(
     image
         Intensities with dims ``dims`` plus ``"c"`` after ``"t"`` (or first), or None.
     dims
-        Label dims, a subset of ``"tzyx"`` in order. Default: from an xarray's dims, else
-        ``"yx"``, ``"zyx"`` or ``"tzyx"`` by number of axes.
+        Label dims, a subset of ``"tzyx"`` in order. Default: from the labels' xarray dims,
+        else the image's xarray dims without ``c``, else ``"yx"``, ``"zyx"`` or ``"tzyx"`` by
+        number of axes.
     pixel_size
         Micrometres per pixel per spatial dim. Default: the xarray coordinate spacing, else 1.
     translation
@@ -481,6 +482,9 @@ def measure(
         dims = dims or "".join(str(dim) for dim in labels.dims)
         found_size, found_translation = _coordinate_scale(labels, dims)
         labels = labels.data
+    elif dims is None and isinstance(image, xr.DataArray):
+        dims = "".join(str(dim) for dim in image.dims if dim != "c")
+        found_size, found_translation = _coordinate_scale(image, dims)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
     dims = dims or _default_dims(labels.ndim)
