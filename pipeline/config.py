@@ -8,18 +8,25 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
 
 from pipeline.errors import PipelineInputError
 from pipeline.segmentation.classical import ClassicalParameters
-from pipeline.segmentation.parameters import ConvNetConfig, ConvNetExecution, SegmentationConfig
+from pipeline.segmentation.parameters import (
+    CellsConfig,
+    ConvNetConfig,
+    ConvNetExecution,
+    SegmentationConfig,
+)
 from pipeline.settings import StrictModel
 
 __all__ = [
+    "CellsConfig",
     "ClassicalParameters",
     "ComputeConfig",
     "ConvNetConfig",
     "HaloConfig",
+    "MeasurementConfig",
     "RunConfig",
     "SegmentationConfig",
     "TilingConfig",
@@ -98,6 +105,21 @@ class ComputeConfig(ConvNetExecution):
     )
 
 
+class MeasurementConfig(StrictModel):
+    """What is measured beyond position, size and mean intensities (with ``segmentation.cells``:
+    the compartments of :mod:`pipeline.measurement.compartments`)."""
+
+    ring_um: PositiveFloat = Field(
+        3.0, description="width of the cytoplasmic ring (cytoring) outside each nucleus"
+    )
+    compartment_margin_um: NonNegativeFloat = Field(
+        0.0, description="band on both sides of the nuclear outline left out of compartments"
+    )
+    cytoplasm_mixture: bool = Field(
+        False, description="add the Gaussian-mixture estimate of each cell's cytoplasm"
+    )
+
+
 class InputConfig(StrictModel):
     """How the input is read."""
 
@@ -115,14 +137,22 @@ class RunConfig(StrictModel):
     segmentation: SegmentationConfig = SegmentationConfig()
     tiling: TilingConfig = TilingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    measurement: MeasurementConfig = MeasurementConfig()
     compute: ComputeConfig = ComputeConfig()
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the settings that decide results (not ``compute``).
 
         A unit of work whose recorded digest differs from this one is recomputed on resume.
+        Sections added later (``segmentation.cells``, ``measurement``) enter it only when
+        set, so results made before they existed stay valid.
         """
-        text = json.dumps(self.model_dump(mode="json", exclude={"compute"}), sort_keys=True)
+        settings = self.model_dump(mode="json", exclude={"compute"})
+        if self.segmentation.cells is None:
+            del settings["segmentation"]["cells"]
+        if self.measurement == MeasurementConfig():
+            del settings["measurement"]
+        text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

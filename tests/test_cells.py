@@ -136,3 +136,57 @@ def test_a_halo_smaller_than_the_cells_is_detected(field):
     settings = CellParameters(distance_um=5.0)
     with pytest.raises(HaloTooSmall):
         grow_cells_dask(blocks, cytoplasm, settings, [0.5, 0.5], (10, 10)).compute()
+
+
+@pytest.mark.cluster
+def test_a_run_writes_nuclei_cells_and_compartments_as_the_api_computes_them(
+    tmp_path, shared_scheduler
+):
+    """segmentation.cells in a run: labels/nuclei and labels/cells with shared ids, and the
+    cells table's compartment columns equal pipeline.measure on the written labels."""
+    import pandas as pd
+    import zarr
+
+    from pipeline.config import RunConfig
+    from pipeline.orchestration.runner import run
+    from pipeline.synthetic import simulate_plate
+
+    plate = simulate_plate(
+        tmp_path / "plate.zarr", rows=1, columns=1, fields=1, n_frames=2, size=128, seed=7
+    )
+    config = RunConfig.model_validate(
+        {
+            "segmentation": {
+                "method": "classical",
+                "cells": {"channel": "cytoplasm", "distance_um": 5.0},
+            },
+            "measurement": {"ring_um": 2.0, "compartment_margin_um": 0.5},
+        }
+    )
+    out = tmp_path / "out.zarr"
+    summary = run(plate, out, config=config, scheduler=shared_scheduler)
+    assert not summary.failed
+    field = zarr.open_group(out / "A/1/0", mode="r")
+    nuclei, cells = field["labels/nuclei/0"][:], field["labels/cells/0"][:]
+    inside = nuclei > 0
+    np.testing.assert_array_equal(cells[inside], nuclei[inside])
+    assert set(np.unique(cells)) == set(np.unique(nuclei)) and (cells > 0).sum() > inside.sum()
+    table = pd.read_parquet(out / "A/1/0/tables/cells/table.parquet")
+    image = zarr.open_group(plate / "A/1/0", mode="r")["0"][:]
+    expected = pipeline.measure(
+        nuclei,
+        image,
+        dims="tyx",
+        pixel_size={"y": 0.5, "x": 0.5},
+        channel_names=["nuclei", "cytoplasm"],
+        cells=cells,
+        ring_um=2.0,
+        compartment_margin_um=0.5,
+    )
+    columns = [c for c in expected.columns if c.startswith(("ratio_", "intensity_median"))]
+    assert len(columns) == 12
+    pd.testing.assert_frame_equal(
+        table.sort_values(["t", "label"], ignore_index=True)[columns],
+        expected[columns],
+        check_dtype=False,
+    )

@@ -22,6 +22,7 @@ typed values, so a reader (or a test) can follow one field's data:
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -42,9 +44,11 @@ from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
 from pipeline.measurement.cells import measure_dask
+from pipeline.measurement.compartments import Geometry, compartment_table_dask
 from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
 from pipeline.orchestration.layout import (
     CELLS,
+    NUCLEI,
     TRACKS,
     clear_unit,
     field_parent,
@@ -54,6 +58,7 @@ from pipeline.orchestration.layout import (
 from pipeline.orchestration.outcomes import FieldOutcome
 from pipeline.orchestration.records import ATTRIBUTE, Ledger, now
 from pipeline.qc.plausibility import segmentation_warnings
+from pipeline.segmentation.cells import grow_cells_dask
 from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
 from pipeline.segmentation.tiled import (
     label_dtype,
@@ -112,10 +117,14 @@ class FieldData:
     channel: int
     pixel_size: dict[str, float]
     translation: dict[str, float]
+    cell_channel: int | None = None
 
     @classmethod
-    def open(cls, fov: omezarr.FieldOfView, channel: str | int) -> FieldData:
-        """The field's data with a t and a c axis, whatever the file had, and its channel."""
+    def open(
+        cls, fov: omezarr.FieldOfView, channel: str | int, cell_channel: str | int | None = None
+    ) -> FieldData:
+        """The field's data with a t and a c axis, whatever the file had, and its channels
+        (the nuclear one, and the one whole cells grow over, if any)."""
         data = fov.data
         for dim in ("c", "t"):
             if dim not in data.dims:
@@ -128,6 +137,7 @@ class FieldData:
             channel=_channel_index(fov, channel),
             pixel_size={d: fov.pixel_size.get(d, 1.0) for d in spatial},
             translation={d: fov.levels[0].translation.get(d, 0.0) for d in spatial},
+            cell_channel=None if cell_channel is None else _channel_index(fov, cell_channel),
         )
 
     @property
@@ -191,6 +201,8 @@ class Segmented:
 
     ``tables`` holds one future per block of timepoints, each a cell table whose ``t`` counts
     from the block's first timepoint ``starts[i]``; ``halo_um`` is the halo that sufficed.
+    With ``segmentation.cells``, ``scratch`` holds the nuclei and ``cell_scratch`` the whole
+    cells grown from them (same ids).
     """
 
     scratch: zarr.Array
@@ -198,6 +210,7 @@ class Segmented:
     tables: list[Future]
     starts: list[int]
     halo_um: dict[str, float]
+    cell_scratch: zarr.Array | None = None
 
 
 def segment_and_measure(
@@ -223,17 +236,32 @@ def segment_and_measure(
     frames = field.segmentation_channel
     dims = field.spatial_dims
     halo = halo_pixels(halo_um, field.pixel_size, dims)
+    cells_config = config.segmentation.cells
+    cell_halo = halo
+    if cells_config is not None:  # cells reach distance_um beyond nuclei that fit the halo
+        cell_halo = tuple(
+            h + math.ceil(2 * cells_config.distance_um / field.pixel_size[d])
+            for h, d in zip(halo, dims, strict=True)
+        )
     min_block = [1 if d == "z" else config.tiling.min_block_px for d in dims]
-    spatial_chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], halo, min_block)
+    spatial_chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], cell_halo, min_block)
     frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
-    scratch = zarr.open_array(
-        scratch_path,
-        mode="w",
-        shape=frames.shape,
-        chunks=tuple(c[0] for c in frames.chunks),
-        dtype=label_dtype(field.n_frames * field.frame_pixels + 1),
-        fill_value=0,
-    )
+
+    def scratch_array(path: Path) -> zarr.Array:
+        return zarr.open_array(
+            path,
+            mode="w",
+            shape=frames.shape,
+            chunks=tuple(c[0] for c in frames.chunks),
+            dtype=label_dtype(field.n_frames * field.frame_pixels + 1),
+            fill_value=0,
+        )
+
+    scratch = scratch_array(scratch_path)
+    cell_scratch = None
+    if cells_config is not None:
+        cell_scratch = scratch_array(_cell_scratch_path(scratch_path))
+        cell_channel = field.data.data[:, field.cell_channel].rechunk(frames.chunks)
     block_tables, starts = [], []
     step = config.compute.frames_in_flight
     for start in range(0, field.n_frames, step):
@@ -248,7 +276,7 @@ def segment_and_measure(
             on_maps=placement.on_gpu_workers,
         ).astype(scratch.dtype)
         ids = da.where(ids > 0, ids + start * field.frame_pixels, 0).astype(scratch.dtype)
-        stored = da.store(ids, scratch, regions=(slice(start, stop),), lock=False, compute=False)
+        stored = [da.store(ids, scratch, regions=(slice(start, stop),), lock=False, compute=False)]
         table = measure_dask(
             ids,
             field.data.data[start:stop],
@@ -257,12 +285,66 @@ def segment_and_measure(
             translation=field.translation,
             channel_names=list(field.fov.channel_names),
         )
-        futures = placement.client.compute([stored, table])
+        if cells_config is not None:
+            cells = grow_cells_dask(
+                ids,
+                None if cells_config.method == "expand" else cell_channel[start:stop],
+                cells_config,
+                [field.pixel_size[d] for d in dims],
+                cell_halo,
+            )
+            stored.append(
+                da.store(
+                    cells, cell_scratch, regions=(slice(start, stop),), lock=False, compute=False
+                )
+            )
+            table = _with_compartments(table, ids, cells, field, config, start, stop, cell_halo)
+        futures = placement.client.compute([*stored, table])
         raise_first_error(futures)
-        block_tables.append(futures[1])
+        block_tables.append(futures[-1])
         starts.append(start)
         del ids, stored, table, futures  # releases the block's persisted maps before the next
-    return Segmented(scratch, frames.chunks, block_tables, starts, halo_um)
+    return Segmented(scratch, frames.chunks, block_tables, starts, halo_um, cell_scratch)
+
+
+def _cell_scratch_path(scratch_path: Path) -> Path:
+    return scratch_path.with_name(scratch_path.name + "-cells")
+
+
+def _with_compartments(
+    table: Any,
+    nuclei: da.Array,
+    cells: da.Array,
+    field: FieldData,
+    config: RunConfig,
+    start: int,
+    stop: int,
+    halo: tuple[int, ...],
+) -> Any:
+    """The block's cell table (a delayed DataFrame) joined with its compartment intensities;
+    each cell is measured whole by the block owning it, over ``halo``."""
+    measurement = config.measurement
+    geometry = Geometry(
+        tuple(field.pixel_size[d] for d in field.spatial_dims),
+        measurement.ring_um,
+        measurement.compartment_margin_um,
+    )
+    compartments = compartment_table_dask(
+        nuclei,
+        cells,
+        field.data.data[start:stop],
+        list(field.fov.channel_names),
+        geometry,
+        halo,
+        measurement.cytoplasm_mixture,
+    )
+    parts = compartments.to_delayed()
+    return dask.delayed(_join_compartments)(table, parts)
+
+
+def _join_compartments(table: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
+    compartments = pd.concat(parts, ignore_index=True)
+    return table.merge(compartments, on=["t", "label"], how="left")
 
 
 def renumber_cells(
@@ -293,7 +375,8 @@ def write_images(
     ledger: Ledger,
     client: Client,
 ) -> zarr.Group:
-    """A copy of the image and its renumbered label pyramid (``labels/cells``), to the output.
+    """A copy of the image and its renumbered label pyramids, to the output: ``labels/cells``
+    (the nuclei, or with ``segmentation.cells`` the whole cells and ``labels/nuclei``).
 
     Returns the field's image group in the output.
     """
@@ -317,7 +400,16 @@ def write_images(
     if not fov.path:  # a lone image's group is the root: its ledger was just dropped
         ledger.rewrite()
     labels = labels.reshape(field.label_shape)
-    _, label_writes = omezarr.write_labels(image_group, CELLS, labels, compute=False)
+    label_images = {CELLS: labels}
+    if segmented.cell_scratch is not None:
+        cells = relabel_consecutive(
+            da.from_zarr(segmented.cell_scratch, chunks=segmented.chunks),
+            ids.astype(scratch.dtype),
+        )
+        label_images = {NUCLEI: labels, CELLS: cells.reshape(field.label_shape)}
+    label_writes = []
+    for name, image in label_images.items():
+        label_writes += omezarr.write_labels(image_group, name, image, compute=False)[1]
     client.compute([*image_writes, *label_writes], sync=True)
     return image_group
 
@@ -421,7 +513,10 @@ def process_field(
     started = now()
     client = placement.client
     output = str(root.store.root)
-    field = FieldData.open(fov, config.segmentation.channel)
+    cells_config = config.segmentation.cells
+    field = FieldData.open(
+        fov, config.segmentation.channel, None if cells_config is None else cells_config.channel
+    )
     outcome = FieldOutcome(
         path=fov.path,
         well=fov.well,
@@ -461,6 +556,8 @@ def process_field(
     if written.track_of_label is not None:
         write_track_labels(image_group, output, fov, written.track_of_label, client)
     shutil.rmtree(scratch_path)
+    if cells_config is not None:
+        shutil.rmtree(_cell_scratch_path(scratch_path))
     outcome.n_cells = written.n_cells
     outcome.n_tracks = written.n_tracks
     outcome.warnings = written.warnings

@@ -20,6 +20,7 @@ from pipeline.orchestration.records import UNIT_OUTPUT_FOLDERS
 
 __all__ = [
     "CELLS",
+    "NUCLEI",
     "TRACKS",
     "clear_unit",
     "field_parent",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 CELLS = "cells"
+NUCLEI = "nuclei"  # with whole cells, labels/nuclei holds the nuclei and labels/cells the cells
 TRACKS = "tracks"
 
 

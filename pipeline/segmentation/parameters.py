@@ -14,11 +14,12 @@ from typing import Literal
 from pydantic import Field, PositiveFloat
 
 from pipeline.convnet.settings import ConvNetExecution, ModelSettings
+from pipeline.segmentation.cells import CellParameters
 from pipeline.segmentation.classical import ClassicalParameters
 from pipeline.segmentation.convnet import ConvNetParameters
 from pipeline.settings import StrictModel
 
-__all__ = ["ConvNetConfig", "ConvNetExecution", "SegmentationConfig"]
+__all__ = ["CellsConfig", "ConvNetConfig", "ConvNetExecution", "SegmentationConfig"]
 
 
 class ConvNetConfig(ConvNetParameters, ModelSettings):
@@ -29,10 +30,25 @@ class ConvNetConfig(ConvNetParameters, ModelSettings):
     )
 
 
+class CellsConfig(CellParameters):
+    """Whole cells grown from the nuclei (:mod:`pipeline.segmentation.cells`)."""
+
+    channel: str | int | None = Field(
+        None,
+        description="channel name or index of the cytoplasm, membrane or phase stain the "
+        "cells grow over (not needed by method expand)",
+    )
+
+
 class SegmentationConfig(StrictModel):
-    """Which segmenter runs, on which channel."""
+    """Which segmenter runs, on which channel; optionally whole cells grown from the nuclei."""
 
     method: Literal["convnet", "classical"] = "convnet"
     channel: str | int = Field(0, description="channel name or index holding the nuclei")
     convnet: ConvNetConfig = ConvNetConfig()
     classical: ClassicalParameters = ClassicalParameters()
+    cells: CellsConfig | None = Field(
+        None,
+        description="grow whole cells from the nuclei (labels/cells then holds the cells and "
+        "labels/nuclei the nuclei; a cell shares its nucleus' id); None: nuclei only",
+    )
