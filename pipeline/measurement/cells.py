@@ -434,6 +434,7 @@ def measure(
     ring_um: float = 3.0,
     compartment_margin_um: float = 0.0,
     cytoplasm_mixture: bool = False,
+    features: Sequence[str] = (),
 ) -> pd.DataFrame | dd.DataFrame:
     """Measure every labelled object: position, size, bounding box, intensities.
 
@@ -469,6 +470,11 @@ def measure(
     cytoplasm_mixture
         With ``cells``: add the Gaussian-mixture estimate of each cell's cytoplasm and its
         ratio to the nucleus (slower: one small mixture fit per cell and channel).
+    features
+        CellProfiler feature sets computed by cp-measure for the cells (or, without ``cells``,
+        for the labelled objects): ``sizeshape``, ``zernike``, ``feret``, ``intensity``,
+        ``texture``, ``radial_distribution``, ``radial_zernikes``
+        (:mod:`pipeline.measurement.features`). Needs ``image``.
 
     Returns
     -------
@@ -510,6 +516,12 @@ def measure(
         "translation": {**found_translation, **(translation or {})},
         "channel_names": channel_names,
     }
+    request = {
+        "ring_um": ring_um,
+        "margin_um": compartment_margin_um,
+        "mixture": cytoplasm_mixture,
+        "features": list(features),
+    }
 
     if isinstance(labels, da.Array) or isinstance(image, da.Array):
         labels = da.asarray(labels)
@@ -523,16 +535,15 @@ def measure(
             **options,
         )
         table = dd.from_delayed([table], meta=meta, verify_meta=False)
-        if cells is None:
+        if cells is None and not features:
             return table
-        return _with_compartments(
+        return _with_per_cell_tables(
             table,
             labels,
             cells,
             image,
             dims,
-            (ring_um, compartment_margin_um),
-            cytoplasm_mixture,
+            request,
             **options,
         )
 
@@ -549,71 +560,104 @@ def measure(
         for frame_labels, frame_image, t in frames
     ]
     table = finalize_statistics(merge_statistics(partials), spatial_dims=spatial_dims, **options)
-    if cells is None:
+    if cells is None and not features:
         return table
-    return _with_compartments(
+    return _with_per_cell_tables(
         table,
         labels,
         cells,
         image,
         dims,
-        (ring_um, compartment_margin_um),
-        cytoplasm_mixture,
+        request,
         **options,
     )
 
 
-def _with_compartments(
+def _with_per_cell_tables(
     table: pd.DataFrame | dd.DataFrame,
     nuclei: np.ndarray | da.Array,
-    cells: np.ndarray | da.Array | xr.DataArray,
+    cells: np.ndarray | da.Array | xr.DataArray | None,
     image: np.ndarray | da.Array | None,
     dims: str,
-    ring_and_margin_um: tuple[float, float],
-    mixture: bool,
+    request: dict[str, Any],
     *,
     pixel_size: Mapping[str, float],
     translation: Mapping[str, float],
     channel_names: Sequence[str] | None,
 ) -> pd.DataFrame | dd.DataFrame:
-    """``table`` joined with the compartment intensities of every cell (one row per nucleus;
-    cells without a nucleus are not measured)."""
+    """``table`` joined with what each object is measured for whole: the compartments (with
+    ``cells``) and the feature sets (of the cells, or of the labels without them)."""
     from pipeline.measurement.compartments import (
         Geometry,
         compartment_table,
         compartment_table_dask,
     )
+    from pipeline.measurement.features import feature_table, feature_table_dask
 
-    del translation  # compartments are intensities only
+    del translation  # intensities and shapes only
     if image is None:
-        raise ValueError("measuring compartments (cells=) needs an image")
-    cells = cells.data if isinstance(cells, xr.DataArray) else cells
-    if tuple(cells.shape) != tuple(nuclei.shape):
-        raise ValueError(f"cells of shape {cells.shape} do not match labels {nuclei.shape}")
-    if not np.issubdtype(cells.dtype, np.integer):
-        raise ValueError(f"cells must be an integer array, got dtype {cells.dtype}")
+        raise ValueError("measuring compartments (cells=) or features needs an image")
+    if cells is not None:
+        cells = cells.data if isinstance(cells, xr.DataArray) else cells
+        if tuple(cells.shape) != tuple(nuclei.shape):
+            raise ValueError(f"cells of shape {cells.shape} do not match labels {nuclei.shape}")
+        if not np.issubdtype(cells.dtype, np.integer):
+            raise ValueError(f"cells must be an integer array, got dtype {cells.dtype}")
+    objects = nuclei if cells is None else cells
     if not dims.startswith("t"):
-        nuclei, cells, image = nuclei[None], cells[None], image[None]
+        nuclei, objects, image = nuclei[None], objects[None], image[None]
     spatial = dims.removeprefix("t")
     geometry = Geometry(
-        tuple(float(pixel_size.get(dim, 1.0)) for dim in spatial), *ring_and_margin_um
+        tuple(float(pixel_size.get(dim, 1.0)) for dim in spatial),
+        request["ring_um"],
+        request["margin_um"],
     )
     names = list(channel_names or [str(c) for c in range(image.shape[1])])
+    features, mixture = request["features"], request["mixture"]
     if isinstance(table, pd.DataFrame):
-        extra = compartment_table(nuclei, np.asarray(cells), image, names, geometry, mixture)
-        merged = table.merge(extra, on=["t", "label"], how="left")
+        objects = np.asarray(objects)
+        extras = []
+        if cells is not None:
+            extras.append(compartment_table(nuclei, objects, image, names, geometry, mixture))
+        if features:
+            extras += [
+                feature_table(objects[t], image[t], channel_names=names, features=features).assign(
+                    t=t
+                )
+                for t in range(objects.shape[0])
+            ]
+        merged = table
+        for extra in _grouped(extras, cells is not None):
+            merged = merged.merge(extra, on=["t", "label"], how="left")
         return merged.astype({"label": table["label"].dtype})
-    cells = da.asarray(cells)
-    extents = measure(cells, dims="t" + spatial)[
-        [f"bbox_{end}_{dim}" for dim in spatial for end in ("min", "max")]
-    ].compute()
-    halo = [
-        int((extents[f"bbox_max_{dim}"] - extents[f"bbox_min_{dim}"]).to_numpy().max(initial=0)) + 1
-        for dim in spatial
-    ]
+    objects, halo = _owner_chunks(da.asarray(objects), spatial)
+    nuclei = da.asarray(nuclei)
+    if cells is not None:
+        extra = compartment_table_dask(nuclei, objects, image, names, geometry, halo, mixture)
+        table = table.merge(extra, on=["t", "label"], how="left")
+    if features:
+        extra = feature_table_dask(objects, da.asarray(image), names, features, halo)
+        table = table.merge(extra, on=["t", "label"], how="left")
+    return table
+
+
+def _grouped(extras: list[pd.DataFrame], has_compartments: bool) -> list[pd.DataFrame]:
+    """The compartment table, then the per-frame feature tables stacked into one."""
+    head = extras[:1] if has_compartments else []
+    frames = extras[1:] if has_compartments else extras
+    return head + ([pd.concat(frames, ignore_index=True)] if frames else [])
+
+
+def _owner_chunks(objects: da.Array, spatial: str) -> tuple[da.Array, list[int]]:
+    """``objects`` rechunked so that each object fits in the halo of the block owning it, and
+    that halo: the largest extent of any object along each axis (plus one)."""
     from pipeline.tiling import block_chunks
 
-    spatial_chunks = block_chunks(cells.shape[1:], cells.chunksize[1:], halo)
-    cells = cells.rechunk(((1,) * cells.shape[0], *spatial_chunks))
-    extra = compartment_table_dask(da.asarray(nuclei), cells, image, names, geometry, halo, mixture)
-    return table.merge(extra, on=["t", "label"], how="left")
+    columns = [f"bbox_{end}_{dim}" for dim in spatial for end in ("min", "max")]
+    extents = measure(objects, dims="t" + spatial)[columns].compute()
+    halo = [
+        int((extents[f"bbox_max_{d}"] - extents[f"bbox_min_{d}"]).to_numpy().max(initial=0)) + 1
+        for d in spatial
+    ]
+    spatial_chunks = block_chunks(objects.shape[1:], objects.chunksize[1:], halo)
+    return objects.rechunk(((1,) * objects.shape[0], *spatial_chunks)), halo

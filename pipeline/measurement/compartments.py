@@ -21,19 +21,16 @@ is nuclear signal bleeding in): ``intensity_mixture_<channel>_cytoplasm`` and
 ``ratio_mixture_nucleus_<channel>``. Cytoplasms of fewer than 10 pixels give their plain mean.
 
 Tiled (Dask) input: medians and the other order statistics do not merge across blocks, so each
-cell is measured whole by the one block that owns it (the block whose core holds the cell's first
-pixel in raster order), over the block's core plus a halo; a block raises
-:class:`~pipeline.segmentation.tiled.HaloTooSmall` when a cell it owns reaches an inner face of
-its extended region. Every value therefore equals the whole-image value.
+cell is measured whole by the one block that owns it (:mod:`pipeline.measurement.owned`); every
+value equals the whole-image value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from functools import partial
 
-import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
@@ -41,7 +38,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
-from pipeline.errors import HaloTooSmall
+from pipeline.measurement.owned import owned_cell_table
 
 __all__ = [
     "COMPARTMENTS",
@@ -97,9 +94,10 @@ def _compartment_labels(
 
 
 def _frame_table(
-    nuclei: np.ndarray,
     cells: np.ndarray,
+    nuclei: np.ndarray,
     image: np.ndarray,
+    *,
     channel_names: Sequence[str],
     geometry: Geometry,
     ids: np.ndarray | None = None,
@@ -210,7 +208,12 @@ def compartment_table(
     """
     tables = [
         _frame_table(
-            nuclei[t], cells[t], image[t], channel_names, geometry, mixture=mixture
+            cells[t],
+            nuclei[t],
+            image[t],
+            channel_names=channel_names,
+            geometry=geometry,
+            mixture=mixture,
         ).assign(t=t)
         for t in range(cells.shape[0])
     ]
@@ -220,40 +223,6 @@ def compartment_table(
 def _ordered(table: pd.DataFrame, channel_names: Sequence[str], mixture: bool) -> pd.DataFrame:
     table = table[["t", "label", *column_names(channel_names, mixture)]]
     return table.astype({"t": "int64"}).sort_values(["t", "label"], ignore_index=True)
-
-
-def _owned_block_table(
-    nuclei: np.ndarray,
-    cells: np.ndarray,
-    image: np.ndarray,
-    *,
-    t: int,
-    core: tuple[slice, ...],
-    inner: Sequence[tuple[bool, bool]],
-    channel_names: Sequence[str],
-    geometry: Geometry,
-    mixture: bool,
-) -> pd.DataFrame:
-    """Compartments of the cells whose first pixel lies in this block's core (one frame)."""
-    flat = cells.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    keep = ids > 0
-    ids, first = ids[keep], first[keep]
-    coordinates = np.unravel_index(first, cells.shape)
-    owned = np.ones(ids.size, dtype=bool)
-    for axis, piece in enumerate(core):
-        start, stop, _ = piece.indices(cells.shape[axis])
-        owned &= (coordinates[axis] >= start) & (coordinates[axis] < stop)
-    ids = ids[owned]
-    for axis, (low, high) in enumerate(inner):
-        faces = ([np.take(cells, 0, axis=axis)] if low else []) + (
-            [np.take(cells, -1, axis=axis)] if high else []
-        )
-        for face in faces:
-            if np.isin(ids, face).any():
-                raise HaloTooSmall("a cell does not fit in the halo; increase tiling.halo_um")
-    table = _frame_table(nuclei, cells, image, channel_names, geometry, ids=ids, mixture=mixture)
-    return table.assign(t=t)
 
 
 def compartment_table_dask(
@@ -266,48 +235,17 @@ def compartment_table_dask(
     mixture: bool = False,
 ) -> dd.DataFrame:
     """:func:`compartment_table` of (t, ...spatial) Dask arrays, each cell measured whole by
-    the block that owns it (module notes), with ``halo`` pixels per spatial axis; lazy.
+    the block that owns it (:func:`pipeline.measurement.owned.owned_cell_table`), with ``halo``
+    pixels per spatial axis; lazy.
 
     Raises (when computed)
     ----------------------
     HaloTooSmall
         A cell does not fit in the halo of the block that owns it.
     """
-    spatial_chunks = cells.chunks[1:]
-    chunks = ((1,) * cells.shape[0], *spatial_chunks)
-    cells = cells.rechunk(chunks)
-    nuclei = nuclei.rechunk(chunks)
-    image = image.rechunk((chunks[0], image.shape[1], *spatial_chunks))
-    depth = {0: 0, **{axis + 1: int(h) for axis, h in enumerate(halo)}}
-    image_depth = {0: 0, 1: 0, **{axis + 2: int(h) for axis, h in enumerate(halo)}}
-    extended = [
-        da.overlap.overlap(array, depth=d, boundary="none").to_delayed()
-        for array, d in ((nuclei, depth), (cells, depth), (image, image_depth))
-    ]
-    counts = [len(c) for c in spatial_chunks]
-    tables = []
-    for index in np.ndindex(cells.numblocks):
-        t, location = index[0], index[1:]
-        inner = [(i > 0, i < n - 1) for i, n in zip(location, counts, strict=True)]
-        core = tuple(
-            slice(h if low else 0, -h if high and h else None)
-            for h, (low, high) in zip(halo, inner, strict=True)
-        )
-        image_block = extended[2][(t, 0, *location)]
-        tables.append(
-            dask.delayed(_owned_block_table)(
-                dask.delayed(itemgetter(0))(extended[0][index]),
-                dask.delayed(itemgetter(0))(extended[1][index]),
-                dask.delayed(itemgetter(0))(image_block),
-                t=t,
-                core=core,
-                inner=inner,
-                channel_names=list(channel_names),
-                geometry=geometry,
-                mixture=mixture,
-            )
-        )
+    frame_table = partial(
+        _frame_table, channel_names=list(channel_names), geometry=geometry, mixture=mixture
+    )
     columns = ["t", "label", *column_names(channel_names, mixture)]
-    meta = pd.DataFrame(columns=columns).astype(float)
-    meta = meta.astype({"t": "int64", "label": "int64"})
-    return dd.from_delayed(tables, meta=meta, verify_meta=False)
+    meta = pd.DataFrame(columns=columns).astype(float).astype({"t": "int64", "label": "int64"})
+    return owned_cell_table(cells, [nuclei, image], frame_table, halo, meta)

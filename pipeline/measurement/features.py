@@ -1,0 +1,213 @@
+"""CellProfiler's per-object features, computed by cp-measure (the CellProfiler measurements as
+a library), per cell and exact under tiling.
+
+Feature sets (names of :func:`cp_measure.bulk.get_core_measurements`):
+
+- shape, independent of the channels: ``sizeshape`` (area, perimeter, eccentricity, solidity,
+  moments, ...), ``zernike`` (shape Zernike moments), ``feret`` (min and max Feret diameter);
+  columns ``AreaShape_<feature>``, in pixels as CellProfiler gives them;
+- per channel: ``intensity`` (integrated, mean, std, quartiles, MAD, edge intensities, mass
+  displacement, ...), ``texture`` (Haralick features at scale 3 in four directions),
+  ``radial_distribution`` and ``radial_zernikes`` (intensity from the centre to the edge);
+  columns ``<feature>_<channel>``.
+
+Zernike moments (``zernike``, ``radial_zernikes``) are computed per cell on its bounding box
+grown by one pixel: cp-measure's values change by up to 1 % with where a cell lies in the
+array, which would make tiled and whole-image values differ.
+
+Intensities enter as CellProfiler reads images: integer images divided by their type's largest
+value (uint16 / 65535), float images as they are (texture expects them within [0, 1]). Every
+feature here depends on a cell's own pixels only, so measuring each cell whole in the block
+that owns it (:mod:`pipeline.measurement.owned`) gives the whole-image value. Granularity is
+left out: CellProfiler computes it on the whole image's background-subtracted spectrum, which
+depends on pixels beyond the cell. Absolute positions (``Center_*``, ``BoundingBoxMinimum_*``,
+``Location_*``) are left out too: the table's ``x``, ``y``, ``centroid_*_px`` and ``bbox_*``
+columns hold them for the whole field. z-stacks: ``sizeshape``, ``intensity`` and ``texture``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import cache, partial
+
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from pipeline.measurement.owned import owned_cell_table
+
+__all__ = ["FEATURE_SETS", "SHAPE_SETS", "feature_columns", "feature_table", "feature_table_dask"]
+
+FEATURE_SETS = (
+    "sizeshape",
+    "zernike",
+    "feret",
+    "intensity",
+    "texture",
+    "radial_distribution",
+    "radial_zernikes",
+)
+SHAPE_SETS = frozenset({"sizeshape", "zernike", "feret"})
+_SETS_3D = frozenset({"sizeshape", "intensity", "texture"})
+# Positions in the pixels of the array measured: left out (the table's x, y, centroid and bbox
+# columns give them for the whole field), so a block's features equal the whole image's.
+_POSITION = re.compile(r"^(Center_|BoundingBoxM(inimum|aximum)_|Location_)")
+# cp-measure's Zernike moments change (by up to 1 %) with where the cell lies in the array:
+# these sets are measured per cell on a canonical crop (:func:`_per_cell`).
+_POSITION_DEPENDENT = frozenset({"zernike", "radial_zernikes"})
+
+
+def _check(features: Sequence[str], ndim: int) -> None:
+    unknown = [name for name in features if name not in FEATURE_SETS]
+    if unknown:
+        raise ValueError(f"unknown feature sets {unknown}; choose from {list(FEATURE_SETS)}")
+    if ndim == 3 and not set(features) <= _SETS_3D:
+        raise ValueError(f"on z-stacks only {sorted(_SETS_3D)} are available")
+
+
+def _functions(ndim: int) -> dict:
+    from cp_measure.bulk import get_core_measurements, get_core_measurements_3d
+
+    return get_core_measurements_3d() if ndim == 3 else get_core_measurements()
+
+
+def scale_intensities(image: np.ndarray) -> np.ndarray:
+    """Intensities as CellProfiler reads them: integers / their type's maximum, floats as is."""
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float64) / float(np.iinfo(image.dtype).max)
+    return image.astype(np.float64)
+
+
+def _column(feature_set: str, key: str, channel: str | None) -> str:
+    if feature_set in SHAPE_SETS:
+        return f"AreaShape_{key}"
+    if feature_set == "texture":
+        return f"Texture_{key}_{channel}"
+    return f"{key}_{channel}"
+
+
+def feature_table(
+    cells: np.ndarray,
+    image: np.ndarray,
+    *,
+    channel_names: Sequence[str],
+    features: Sequence[str],
+    ids: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """The chosen feature sets of the cells ``ids`` (default: all) of one frame.
+
+    Parameters
+    ----------
+    cells
+        Labels of one frame (2D or 3D).
+    image
+        Its intensities, (c, ...spatial).
+    channel_names
+        One name per channel, used in the column names.
+    features
+        Names from :data:`FEATURE_SETS`.
+    ids
+        The cells to measure (sorted); default every label.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``label`` and the feature columns (:func:`feature_columns`), one row per cell.
+    """
+    cells = np.asarray(cells)
+    _check(features, cells.ndim)
+    ids = np.unique(cells[cells > 0]) if ids is None else np.asarray(ids)
+    names = feature_columns(features, channel_names, cells.ndim)
+    if ids.size == 0:
+        return pd.DataFrame(columns=["label", *names])
+    masks = np.where(np.isin(cells, ids), cells, 0)
+    functions = _functions(cells.ndim)
+    columns: dict[str, np.ndarray] = {"label": ids.astype(np.int64)}
+    for feature_set in features:
+        channels = (
+            [(None, 0)]
+            if feature_set in SHAPE_SETS
+            else list(zip(channel_names, range(len(channel_names)), strict=True))
+        )
+        measure = functions[feature_set]
+        if feature_set in _POSITION_DEPENDENT:
+            measure = partial(_per_cell, measure, ids=ids)
+        for channel, index in channels:
+            pixels = scale_intensities(image[index])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = measure(masks, pixels)
+            for key, column in values.items():
+                columns[_column(feature_set, key, channel)] = np.asarray(column, np.float64)
+    return pd.DataFrame(columns)[["label", *names]]
+
+
+def _per_cell(function, masks: np.ndarray, pixels: np.ndarray, *, ids: np.ndarray) -> dict:
+    """``function`` applied to each cell alone on its canonical crop: its bounding box grown
+    by one pixel, zero outside the array, so the values do not depend on where the cell lies
+    in the array measured (cp-measure's Zernike moments do, by up to 1 %)."""
+    boxes = ndi.find_objects(masks)
+    results: dict[str, list[float]] = {}
+    for label in ids:
+        box = boxes[label - 1]
+        origin = [piece.start - 1 for piece in box]
+        shape = [piece.stop - piece.start + 2 for piece in box]
+        crop_mask = _crop(masks == label, origin, shape).astype(np.int32)
+        values = function(crop_mask, _crop(pixels, origin, shape))
+        for key, value in values.items():
+            results.setdefault(key, []).append(float(np.asarray(value)[0]))
+    return results
+
+
+def _crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """``array[origin : origin + shape]``, zero where that reaches outside the array."""
+    out = np.zeros(tuple(shape), dtype=array.dtype)
+    source = tuple(
+        slice(max(o, 0), min(o + n, size))
+        for o, n, size in zip(origin, shape, array.shape, strict=True)
+    )
+    target = tuple(slice(s.start - o, s.stop - o) for s, o in zip(source, origin, strict=True))
+    out[target] = array[source]
+    return out
+
+
+@cache
+def _keys(feature_set: str, ndim: int) -> tuple[str, ...]:
+    """The keys cp-measure returns for a feature set, read off a small disc."""
+    shape = (9, 24, 24) if ndim == 3 else (24, 24)
+    grid = np.indices(shape)
+    disc = sum(((g - (n - 1) / 2) / (n / 3)) ** 2 for g, n in zip(grid, shape, strict=True)) < 1
+    pixels = np.linspace(0.1, 0.9, disc.size).reshape(shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = _functions(ndim)[feature_set](disc.astype(np.int32), pixels)
+    return tuple(key for key in values if not _POSITION.match(key))
+
+
+def feature_columns(features: Sequence[str], channel_names: Sequence[str], ndim: int) -> list[str]:
+    """The columns :func:`feature_table` gives, in order."""
+    _check(features, ndim)
+    names = []
+    for feature_set in features:
+        channels = [None] if feature_set in SHAPE_SETS else list(channel_names)
+        for channel in channels:
+            names += [_column(feature_set, key, channel) for key in _keys(feature_set, ndim)]
+    return names
+
+
+def feature_table_dask(
+    cells: da.Array,
+    image: da.Array,
+    channel_names: Sequence[str],
+    features: Sequence[str],
+    halo: Sequence[int],
+) -> dd.DataFrame:
+    """:func:`feature_table` of every frame of (t, ...spatial) Dask labels and (t, c, ...)
+    intensities, each cell measured whole by the block owning it, with ``halo`` pixels."""
+    names = feature_columns(features, channel_names, cells.ndim - 1)
+    meta = pd.DataFrame(columns=["t", "label", *names]).astype(float)
+    meta = meta.astype({"t": "int64", "label": "int64"})
+    frame_table = partial(feature_table, channel_names=list(channel_names), features=list(features))
+    return owned_cell_table(cells, [image], frame_table, halo, meta)

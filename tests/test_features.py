@@ -1,0 +1,83 @@
+"""CellProfiler features through cp-measure: equal to cp-measure on the whole image, sane against
+numpy, tiled (odd chunks) == whole image for every column, and clear errors."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from cp_measure.bulk import get_core_measurements
+
+import pipeline
+from pipeline.measurement.features import FEATURE_SETS
+from pipeline.synthetic import simulate_field
+
+
+@pytest.fixture(scope="module")
+def field():
+    simulated = simulate_field(n_frames=2, size=160, seed=6)
+    return simulated.labels, simulated.image
+
+
+def test_features_equal_cp_measure_on_the_whole_frame(field):
+    labels, image = field
+    table = pipeline.measure(
+        labels[0], image[0], dims="yx", channel_names=["dna", "ktr"], features=FEATURE_SETS
+    ).set_index("label")
+    core = get_core_measurements()
+    scaled = image[0] / 65535.0
+    shape = core["sizeshape"](labels[0].astype(np.int32), scaled[0])
+    np.testing.assert_allclose(table["AreaShape_Area"], shape["Area"])
+    np.testing.assert_allclose(table["AreaShape_Area"], table["n_pixels"])  # pixel count
+    texture = core["texture"](labels[0].astype(np.int32), scaled[1])
+    np.testing.assert_allclose(table["Texture_Contrast_3_00_256_ktr"], texture["Contrast_3_00_256"])
+    intensity = core["intensity"](labels[0].astype(np.int32), scaled[0])
+    np.testing.assert_allclose(
+        table["Intensity_MeanIntensity_dna"], intensity["Intensity_MeanIntensity"]
+    )
+    np.testing.assert_allclose(  # and the mean of the raw pixels, scaled
+        table["Intensity_MeanIntensity_dna"], table["intensity_mean_dna"] / 65535.0
+    )
+    # Zernike moments: cp-measure on each cell's bounding box grown by one pixel (zero-padded)
+    padded_labels = np.pad(labels[0].astype(np.int32), 1)
+    padded = np.pad(scaled[0], 1)
+    for label in table.index[:5]:
+        ys, xs = np.nonzero(padded_labels == label)
+        box = (slice(ys.min() - 1, ys.max() + 2), slice(xs.min() - 1, xs.max() + 2))
+        alone = (padded_labels[box] == label).astype(np.int32)
+        want = core["zernike"](alone, padded[box])["Zernike_2_0"][0]
+        assert table.loc[label, "AreaShape_Zernike_2_0"] == pytest.approx(want, rel=1e-12)
+
+
+def test_tiled_features_equal_whole_image_features(field):
+    labels, image = field
+    options = {"dims": "tyx", "features": FEATURE_SETS, "pixel_size": {"y": 0.5, "x": 0.5}}
+    whole = pipeline.measure(labels, image, **options)
+    tiled = pipeline.measure(
+        da.from_array(labels, chunks=(1, 45, 70)),
+        da.from_array(image, chunks=(1, 2, 45, 70)),
+        **options,
+    ).compute()
+    tiled = tiled.sort_values(["t", "label"], ignore_index=True)[whole.columns]
+    assert len(whole) > 20 and whole.shape[1] > 300
+    pd.testing.assert_frame_equal(tiled, whole, check_dtype=False)
+
+
+def test_features_of_whole_cells_come_with_their_compartments(field):
+    labels, image = field
+    cells = pipeline.segment(image, dims="tcyx", target="cells", nuclei=labels, cell_channel=1)
+    table = pipeline.measure(labels, image, dims="tyx", cells=cells, features=["sizeshape"])
+    keys = list(zip(table["t"], table["label"], strict=True))
+    assert table["AreaShape_Area"].tolist() == [int(np.sum(cells[t] == k)) for t, k in keys]
+    assert (table["AreaShape_Area"] > table["n_pixels"]).all()  # cells, not nuclei
+
+
+def test_unknown_or_unavailable_feature_sets_are_refused(field):
+    labels, image = field
+    with pytest.raises(ValueError, match="unknown feature sets"):
+        pipeline.measure(labels[0], image[0], dims="yx", features=["granularity"])
+    stack = np.zeros((4, 16, 16), np.int32)
+    stack[1:3, 4:9, 4:9] = 1
+    with pytest.raises(ValueError, match="z-stacks"):
+        pipeline.measure(stack, np.ones((1, 4, 16, 16)), dims="zyx", features=["zernike"])
