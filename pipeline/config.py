@@ -105,9 +105,21 @@ class ComputeConfig(ConvNetExecution):
     )
 
 
+FeatureSet = Literal[
+    "sizeshape",
+    "zernike",
+    "feret",
+    "intensity",
+    "texture",
+    "radial_distribution",
+    "radial_zernikes",
+]
+
+
 class MeasurementConfig(StrictModel):
-    """What is measured beyond position, size and mean intensities (with ``segmentation.cells``:
-    the compartments of :mod:`pipeline.measurement.compartments`)."""
+    """What is measured beyond position, size and mean intensities: with ``segmentation.cells``
+    the compartments of :mod:`pipeline.measurement.compartments`, and the feature sets of
+    :mod:`pipeline.measurement.features`."""
 
     ring_um: PositiveFloat = Field(
         3.0, description="width of the cytoplasmic ring (cytoring) outside each nucleus"
@@ -117,6 +129,12 @@ class MeasurementConfig(StrictModel):
     )
     cytoplasm_mixture: bool = Field(
         False, description="add the Gaussian-mixture estimate of each cell's cytoplasm"
+    )
+    features: list[FeatureSet] = Field(
+        default_factory=list,
+        description="CellProfiler feature sets (cp-measure) of each cell, or of each nucleus "
+        "without segmentation.cells: sizeshape, zernike, feret, intensity, texture, "
+        "radial_distribution, radial_zernikes",
     )
 
 

@@ -81,3 +81,43 @@ def test_unknown_or_unavailable_feature_sets_are_refused(field):
     stack[1:3, 4:9, 4:9] = 1
     with pytest.raises(ValueError, match="z-stacks"):
         pipeline.measure(stack, np.ones((1, 4, 16, 16)), dims="zyx", features=["zernike"])
+
+
+@pytest.mark.cluster
+def test_a_run_adds_the_configured_features_of_its_nuclei(tmp_path, shared_scheduler):
+    """measurement.features in a run: the cells table has them, equal to pipeline.measure on
+    the written labels (the run's labels are global raster ids before renumbering)."""
+    import zarr
+
+    from pipeline.config import RunConfig
+    from pipeline.orchestration.runner import run
+    from pipeline.synthetic import simulate_plate
+
+    plate = simulate_plate(
+        tmp_path / "plate.zarr", rows=1, columns=1, fields=1, n_frames=2, size=128, seed=8
+    )
+    config = RunConfig.model_validate(
+        {
+            "segmentation": {"method": "classical"},
+            "measurement": {"features": ["sizeshape", "zernike", "texture"]},
+        }
+    )
+    summary = run(plate, tmp_path / "out.zarr", config=config, scheduler=shared_scheduler)
+    assert not summary.failed
+    labels = zarr.open_group(tmp_path / "out.zarr/A/1/0", mode="r")["labels/cells/0"][:]
+    image = zarr.open_group(plate / "A/1/0", mode="r")["0"][:]
+    table = pd.read_parquet(tmp_path / "out.zarr/A/1/0/tables/cells/table.parquet")
+    expected = pipeline.measure(
+        labels,
+        image,
+        dims="tyx",
+        channel_names=["nuclei", "cytoplasm"],
+        features=["sizeshape", "zernike", "texture"],
+    )
+    columns = [c for c in expected.columns if c.startswith(("AreaShape_", "Texture_"))]
+    assert len(columns) > 100
+    pd.testing.assert_frame_equal(
+        table.sort_values(["t", "label"], ignore_index=True)[columns],
+        expected[columns],
+        check_dtype=False,
+    )

@@ -45,6 +45,7 @@ from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
 from pipeline.measurement.cells import measure_dask
 from pipeline.measurement.compartments import Geometry, compartment_table_dask
+from pipeline.measurement.features import feature_table_dask
 from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
 from pipeline.orchestration.layout import (
     CELLS,
@@ -299,6 +300,9 @@ def segment_and_measure(
                 )
             )
             table = _with_compartments(table, ids, cells, field, config, start, stop, cell_halo)
+        if config.measurement.features:
+            objects = ids if cells_config is None else cells
+            table = _with_features(table, objects, field, config, start, stop, cell_halo)
         futures = placement.client.compute([*stored, table])
         raise_first_error(futures)
         block_tables.append(futures[-1])
@@ -339,12 +343,33 @@ def _with_compartments(
         measurement.cytoplasm_mixture,
     )
     parts = compartments.to_delayed()
-    return dask.delayed(_join_compartments)(table, parts)
+    return dask.delayed(_join_parts)(table, parts)
 
 
-def _join_compartments(table: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
-    compartments = pd.concat(parts, ignore_index=True)
-    return table.merge(compartments, on=["t", "label"], how="left")
+def _with_features(
+    table: Any,
+    objects: da.Array,
+    field: FieldData,
+    config: RunConfig,
+    start: int,
+    stop: int,
+    halo: tuple[int, ...],
+) -> Any:
+    """The block's cell table joined with the feature sets of ``objects`` (cells or nuclei),
+    each measured whole by the block owning it, over ``halo``."""
+    features = feature_table_dask(
+        objects,
+        field.data.data[start:stop],
+        list(field.fov.channel_names),
+        config.measurement.features,
+        halo,
+    )
+    return dask.delayed(_join_parts)(table, features.to_delayed())
+
+
+def _join_parts(table: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """``table`` joined with the rows of a per-cell table's partitions."""
+    return table.merge(pd.concat(parts, ignore_index=True), on=["t", "label"], how="left")
 
 
 def renumber_cells(
