@@ -124,3 +124,30 @@ def test_compartments_need_an_image_and_matching_cells() -> None:
         pipeline.measure(nuclei, cells=cells)
     with pytest.raises(ValueError, match="do not match"):
         pipeline.measure(nuclei, image, dims="yx", cells=cells[:10])
+
+
+def test_batched_mixture_fits_agree_with_scikit_learn() -> None:
+    """two_gaussians fits many groups at once; each group's fit is that of
+    sklearn.mixture.GaussianMixture(2) on the group alone."""
+    from sklearn.mixture import GaussianMixture
+
+    from pipeline.measurement.compartments import two_gaussians
+
+    rng = np.random.default_rng(4)
+    groups = []
+    for share in (0.2, 0.4, 0.5, 0.7, 0.9):
+        n = 400
+        low = rng.random(n) < share
+        groups.append(np.where(low, rng.normal(10, 3, n), rng.normal(40, 5, n)))
+    values = np.concatenate(groups)
+    group = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    means, variances, weights = two_gaussians(values, group, len(groups))
+    for k, sample in enumerate(groups):
+        reference = GaussianMixture(2, random_state=0, tol=1e-8, max_iter=1000)
+        reference.fit(sample[:, None])
+        order, ours = np.argsort(reference.means_[:, 0]), np.argsort(means[k])
+        np.testing.assert_allclose(means[k][ours], reference.means_[order, 0], rtol=1e-3)
+        np.testing.assert_allclose(
+            variances[k][ours], reference.covariances_[order, 0, 0], rtol=1e-2
+        )
+        np.testing.assert_allclose(weights[k][ours], reference.weights_[order], rtol=1e-2)
