@@ -91,6 +91,7 @@ def write_plate_table_part(dataset: Path, well: str, field: str, table: pd.DataF
     return path
 
 
-def read_plate_table(dataset: Path) -> pd.DataFrame:
-    """Read the whole plate-wide dataset; the ``well`` column comes from the partition names."""
-    return pd.read_parquet(Path(dataset), partitioning="hive")
+def read_plate_table(dataset: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read the plate-wide dataset (only ``columns`` if given, ``well`` included); the
+    ``well`` column comes from the partition names."""
+    return pd.read_parquet(Path(dataset), partitioning="hive", columns=columns)

@@ -22,6 +22,8 @@ __all__ = [
     "CELLS",
     "NUCLEI",
     "TRACKS",
+    "WELL_DOUBLING",
+    "WELL_GROWTH",
     "clear_unit",
     "field_parent",
     "plate_table_path",
@@ -32,6 +34,8 @@ __all__ = [
 CELLS = "cells"
 NUCLEI = "nuclei"  # with whole cells, labels/nuclei holds the nuclei and labels/cells the cells
 TRACKS = "tracks"
+WELL_GROWTH = "well_growth"  # plate tables: per well and frame, and per well
+WELL_DOUBLING = "well_doubling"
 
 
 def field_parent(root: zarr.Group, path: str) -> tuple[zarr.Group, str]:

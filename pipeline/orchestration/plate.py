@@ -1,4 +1,5 @@
-"""A plate on a Dask cluster: its fields in flight a few at a time, then the plate metadata.
+"""A plate on a Dask cluster: its fields in flight a few at a time, then the plate metadata
+and the per-well growth curves (``tables/well_growth``, ``tables/well_doubling``).
 
 At most ``compute.fields_in_flight`` fields (:func:`pipeline.orchestration.field.process_field`)
 are on the scheduler at once, so a 384-well plate never puts millions of tasks on it. A field
@@ -15,13 +16,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import zarr
 from distributed import Client
 
 from pipeline.config import RunConfig
-from pipeline.io import omezarr
+from pipeline.io import omezarr, tables
+from pipeline.measurement.wells import doubling_times, well_curves
 from pipeline.orchestration.field import Placement, process_field
-from pipeline.orchestration.layout import scratch_folder, wells
+from pipeline.orchestration.layout import (
+    WELL_DOUBLING,
+    WELL_GROWTH,
+    plate_table_path,
+    scratch_folder,
+    wells,
+)
 from pipeline.orchestration.outcomes import (
     FieldOutcome,
     RunSummary,
@@ -129,6 +138,7 @@ def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> N
         if (fov.row, fov.column) not in done_wells:
             shutil.rmtree(Path(output) / fov.row / fov.column, ignore_errors=True)
     if done_wells:
+        _write_well_curves(root, output, plate)
         omezarr.write_plate_metadata(
             root,
             name=plate.name or Path(plate.path).stem,
@@ -137,3 +147,18 @@ def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> N
             wells=list(done_wells),
             field_count=max(len(f) for f in done_wells.values()),
         )
+
+
+def _write_well_curves(root: zarr.Group, output: Path, plate: omezarr.Plate) -> None:
+    """``tables/well_growth`` (count, size and reporter ratios per well and frame) and
+    ``tables/well_doubling`` (doubling times) from the plate's cells table."""
+    dataset = plate_table_path(output)
+    if not dataset.is_dir():
+        return
+    names = pq.ParquetDataset(dataset, partitioning="hive").schema.names
+    wanted = [n for n in names if n in ("well", "t", "area", "volume") or n.startswith("ratio_")]
+    cells = tables.read_plate_table(dataset, columns=wanted)
+    frame_interval = float(plate.fields[0].levels[0].scale.get("t", 1.0))
+    curves = well_curves(cells, frame_interval=frame_interval)
+    tables.write_table(root, WELL_GROWTH, curves, table_type="generic_table")
+    tables.write_table(root, WELL_DOUBLING, doubling_times(curves), table_type="generic_table")
