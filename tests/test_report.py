@@ -75,6 +75,7 @@ def test_plate_report_links_every_figure_and_each_decodes(outputs, tmp_path):
     links = _links(index)
     expected = {
         "plate_heatmap.png",
+        "plate_growth.png",
         "A1_0_outlines.png",
         "A1_0_tracks.png",
         "A2_0_outlines.png",
@@ -152,7 +153,8 @@ def test_failed_fields_are_listed_with_their_error(outputs, tmp_path):
     rows = {row.split("</td>")[0]: row for row in re.findall(r"<tr><td>(.*?)</tr>", text)}
     assert "failed" in rows["A/2"] and html.escape(error) in rows["A/2"]
     assert "running" in rows["A/1"]
-    assert set(_links(index)) == {"plate_heatmap.png"}  # no field completed: no field figures
+    # no field completed: no field figures (the growth curves are the run's, made before)
+    assert set(_links(index)) == {"plate_heatmap.png", "plate_growth.png"}
     _check_pngs(index, _links(index))
     counts = well_cell_counts(output).set_index("well")
     assert counts["cells_first"].isna().all() and (counts["fields"] == 0).all()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["doubling_times", "well_curves"]
+__all__ = ["WELL_DOUBLING", "WELL_GROWTH", "doubling_times", "well_curves"]
+
+WELL_GROWTH = "well_growth"  # the plate's tables of well_curves and doubling_times
+WELL_DOUBLING = "well_doubling"
 
 
 def _size_column(cells: pd.DataFrame) -> str:

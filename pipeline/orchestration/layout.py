@@ -16,6 +16,7 @@ from pathlib import Path
 import zarr
 
 from pipeline.io.omezarr import FieldOfView
+from pipeline.measurement.wells import WELL_DOUBLING, WELL_GROWTH
 from pipeline.orchestration.records import UNIT_OUTPUT_FOLDERS
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
 CELLS = "cells"
 NUCLEI = "nuclei"  # with whole cells, labels/nuclei holds the nuclei and labels/cells the cells
 TRACKS = "tracks"
-WELL_GROWTH = "well_growth"  # plate tables: per well and frame, and per well
-WELL_DOUBLING = "well_doubling"
 
 
 def field_parent(root: zarr.Group, path: str) -> tuple[zarr.Group, str]:

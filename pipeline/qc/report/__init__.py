@@ -4,7 +4,8 @@
 image) and writes, into a report folder, one PNG of label outlines over the image per field
 (a few timepoints; z stacks as maximum projections), one PNG of the tracks per field (centroid
 paths coloured by time over the last timepoint, divisions marked), a heat map of the cells per
-well (plates only), and an ``index.html`` that lists every field, failed ones with their error.
+well and the wells' growth curves and reporter ratios over time (plates only), and an
+``index.html`` that lists every field, failed ones with their error.
 Images are read from the finest pyramid level that fits in ``max_pixels`` on a side (labels from
 the same level), so a large field is never loaded whole. Figures are drawn with matplotlib's Agg
 canvas (no screen, no pyplot state).
@@ -14,14 +15,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import zarr
 
 from pipeline.errors import CorruptChunkError
 from pipeline.io.omezarr import FieldOfView
+from pipeline.io.tables import TABLE_FILE
+from pipeline.measurement.wells import WELL_GROWTH
 from pipeline.qc.report.figures import (
+    GROWTH_FILE,
     HEATMAP_FILE,
     outline_overlay,
     stretch_contrast,
+    write_growth_curves,
     write_heatmap,
     write_overlay,
     write_tracks,
@@ -185,10 +191,16 @@ def write_qc_report(
         for path, (state, error) in unfinished.items()
         if path not in listed
     ]
-    heatmap = None
+    plate_figures = []
     if plate is not None and plate.is_plate and plate.rows and plate.columns:
-        heatmap = HEATMAP_FILE
-        write_heatmap(plate_well_counts(root, plate), plate.rows, plate.columns, report / heatmap)
+        write_heatmap(
+            plate_well_counts(root, plate), plate.rows, plate.columns, report / HEATMAP_FILE
+        )
+        plate_figures.append(("Cells per well", HEATMAP_FILE))
+        growth = Path(output, "tables", WELL_GROWTH, TABLE_FILE)
+        if growth.is_file():
+            write_growth_curves(pd.read_parquet(growth), report / GROWTH_FILE)
+            plate_figures.append(("Growth and reporter per well", GROWTH_FILE))
     index = report / INDEX_FILE
-    index.write_text(index_html(str(output), run, entries, heatmap), encoding="utf-8")
+    index.write_text(index_html(str(output), run, entries, plate_figures), encoding="utf-8")
     return index

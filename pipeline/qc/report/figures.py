@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 from skimage.segmentation import find_boundaries
 
 from pipeline.qc.report.reading import FieldView
@@ -20,6 +21,7 @@ _OUTLINE_COLOR = (255, 40, 40)
 
 
 HEATMAP_FILE = "plate_heatmap.png"
+GROWTH_FILE = "plate_growth.png"
 
 
 def stretch_contrast(
@@ -221,4 +223,37 @@ def write_heatmap(
         axes.set_title(f"{when} timepoint", fontsize=9)
         figure.colorbar(shown, ax=axes, shrink=0.9)
     figure.suptitle("cells per well (grey: no results)", fontsize=10)
+    figure.savefig(path)
+
+
+def write_growth_curves(curves: pd.DataFrame, path: Path) -> None:
+    """Cells per well over time (log axis) and, where the table has them, each well's mean
+    cytoring/nucleus reporter ratio over time, one panel per channel (at most three), one line
+    per well."""
+    ratios = [
+        c for c in curves.columns if c.startswith("ratio_cytoring_nucleus_") and c.endswith("_mean")
+    ][:3]
+    figure = _new_figure(3.6 * (1 + len(ratios)) + 1.2, 3.2)
+    panels = figure.subplots(1, 1 + len(ratios), squeeze=False)[0]
+    wells = sorted(curves["well"].unique())
+    colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(wells), 2)))
+    for colour, well in zip(colours, wells, strict=False):
+        curve = curves[curves["well"] == well]
+        panels[0].plot(curve["time"], curve["n_cells"], color=colour, marker=".", label=well)
+        for axes, ratio in zip(panels[1:], ratios, strict=True):
+            axes.plot(curve["time"], curve[ratio], color=colour, marker=".")
+    panels[0].set_yscale("log")
+    panels[0].yaxis.set_major_formatter(ScalarFormatter())
+    panels[0].yaxis.set_minor_formatter(ScalarFormatter())
+    panels[0].set_ylabel("cells", fontsize=8)
+    panels[0].set_title("cells per well", fontsize=9)
+    for axes, ratio in zip(panels[1:], ratios, strict=True):
+        channel = ratio.removeprefix("ratio_cytoring_nucleus_").removesuffix("_mean")
+        axes.set_ylabel("cytoring / nucleus", fontsize=8)
+        axes.set_title(f"mean reporter ratio, {channel}", fontsize=9)
+    for axes in panels:
+        axes.set_xlabel("time (unit of the t axis)", fontsize=8)
+        axes.tick_params(labelsize=7)
+    if len(wells) <= 24:
+        figure.legend(loc="outside right upper", fontsize=7, title="well", title_fontsize=7)
     figure.savefig(path)

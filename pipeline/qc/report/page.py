@@ -112,8 +112,12 @@ def _row_html(entry: FieldEntry) -> str:
 
 
 def index_html(
-    output: str, run: dict[str, Any], entries: list[FieldEntry], heatmap: str | None
+    output: str,
+    run: dict[str, Any],
+    entries: list[FieldEntry],
+    plate_figures: list[tuple[str, str]],
 ) -> str:
+    """The report page: the run's facts, the plate's figures (``(title, file)``), the fields."""
     failed = sum(entry.status != "complete" or entry.error is not None for entry in entries)
     facts = [
         ("output", output),
@@ -135,10 +139,10 @@ def index_html(
         f"<h1>QC report: {html.escape(Path(output).name)}</h1>",
         f"<ul>{summary}</ul>",
     ]
-    if heatmap is not None:
+    for title, figure in plate_figures:
         parts.append(
-            f'<h2>Cells per well</h2><a href="{heatmap}">'
-            f'<img class="heatmap" src="{heatmap}" alt="cells per well"></a>'
+            f'<h2>{html.escape(title)}</h2><a href="{html.escape(figure)}">'
+            f'<img class="heatmap" src="{html.escape(figure)}" alt="{html.escape(title)}"></a>'
         )
     header = "".join(
         f"<th>{name}</th>"
