@@ -11,6 +11,7 @@ import yaml
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
 
 from pipeline.errors import PipelineInputError
+from pipeline.measurement.features import FeatureSet
 from pipeline.segmentation.classical import ClassicalParameters
 from pipeline.segmentation.parameters import (
     CellsConfig,
@@ -103,17 +104,6 @@ class ComputeConfig(ConvNetExecution):
         description="timepoints of a field segmented at once (bounds the conv-net maps held "
         "on GPU workers); results do not depend on it",
     )
-
-
-FeatureSet = Literal[
-    "sizeshape",
-    "zernike",
-    "feret",
-    "intensity",
-    "texture",
-    "radial_distribution",
-    "radial_zernikes",
-]
 
 
 class MeasurementConfig(StrictModel):

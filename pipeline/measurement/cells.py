@@ -535,42 +535,25 @@ def measure(
             **options,
         )
         table = dd.from_delayed([table], meta=meta, verify_meta=False)
-        if cells is None and not features:
-            return table
-        return _with_per_cell_tables(
-            table,
-            labels,
-            cells,
-            image,
-            dims,
-            request,
-            **options,
-        )
-
-    labels = np.asarray(labels)
-    image = None if image is None else np.asarray(image)
-    if has_t:
-        frames = [
-            (labels[t], None if image is None else image[t], t) for t in range(labels.shape[0])
-        ]
     else:
-        frames = [(labels, image, 0)]
-    partials = [
-        block_statistics(frame_labels, frame_image, offset=[0] * frame_labels.ndim, t=t)
-        for frame_labels, frame_image, t in frames
-    ]
-    table = finalize_statistics(merge_statistics(partials), spatial_dims=spatial_dims, **options)
+        labels = np.asarray(labels)
+        image = None if image is None else np.asarray(image)
+        if has_t:
+            frames = [
+                (labels[t], None if image is None else image[t], t) for t in range(labels.shape[0])
+            ]
+        else:
+            frames = [(labels, image, 0)]
+        partials = [
+            block_statistics(frame_labels, frame_image, offset=[0] * frame_labels.ndim, t=t)
+            for frame_labels, frame_image, t in frames
+        ]
+        table = finalize_statistics(
+            merge_statistics(partials), spatial_dims=spatial_dims, **options
+        )
     if cells is None and not features:
         return table
-    return _with_per_cell_tables(
-        table,
-        labels,
-        cells,
-        image,
-        dims,
-        request,
-        **options,
-    )
+    return _with_per_cell_tables(table, labels, cells, image, dims, request, **options)
 
 
 def _with_per_cell_tables(

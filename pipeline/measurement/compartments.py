@@ -81,12 +81,12 @@ def _compartment_labels(
     """Each compartment as a label image with the cell's id."""
     spacing = geometry.spacing
     nuclei = np.where(cells > 0, nuclei, 0)  # a nucleus counts where its cell is
-    outside = ndi.distance_transform_edt(nuclei == 0, sampling=spacing)
-    nucleus = nuclei
+    nucleus, away = nuclei, nuclei == 0
     if geometry.margin_um > 0:
         inside = ndi.distance_transform_edt(nuclei > 0, sampling=spacing)
         nucleus = np.where(inside > geometry.margin_um, nuclei, 0)
-    away = (nuclei == 0) & (outside > geometry.margin_um)
+        outside = ndi.distance_transform_edt(nuclei == 0, sampling=spacing)
+        away &= outside > geometry.margin_um
     grown = expand_labels(nuclei, geometry.margin_um + geometry.ring_um, spacing=spacing)
     return {
         "nucleus": nucleus,

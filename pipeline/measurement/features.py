@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from functools import cache, partial
+from typing import Literal, get_args
 
 import dask.array as da
 import dask.dataframe as dd
@@ -40,9 +41,16 @@ from skimage.segmentation import relabel_sequential
 
 from pipeline.measurement.owned import owned_cell_table
 
-__all__ = ["FEATURE_SETS", "SHAPE_SETS", "feature_columns", "feature_table", "feature_table_dask"]
+__all__ = [
+    "FEATURE_SETS",
+    "SHAPE_SETS",
+    "FeatureSet",
+    "feature_columns",
+    "feature_table",
+    "feature_table_dask",
+]
 
-FEATURE_SETS = (
+FeatureSet = Literal[
     "sizeshape",
     "zernike",
     "feret",
@@ -50,7 +58,8 @@ FEATURE_SETS = (
     "texture",
     "radial_distribution",
     "radial_zernikes",
-)
+]
+FEATURE_SETS: tuple[str, ...] = get_args(FeatureSet)
 SHAPE_SETS = frozenset({"sizeshape", "zernike", "feret"})
 _SETS_3D = frozenset({"sizeshape", "intensity", "texture"})
 # Positions in the pixels of the array measured: left out (the table's x, y, centroid and bbox

@@ -299,10 +299,17 @@ def segment_and_measure(
                     cells, cell_scratch, regions=(slice(start, stop),), lock=False, compute=False
                 )
             )
-            table = _with_compartments(table, ids, cells, field, config, start, stop, cell_halo)
-        if config.measurement.features:
-            objects = ids if cells_config is None else cells
-            table = _with_features(table, objects, field, config, start, stop, cell_halo)
+        if cells_config is not None or config.measurement.features:
+            table = _with_per_cell_tables(
+                table,
+                ids,
+                None if cells_config is None else cells,
+                field,
+                config,
+                start,
+                stop,
+                cell_halo,
+            )
         futures = placement.client.compute([*stored, table])
         raise_first_error(futures)
         block_tables.append(futures[-1])
@@ -315,56 +322,40 @@ def _cell_scratch_path(scratch_path: Path) -> Path:
     return scratch_path.with_name(scratch_path.name + "-cells")
 
 
-def _with_compartments(
+def _with_per_cell_tables(
     table: Any,
     nuclei: da.Array,
-    cells: da.Array,
+    cells: da.Array | None,
     field: FieldData,
     config: RunConfig,
     start: int,
     stop: int,
     halo: tuple[int, ...],
 ) -> Any:
-    """The block's cell table (a delayed DataFrame) joined with its compartment intensities;
-    each cell is measured whole by the block owning it, over ``halo``."""
+    """The block's cell table (a delayed DataFrame) joined with what is measured per cell
+    whole, by the block owning it over ``halo``: the compartments (with ``cells``) and the
+    configured feature sets (of the cells, else of the nuclei)."""
     measurement = config.measurement
-    geometry = Geometry(
-        tuple(field.pixel_size[d] for d in field.spatial_dims),
-        measurement.ring_um,
-        measurement.compartment_margin_um,
-    )
-    compartments = compartment_table_dask(
-        nuclei,
-        cells,
-        field.data.data[start:stop],
-        list(field.fov.channel_names),
-        geometry,
-        halo,
-        measurement.cytoplasm_mixture,
-    )
-    parts = compartments.to_delayed()
-    return dask.delayed(_join_parts)(table, parts)
-
-
-def _with_features(
-    table: Any,
-    objects: da.Array,
-    field: FieldData,
-    config: RunConfig,
-    start: int,
-    stop: int,
-    halo: tuple[int, ...],
-) -> Any:
-    """The block's cell table joined with the feature sets of ``objects`` (cells or nuclei),
-    each measured whole by the block owning it, over ``halo``."""
-    features = feature_table_dask(
-        objects,
-        field.data.data[start:stop],
-        list(field.fov.channel_names),
-        config.measurement.features,
-        halo,
-    )
-    return dask.delayed(_join_parts)(table, features.to_delayed())
+    image = field.data.data[start:stop]
+    channels = list(field.fov.channel_names)
+    extras = []
+    if cells is not None:
+        geometry = Geometry(
+            tuple(field.pixel_size[d] for d in field.spatial_dims),
+            measurement.ring_um,
+            measurement.compartment_margin_um,
+        )
+        extras.append(
+            compartment_table_dask(
+                nuclei, cells, image, channels, geometry, halo, measurement.cytoplasm_mixture
+            )
+        )
+    if measurement.features:
+        objects = nuclei if cells is None else cells
+        extras.append(feature_table_dask(objects, image, channels, measurement.features, halo))
+    for extra in extras:
+        table = dask.delayed(_join_parts)(table, extra.to_delayed())
+    return table
 
 
 def _join_parts(table: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
