@@ -1,5 +1,6 @@
 """CellProfiler features through cp-measure: equal to cp-measure on the whole image, sane against
-numpy, tiled (odd chunks) == whole image for every column, and clear errors."""
+numpy, neighbour distances against scipy's pairwise distances, tiled (odd chunks) == whole image
+for every column, and clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
-from cp_measure.bulk import get_core_measurements
+from cp_measure.bulk import get_core_measurements, get_multimask_measurements
+from scipy.spatial.distance import cdist
+from skimage.segmentation import relabel_sequential
 
 import pipeline
 from pipeline.measurement.features import FEATURE_SETS
@@ -18,6 +21,48 @@ from pipeline.synthetic import simulate_field
 def field():
     simulated = simulate_field(n_frames=2, size=160, seed=6)
     return simulated.labels, simulated.image
+
+
+@pytest.fixture(scope="module")
+def whole_cells():
+    """Touching whole cells (nucleus plus a 3 um ring) and their image."""
+    simulated = simulate_field(n_frames=2, size=160, seed=6)
+    return simulated.cells, simulated.image
+
+
+def test_touching_neighbours_equal_cp_measure_on_the_whole_frame(whole_cells):
+    cells, image = whole_cells
+    table = pipeline.measure(cells[0], image[0], dims="yx", features=["neighbors"])
+    sequential, _, inverse = relabel_sequential(cells[0].astype(np.int32))
+    reference = get_multimask_measurements()["neighbors"](
+        sequential, sequential, distance_method="Adjacent"
+    )
+    assert table["label"].tolist() == inverse[1:].tolist()
+    assert table["Neighbors_NumberOfNeighbors_Adjacent"].max() >= 3  # cells do touch
+    for column in ("Neighbors_NumberOfNeighbors_Adjacent", "Neighbors_PercentTouching_Adjacent"):
+        np.testing.assert_allclose(table[column], reference[column])
+
+
+def test_nearest_distances_are_between_the_centres_of_each_frame():
+    labels = np.zeros((2, 40, 60), np.int32)
+    labels[0, 2:6, 2:6] = 1  # centre (3.5, 3.5)
+    labels[0, 2:6, 12:16] = 2  # centre (3.5, 13.5): 10 px from 1
+    labels[0, 30:34, 2:6] = 3  # centre (31.5, 3.5): 28 px from 1
+    labels[1, 10:12, 10:12] = 4  # alone in its frame
+    table = pipeline.measure(
+        labels,
+        dims="tyx",
+        image=np.zeros((2, 1, 40, 60)),
+        features=["neighbors"],
+        pixel_size={"y": 0.5, "x": 0.5},
+    )
+    centres = table.loc[table["t"] == 0, ["y", "x"]].to_numpy()
+    pairwise = np.sort(cdist(centres, centres), axis=1)
+    np.testing.assert_allclose(table["Neighbors_FirstClosestDistance_um"][:3], pairwise[:, 1])
+    np.testing.assert_allclose(table["Neighbors_SecondClosestDistance_um"][:3], pairwise[:, 2])
+    assert table["Neighbors_FirstClosestDistance_um"][0] == pytest.approx(5.0)  # 10 px x 0.5 um
+    assert table.iloc[3][["Neighbors_FirstClosestDistance_um"]].isna().all()
+    assert table["Neighbors_NumberOfNeighbors_Adjacent"].tolist() == [0, 0, 0, 0]
 
 
 def test_features_equal_cp_measure_on_the_whole_frame(field):
@@ -50,8 +95,9 @@ def test_features_equal_cp_measure_on_the_whole_frame(field):
         assert table.loc[label, "AreaShape_Zernike_2_0"] == pytest.approx(want, rel=1e-12)
 
 
-def test_tiled_features_equal_whole_image_features(field):
-    labels, image = field
+@pytest.mark.parametrize("objects", ["nuclei", "touching cells"])
+def test_tiled_features_equal_whole_image_features(field, whole_cells, objects):
+    labels, image = field if objects == "nuclei" else whole_cells
     options = {"dims": "tyx", "features": FEATURE_SETS, "pixel_size": {"y": 0.5, "x": 0.5}}
     whole = pipeline.measure(labels, image, **options)
     tiled = pipeline.measure(
@@ -99,7 +145,7 @@ def test_a_run_adds_the_configured_features_of_its_nuclei(tmp_path, shared_sched
     config = RunConfig.model_validate(
         {
             "segmentation": {"method": "classical"},
-            "measurement": {"features": ["sizeshape", "zernike", "texture"]},
+            "measurement": {"features": ["sizeshape", "zernike", "texture", "neighbors"]},
         }
     )
     summary = run(plate, tmp_path / "out.zarr", config=config, scheduler=shared_scheduler)
@@ -112,9 +158,10 @@ def test_a_run_adds_the_configured_features_of_its_nuclei(tmp_path, shared_sched
         image,
         dims="tyx",
         channel_names=["nuclei", "cytoplasm"],
-        features=["sizeshape", "zernike", "texture"],
+        features=["sizeshape", "zernike", "texture", "neighbors"],
+        pixel_size={"y": 0.5, "x": 0.5},  # the simulated plate's
     )
-    columns = [c for c in expected.columns if c.startswith(("AreaShape_", "Texture_"))]
+    columns = [c for c in expected.columns if c.startswith(("AreaShape_", "Texture_", "Neigh"))]
     assert len(columns) > 100
     pd.testing.assert_frame_equal(
         table.sort_values(["t", "label"], ignore_index=True)[columns],

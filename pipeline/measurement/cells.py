@@ -473,8 +473,9 @@ def measure(
     features
         CellProfiler feature sets computed by cp-measure for the cells (or, without ``cells``,
         for the labelled objects): ``sizeshape``, ``zernike``, ``feret``, ``intensity``,
-        ``texture``, ``radial_distribution``, ``radial_zernikes``
-        (:mod:`pipeline.measurement.features`). Needs ``image``.
+        ``texture``, ``radial_distribution``, ``radial_zernikes``, ``neighbors``
+        (:mod:`pipeline.measurement.features`; distances between the table's positions,
+        i.e. the nuclei's when ``cells`` are given). Needs ``image``.
 
     Returns
     -------
@@ -551,6 +552,8 @@ def measure(
         table = finalize_statistics(
             merge_statistics(partials), spatial_dims=spatial_dims, **options
         )
+    if "neighbors" in features:
+        table = _with_nearest_distances(table, spatial_dims)
     if cells is None and not features:
         return table
     return _with_per_cell_tables(table, labels, cells, image, dims, request, **options)
@@ -622,6 +625,21 @@ def _with_per_cell_tables(
         extra = feature_table_dask(objects, da.asarray(image), names, features, halo)
         table = table.merge(extra, on=["t", "label"], how="left")
     return table
+
+
+def _with_nearest_distances(
+    table: pd.DataFrame | dd.DataFrame, spatial_dims: str
+) -> pd.DataFrame | dd.DataFrame:
+    """``table`` with the distances to the nearest cells of each frame (one partition: the
+    whole table)."""
+    from pipeline.measurement.neighbours import nearest_distances
+
+    if isinstance(table, pd.DataFrame):
+        return nearest_distances(table, spatial_dims)
+    meta = nearest_distances(table._meta, spatial_dims)
+    return table.repartition(npartitions=1).map_partitions(
+        nearest_distances, spatial_dims, meta=meta
+    )
 
 
 def _grouped(extras: list[pd.DataFrame], has_compartments: bool) -> list[pd.DataFrame]:

@@ -6,6 +6,10 @@ Feature sets (names of :func:`cp_measure.bulk.get_core_measurements`):
 - shape, independent of the channels: ``sizeshape`` (area, perimeter, eccentricity, solidity,
   moments, ...), ``zernike`` (shape Zernike moments), ``feret`` (min and max Feret diameter);
   columns ``AreaShape_<feature>``, in pixels as CellProfiler gives them;
+- ``neighbors``: cells touching each cell and the share of its outline they touch
+  (CellProfiler's MeasureObjectNeighbors, "Adjacent"), and the distances to the nearest and
+  second-nearest cell centres, which :func:`pipeline.measure` and runs add from the whole
+  field's table (:mod:`pipeline.measurement.neighbours`);
 - per channel: ``intensity`` (integrated, mean, std, quartiles, MAD, edge intensities, mass
   displacement, ...), ``texture`` (Haralick features at scale 3 in four directions),
   ``radial_distribution`` and ``radial_zernikes`` (intensity from the centre to the edge);
@@ -17,12 +21,14 @@ array, which would make tiled and whole-image values differ.
 
 Intensities enter as CellProfiler reads images: integer images divided by their type's largest
 value (uint16 / 65535), float images as they are (texture expects them within [0, 1]). Every
-feature here depends on a cell's own pixels only, so measuring each cell whole in the block
-that owns it (:mod:`pipeline.measurement.owned`) gives the whole-image value. Granularity is
-left out: CellProfiler computes it on the whole image's background-subtracted spectrum, which
-depends on pixels beyond the cell. Absolute positions (``Center_*``, ``BoundingBoxMinimum_*``,
+feature here depends on a cell's own pixels only (touching: and the one-pixel ring around
+them), so measuring each cell whole in the block that owns it
+(:mod:`pipeline.measurement.owned`) gives the whole-image value. Granularity is left out:
+CellProfiler computes it on the whole image's background-subtracted spectrum, which depends on
+pixels beyond the cell. Absolute positions (``Center_*``, ``BoundingBoxMinimum_*``,
 ``Location_*``) are left out too: the table's ``x``, ``y``, ``centroid_*_px`` and ``bbox_*``
-columns hold them for the whole field. z-stacks: ``sizeshape``, ``intensity`` and ``texture``.
+columns hold them for the whole field. z-stacks: ``sizeshape``, ``intensity``, ``texture``
+and ``neighbors``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
-from pipeline.measurement.owned import owned_cell_table
+from pipeline.measurement.neighbours import TOUCHING_COLUMNS, touching
+from pipeline.measurement.owned import owned_cell_table, zero_padded_crop
 
 __all__ = [
     "FEATURE_SETS",
@@ -58,10 +65,12 @@ FeatureSet = Literal[
     "texture",
     "radial_distribution",
     "radial_zernikes",
+    "neighbors",
 ]
 FEATURE_SETS: tuple[str, ...] = get_args(FeatureSet)
 SHAPE_SETS = frozenset({"sizeshape", "zernike", "feret"})
-_SETS_3D = frozenset({"sizeshape", "intensity", "texture"})
+_CHANNEL_FREE = SHAPE_SETS | {"neighbors"}
+_SETS_3D = frozenset({"sizeshape", "intensity", "texture", "neighbors"})
 # Positions in the pixels of the array measured: left out (the table's x, y, centroid and bbox
 # columns give them for the whole field), so a block's features equal the whole image's.
 _POSITION = re.compile(r"^(Center_|BoundingBoxM(inimum|aximum)_|Location_)")
@@ -93,6 +102,8 @@ def scale_intensities(image: np.ndarray) -> np.ndarray:
 
 
 def _column(feature_set: str, key: str, channel: str | None) -> str:
+    if feature_set == "neighbors":
+        return key
     if feature_set in SHAPE_SETS:
         return f"AreaShape_{key}"
     if feature_set == "texture":
@@ -138,6 +149,9 @@ def feature_table(
     functions = _functions(cells.ndim)
     columns: dict[str, np.ndarray] = {"label": ids.astype(np.int64)}
     for feature_set in features:
+        if feature_set == "neighbors":  # the other cells in the region count
+            columns.update(touching(cells, ids))
+            continue
         channels = (
             [(None, 0)]
             if feature_set in SHAPE_SETS
@@ -166,28 +180,18 @@ def _per_cell(function, masks: np.ndarray, pixels: np.ndarray, *, ids: np.ndarra
         box = boxes[forward[label] - 1]
         origin = [piece.start - 1 for piece in box]
         shape = [piece.stop - piece.start + 2 for piece in box]
-        crop_mask = _crop(masks == label, origin, shape).astype(np.int32)
-        values = function(crop_mask, _crop(pixels, origin, shape))
+        crop_mask = zero_padded_crop(masks == label, origin, shape).astype(np.int32)
+        values = function(crop_mask, zero_padded_crop(pixels, origin, shape))
         for key, value in values.items():
             results.setdefault(key, []).append(float(np.asarray(value)[0]))
     return results
 
 
-def _crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """``array[origin : origin + shape]``, zero where that reaches outside the array."""
-    out = np.zeros(tuple(shape), dtype=array.dtype)
-    source = tuple(
-        slice(max(o, 0), min(o + n, size))
-        for o, n, size in zip(origin, shape, array.shape, strict=True)
-    )
-    target = tuple(slice(s.start - o, s.stop - o) for s, o in zip(source, origin, strict=True))
-    out[target] = array[source]
-    return out
-
-
 @cache
 def _keys(feature_set: str, ndim: int) -> tuple[str, ...]:
     """The keys cp-measure returns for a feature set, read off a small disc."""
+    if feature_set == "neighbors":
+        return TOUCHING_COLUMNS
     shape = (9, 24, 24) if ndim == 3 else (24, 24)
     grid = np.indices(shape)
     disc = sum(((g - (n - 1) / 2) / (n / 3)) ** 2 for g, n in zip(grid, shape, strict=True)) < 1
@@ -202,7 +206,7 @@ def feature_columns(features: Sequence[str], channel_names: Sequence[str], ndim:
     _check(features, ndim)
     names = []
     for feature_set in features:
-        channels = [None] if feature_set in SHAPE_SETS else list(channel_names)
+        channels = [None] if feature_set in _CHANNEL_FREE else list(channel_names)
         for channel in channels:
             names += [_column(feature_set, key, channel) for key in _keys(feature_set, ndim)]
     return names

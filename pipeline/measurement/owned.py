@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.errors import HaloTooSmall
 
-__all__ = ["owned_cell_table", "owned_ids"]
+__all__ = ["owned_cell_table", "owned_ids", "zero_padded_crop"]
 
 FrameTable = Callable[..., pd.DataFrame]
 
@@ -122,3 +122,15 @@ def owned_cell_table(
             )
         )
     return dd.from_delayed(tables, meta=meta, verify_meta=False)
+
+
+def zero_padded_crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """``array[origin : origin + shape]``, zero where that reaches outside the array."""
+    out = np.zeros(tuple(shape), dtype=array.dtype)
+    source = tuple(
+        slice(max(o, 0), min(o + n, size))
+        for o, n, size in zip(origin, shape, array.shape, strict=True)
+    )
+    target = tuple(slice(s.start - o, s.stop - o) for s, o in zip(source, origin, strict=True))
+    out[target] = array[source]
+    return out

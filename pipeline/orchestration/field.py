@@ -46,6 +46,7 @@ from pipeline.io import omezarr, tables
 from pipeline.measurement.cells import measure_dask
 from pipeline.measurement.compartments import Geometry, compartment_table_dask
 from pipeline.measurement.features import feature_table_dask
+from pipeline.measurement.neighbours import nearest_distances
 from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
 from pipeline.orchestration.layout import (
     CELLS,
@@ -452,7 +453,8 @@ def tabulate_field(
     spatial_ndim: int,
     diameter_px: float | None,
 ) -> FieldTables:
-    """Track the cells, add growth rates and write the field's tables (runs on a worker).
+    """Track the cells, add growth rates (and the distances to the nearest cells, with the
+    ``neighbors`` features) and write the field's tables (runs on a worker).
 
     Writes ``tables/cells`` and ``tables/tracks`` in the field's group of ``output`` and, for
     plates, the field's part of the plate-wide cells table.
@@ -460,6 +462,8 @@ def tabulate_field(
     frame_interval = float(fov.levels[0].scale.get("t", 1.0))
     cells = track(cells, **config.tracking.parameters())
     cells = cells.assign(growth_rate=growth_rates(cells, frame_interval=frame_interval))
+    if "neighbors" in config.measurement.features:  # distances need the whole field
+        cells = nearest_distances(cells, "zyx"[3 - spatial_ndim :])
     image_group = zarr.open_group(store=output, path=fov.path, mode="r+")
     tables.write_table(
         image_group,
