@@ -27,8 +27,7 @@ them), so measuring each cell whole in the block that owns it
 CellProfiler computes it on the whole image's background-subtracted spectrum, which depends on
 pixels beyond the cell. Absolute positions (``Center_*``, ``BoundingBoxMinimum_*``,
 ``Location_*``) are left out too: the table's ``x``, ``y``, ``centroid_*_px`` and ``bbox_*``
-columns hold them for the whole field. z-stacks: ``sizeshape``, ``intensity``, ``texture``
-and ``neighbors``.
+columns hold them for the whole field. z-stacks: ``sizeshape``, ``intensity`` and ``texture``.
 """
 
 from __future__ import annotations
@@ -70,7 +69,8 @@ FeatureSet = Literal[
 FEATURE_SETS: tuple[str, ...] = get_args(FeatureSet)
 SHAPE_SETS = frozenset({"sizeshape", "zernike", "feret"})
 _CHANNEL_FREE = SHAPE_SETS | {"neighbors"}
-_SETS_3D = frozenset({"sizeshape", "intensity", "texture", "neighbors"})
+# cp-measure's touching percentages are wrong on z-stacks (one of two touching cubes gets 0 %).
+_SETS_3D = frozenset({"sizeshape", "intensity", "texture"})
 # Positions in the pixels of the array measured: left out (the table's x, y, centroid and bbox
 # columns give them for the whole field), so a block's features equal the whole image's.
 _POSITION = re.compile(r"^(Center_|BoundingBoxM(inimum|aximum)_|Location_)")
