@@ -8,7 +8,11 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
-from cp_measure.bulk import get_core_measurements, get_multimask_measurements
+from cp_measure.bulk import (
+    get_core_measurements,
+    get_correlation_measurements,
+    get_multimask_measurements,
+)
 from scipy.spatial.distance import cdist
 from skimage.segmentation import relabel_sequential
 
@@ -84,6 +88,14 @@ def test_features_equal_cp_measure_on_the_whole_frame(field):
     np.testing.assert_allclose(  # and the mean of the raw pixels, scaled
         table["Intensity_MeanIntensity_dna"], table["intensity_mean_dna"] / 65535.0
     )
+    pearson = get_correlation_measurements()["pearson"](scaled[0], scaled[1], labels[0])
+    np.testing.assert_allclose(
+        table["Correlation_Pearson_dna_ktr"], pearson["Correlation_Pearson"], rtol=1e-12
+    )
+    for label in table.index[:5]:  # and numpy's correlation of the cell's pixels
+        inside = labels[0] == label
+        want = np.corrcoef(scaled[0][inside], scaled[1][inside])[0, 1]
+        assert table.loc[label, "Correlation_Pearson_dna_ktr"] == pytest.approx(want, rel=1e-9)
     # Zernike moments: cp-measure on each cell's bounding box grown by one pixel (zero-padded)
     padded_labels = np.pad(labels[0].astype(np.int32), 1)
     padded = np.pad(scaled[0], 1)

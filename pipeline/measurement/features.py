@@ -6,6 +6,8 @@ Feature sets (names of :func:`cp_measure.bulk.get_core_measurements`):
 - shape, independent of the channels: ``sizeshape`` (area, perimeter, eccentricity, solidity,
   moments, ...), ``zernike`` (shape Zernike moments), ``feret`` (min and max Feret diameter);
   columns ``AreaShape_<feature>``, in pixels as CellProfiler gives them;
+- per pair of channels: ``colocalization`` (Pearson's correlation and slope, Manders' and
+  rank-weighted coefficients; columns ``Correlation_<feature>_<channel>_<channel>``);
 - ``neighbors``: cells touching each cell and the share of its outline they touch
   (CellProfiler's MeasureObjectNeighbors, "Adjacent"), and the distances to the nearest and
   second-nearest cell centres, which :func:`pipeline.measure` and runs add from the whole
@@ -35,6 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from functools import cache, partial
+from itertools import combinations
 from typing import Literal, get_args
 
 import dask.array as da
@@ -64,6 +67,7 @@ FeatureSet = Literal[
     "texture",
     "radial_distribution",
     "radial_zernikes",
+    "colocalization",
     "neighbors",
 ]
 FEATURE_SETS: tuple[str, ...] = get_args(FeatureSet)
@@ -90,7 +94,36 @@ def _check(features: Sequence[str], ndim: int) -> None:
 def _functions(ndim: int) -> dict:
     from cp_measure.bulk import get_core_measurements, get_core_measurements_3d
 
-    return get_core_measurements_3d() if ndim == 3 else get_core_measurements()
+    core = get_core_measurements_3d() if ndim == 3 else get_core_measurements()
+    return {**core, "colocalization": _colocalization}
+
+
+def _colocalization(masks: np.ndarray, first: np.ndarray, second: np.ndarray) -> dict:
+    """CellProfiler's MeasureColocalization of two channels per cell (cp-measure): Pearson's
+    correlation and slope, Manders' and rank-weighted coefficients (thresholds at 15 % of each
+    cell's maximum). Costes' automatic thresholds are left out (slow, and they need the
+    channels' full scale)."""
+    from cp_measure.bulk import get_correlation_measurements
+
+    functions = get_correlation_measurements()
+    values: dict = {}
+    for name in ("pearson", "manders_fold", "rwc"):
+        values.update(functions[name](first, second, masks))
+    return values
+
+
+def _channel_groups(
+    feature_set: str, channel_names: Sequence[str]
+) -> list[tuple[str | None, tuple[int, ...]]]:
+    """The column suffix and the channels of each measurement of a feature set: one for a
+    shape set (None), one per channel, or one per pair of channels (``colocalization``)."""
+    if feature_set in _CHANNEL_FREE:
+        return [(None, (0,))]
+    if feature_set == "colocalization":
+        return [
+            (f"{a}_{b}", (i, j)) for (i, a), (j, b) in combinations(enumerate(channel_names), 2)
+        ]
+    return [(name, (i,)) for i, name in enumerate(channel_names)]
 
 
 def scale_intensities(image: np.ndarray) -> np.ndarray:
@@ -152,20 +185,15 @@ def feature_table(
         if feature_set == "neighbors":  # the other cells in the region count
             columns.update(touching(cells, ids))
             continue
-        channels = (
-            [(None, 0)]
-            if feature_set in SHAPE_SETS
-            else list(zip(channel_names, range(len(channel_names)), strict=True))
-        )
         measure = functions[feature_set]
         if feature_set in _POSITION_DEPENDENT:
             measure = partial(_per_cell, measure, ids=ids)
-        for channel, index in channels:
-            pixels = scale_intensities(image[index])
+        for suffix, indices in _channel_groups(feature_set, channel_names):
+            pixels = [scale_intensities(image[index]) for index in indices]
             with np.errstate(divide="ignore", invalid="ignore"):
-                values = measure(masks, pixels)
+                values = measure(masks, *pixels)
             for key, column in values.items():
-                columns[_column(feature_set, key, channel)] = np.asarray(column, np.float64)
+                columns[_column(feature_set, key, suffix)] = np.asarray(column, np.float64)
     return pd.DataFrame(columns)[["label", *names]]
 
 
@@ -197,7 +225,8 @@ def _keys(feature_set: str, ndim: int) -> tuple[str, ...]:
     disc = sum(((g - (n - 1) / 2) / (n / 3)) ** 2 for g, n in zip(grid, shape, strict=True)) < 1
     pixels = np.linspace(0.1, 0.9, disc.size).reshape(shape)
     with np.errstate(divide="ignore", invalid="ignore"):
-        values = _functions(ndim)[feature_set](disc.astype(np.int32), pixels)
+        channels = (pixels, pixels[::-1]) if feature_set == "colocalization" else (pixels,)
+        values = _functions(ndim)[feature_set](disc.astype(np.int32), *channels)
     return tuple(key for key in values if not _POSITION.match(key))
 
 
@@ -206,9 +235,8 @@ def feature_columns(features: Sequence[str], channel_names: Sequence[str], ndim:
     _check(features, ndim)
     names = []
     for feature_set in features:
-        channels = [None] if feature_set in _CHANNEL_FREE else list(channel_names)
-        for channel in channels:
-            names += [_column(feature_set, key, channel) for key in _keys(feature_set, ndim)]
+        for suffix, _ in _channel_groups(feature_set, channel_names):
+            names += [_column(feature_set, key, suffix) for key in _keys(feature_set, ndim)]
     return names
 
 
