@@ -178,7 +178,8 @@ def two_gaussians(
     n_groups
         Number of groups.
     iterations
-        Most EM steps (it stops earlier once no mean moves by 1e-9 of the spread).
+        Most EM steps; each group stops once neither of its means moves by more than 1e-9
+        of its spread.
 
     Returns
     -------
@@ -192,33 +193,29 @@ def two_gaussians(
         centres = np.stack([mean - spread, mean + spread], axis=1)
         variances = np.stack([spread**2, spread**2], axis=1) + _VARIANCE_FLOOR
         weights = np.full((n_groups, 2), 0.5)
+        active = count > 0  # groups whose fit still moves; the others are final
         for _ in range(iterations):
-            x = values[:, np.newaxis]
+            pick = active[group]
+            g, v = group[pick], values[pick]
+            x = v[:, np.newaxis]
             log_p = (
-                np.log(weights[group])
-                - 0.5 * np.log(2 * np.pi * variances[group])
-                - 0.5 * (x - centres[group]) ** 2 / variances[group]
+                np.log(weights[g])
+                - 0.5 * np.log(2 * np.pi * variances[g])
+                - 0.5 * (x - centres[g]) ** 2 / variances[g]
             )
             log_p -= log_p.max(axis=1, keepdims=True)
             responsibility = np.exp(log_p)
             responsibility /= responsibility.sum(axis=1, keepdims=True)
-            mass = np.stack(
-                [np.bincount(group, responsibility[:, k], n_groups) for k in (0, 1)], axis=1
-            )
+            mass = np.stack([np.bincount(g, responsibility[:, k], n_groups) for k in (0, 1)], 1)
             new_centres = (
-                np.stack(
-                    [np.bincount(group, responsibility[:, k] * values, n_groups) for k in (0, 1)],
-                    axis=1,
-                )
+                np.stack([np.bincount(g, responsibility[:, k] * v, n_groups) for k in (0, 1)], 1)
                 / mass
             )
-            variances = (
+            new_variances = (
                 np.stack(
                     [
                         np.bincount(
-                            group,
-                            responsibility[:, k] * (values - new_centres[group, k]) ** 2,
-                            n_groups,
+                            g, responsibility[:, k] * (v - new_centres[g, k]) ** 2, n_groups
                         )
                         for k in (0, 1)
                     ],
@@ -227,10 +224,12 @@ def two_gaussians(
                 / mass
                 + _VARIANCE_FLOOR
             )
-            weights = mass / count[:, np.newaxis]
-            moved = np.nanmax(np.abs(new_centres - centres) / (spread[:, np.newaxis] + 1e-300))
-            centres = new_centres
-            if not moved > 1e-9:
+            moved = np.max(np.abs(new_centres - centres), axis=1) / (spread + 1e-300)
+            centres[active] = new_centres[active]
+            variances[active] = new_variances[active]
+            weights[active] = (mass / count[:, np.newaxis])[active]
+            active &= moved > 1e-9
+            if not active.any():
                 break
     return centres, variances, weights
 
