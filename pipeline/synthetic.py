@@ -8,9 +8,10 @@ below 1. Ids are track-consistent as in the Cell Tracking Challenge (a cell keep
 frame, a daughter gets a new id), and the lineage table is in the CTC ``man_track`` form.
 
 Images are formed from the labels: a nuclear channel (per-cell brightness, a dome profile and
-texture) and a cytoplasm channel (a per-cell reporter on a ring around the nucleus and a weaker
-nuclear fraction), both blurred by a Gaussian PSF, multiplied by an uneven illumination field, with
-a background, shot noise, camera offset and read noise, stored as uint16.
+texture) and a cytoplasm channel (a per-cell reporter on a ring around the nucleus and, inside
+the nucleus, a third to three times the ring's level), both blurred by a Gaussian PSF,
+multiplied by an uneven illumination field, with a background, shot noise, camera offset and
+read noise, stored as uint16.
 """
 
 from __future__ import annotations
@@ -48,6 +49,24 @@ GROUND_TRUTH_LINEAGE = "ground_truth_lineage"
 _CONTACT_FACTOR = 0.9  # centres repel below this fraction of the summed equivalent radii
 _RELAX_ITERATIONS = 4
 _DOME = 0.3  # nuclear brightness falls by this fraction from the centre to the rim
+# Reporter level inside the nucleus relative to the ring: a cell's base level is log-uniform
+# within a factor of 2 either way, and it pulses over time by up to a factor of 1.5 either way
+# (period 8 frames, phase set by the cell's id): cytoplasm/nucleus ratios of 1/3 to 3, as kinase
+# translocation reporters show (Regot et al. 2014, ~0.3-3).
+_LOG_RATIO_RANGE = float(np.log(2.0))
+_PULSE_LOG_DEPTH = float(np.log(1.5))
+_PULSE_FRAMES = 8.0
+_GOLDEN = 0.6180339887498949
+
+
+def _nuclear_fraction_at(cell: _Cell, t: int) -> float:
+    """The cell's reporter level inside its nucleus at frame ``t``, relative to its ring (no
+    random draw: the same seed gives the same images as without the pulses' truth)."""
+    phase = 2.0 * np.pi * ((cell.label * _GOLDEN) % 1.0)
+    pulse = np.sin(2.0 * np.pi * t / _PULSE_FRAMES + phase)
+    return float(cell.nuclear_fraction * np.exp(_PULSE_LOG_DEPTH * pulse))
+
+
 _MEAN_SIZE_OVER_BIRTH = 1.4  # mean size of an exponentially growing cell relative to its birth size
 
 
@@ -71,8 +90,9 @@ class SimulatedField:
     reporter
         Truth of the reporter per cell and frame: ``t``, ``label``, ``reporter`` (expected
         signal on the ring), ``nuclear_fraction`` (level inside the nucleus relative to the
-        ring) and ``ratio_cytoplasm_nucleus`` (= 1 / nuclear_fraction, before blur, background
-        and illumination).
+        ring at that frame: a per-cell base level that pulses over time) and
+        ``ratio_cytoplasm_nucleus`` (= 1 / nuclear_fraction, before blur, background and
+        illumination).
     """
 
     image: np.ndarray
@@ -98,7 +118,7 @@ class _Cell:
     growth_rate: float  # log size increase per frame
     brightness: float  # expected nuclear photo-electrons at full illumination
     reporter: float  # expected cytoplasmic reporter photo-electrons at full illumination
-    nuclear_fraction: float  # reporter level inside the nucleus relative to the ring
+    nuclear_fraction: float  # base reporter level inside the nucleus relative to the ring
     previous_centre: np.ndarray | None = None
 
     @property
@@ -253,7 +273,10 @@ def simulate_field(
         psf_sigma_z_um=psf_sigma_z_um,
     )
     _check_arguments(n_frames, shape, density, knobs)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the cells: placement, growth, motion, division
+    # The images' texture and noise draw from their own stream, so that how the cells move does
+    # not depend on what the images look like (Poisson sampling takes a varying number of draws).
+    imaging = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     extent = np.array(shape) * spacing
     area_um2 = extent[-2] * extent[-1]
     cells = _initial_cells(rng, round(density * area_um2 / 1e4), extent, knobs)
@@ -279,9 +302,18 @@ def simulate_field(
             tracks.setdefault(cell.label, [t, t, cell.parent])[1] = t
         labels[t] = frame_labels
         whole_cells[t] = expand_labels(frame_labels, distance=knobs.ring_width_um, spacing=spacing)
-        reporter_rows += [(t, cell.label, cell.reporter, cell.nuclear_fraction) for cell in cells]
+        fractions = {cell.label: _nuclear_fraction_at(cell, t) for cell in cells}
+        reporter_rows += [(t, cell.label, cell.reporter, fractions[cell.label]) for cell in cells]
         image[t] = _form_image(
-            rng, frame_labels, whole_cells[t], distance2, cells, illumination, spacing, knobs
+            imaging,
+            frame_labels,
+            whole_cells[t],
+            distance2,
+            cells,
+            fractions,
+            illumination,
+            spacing,
+            knobs,
         )
 
     lineage = pd.DataFrame(
@@ -500,7 +532,7 @@ def _initial_cells(
                 growth_rate=np.log(2) / (knobs.doubling_frames * rng.lognormal(0, 0.15)),
                 brightness=knobs.brightness * _lognormal_unit(rng, knobs.brightness_cv),
                 reporter=knobs.reporter * _lognormal_unit(rng, 0.5),
-                nuclear_fraction=rng.uniform(0.1, 0.6),
+                nuclear_fraction=float(np.exp(rng.uniform(-_LOG_RATIO_RANGE, _LOG_RATIO_RANGE))),
             )
         )
     return cells
@@ -540,7 +572,11 @@ def _divide(mother: _Cell, rng: np.random.Generator, first_label: int) -> list[_
                 brightness=mother.brightness * rng.lognormal(0, 0.1),
                 reporter=mother.reporter * rng.lognormal(0, 0.1),
                 nuclear_fraction=float(
-                    np.clip(mother.nuclear_fraction + rng.normal(0, 0.05), 0.05, 0.9)
+                    np.clip(
+                        mother.nuclear_fraction * np.exp(rng.normal(0, 0.1)),
+                        np.exp(-_LOG_RATIO_RANGE),
+                        np.exp(_LOG_RATIO_RANGE),
+                    )
                 ),
             )
         )
@@ -669,18 +705,19 @@ def _form_image(
     grown: np.ndarray,
     distance2: np.ndarray,
     cells: list[_Cell],
+    nuclear_fractions: dict[int, float],
     illumination: np.ndarray,
     spacing: np.ndarray,
     knobs: _Knobs,
 ) -> np.ndarray:
     """Both channels of one frame, ``(c, (z,) y, x)`` uint16, from the nuclei, the whole cells
-    (``grown``: nucleus plus ring) and the cells' properties."""
+    (``grown``: nucleus plus ring), the cells' properties and their nuclear reporter levels."""
     lookup_size = int(labels.max()) + 1
     brightness, reporter, nuclear_fraction = (np.zeros(lookup_size, np.float32) for _ in range(3))
     for cell in cells:
         brightness[cell.label] = cell.brightness
         reporter[cell.label] = cell.reporter
-        nuclear_fraction[cell.label] = cell.nuclear_fraction
+        nuclear_fraction[cell.label] = nuclear_fractions[cell.label]
     nuclei = (
         brightness[labels] * (1.0 - _DOME * distance2) * _texture(rng, labels.shape, spacing, knobs)
     )
