@@ -5,6 +5,10 @@ Usage:
         [--split pipeline/convnet/recipes/dsb2018_validation.txt] [--model PATH]
         [--group gray/256x256] [--skip NAME,...] [--limit N] [--json results.json]
 
+Whole cells in phase contrast (the shipped whole-cell model on its held-out images):
+    python benchmarks/collection_accuracy.py --data ../shared/data/segmentation/phase-cells
+        --split pipeline/convnet/recipes/phase_cells_validation.txt --model cells_phase_unet
+
 For every image of the split (never trained on; see ``pipeline.convnet.training.grouped_holdout``)
 and its expert mask:
 
@@ -17,9 +21,10 @@ and its expert mask:
   nuclei) applied at a pixel size of 10 um / diameter, i.e. at the known scale.
 
 Scores: AP = TP / (TP + FP + FN) at IoU 0.5 (AP50) and its mean over IoU 0.5:0.05:0.95 (mAP),
-per image, then averaged per group (``MODALITY/HEIGHTxWIDTH`` from the collection's index.csv),
-per modality and over all. The diameter estimate is compared with the mask's median diameter:
-the median of |log(estimate / truth)| and the fraction of images within 20 %.
+per image, then averaged per group (``MODALITY/HEIGHTxWIDTH`` from the collection's index.csv;
+without one, the folder is one group), per modality and over all. The diameter estimate is
+compared with the mask's median diameter: the median of |log(estimate / truth)| and the
+fraction of images within 20 %.
 """
 
 from __future__ import annotations
@@ -121,7 +126,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write per-image results and summaries")
     args = parser.parse_args()
 
-    groups = image_groups(args.data)
+    groups = defaultdict(lambda: args.data.name, image_groups(args.data))  # no index: one group
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     ids = [
         i

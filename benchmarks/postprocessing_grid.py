@@ -6,6 +6,11 @@ Usage:
         [--modality gray] [--images 60] [--rounds 2] [--tta] [--start NAME=VALUE,...]
         [--json results.json]
 
+Whole cells in phase contrast (a folder without an index.csv is one group):
+    python benchmarks/postprocessing_grid.py --data ../shared/data/segmentation/phase-cells
+        --split pipeline/convnet/recipes/phase_cells_validation.txt --model cells_phase_unet
+        --images 36
+
 The network's maps are computed once per image, at the mask's median diameter (so that the
 diameter estimate does not enter), on images of the chosen modality that are *not* in the
 validation split (the split stays untouched for reporting). Each parameter of
@@ -48,6 +53,8 @@ def training_images(data: Path, split: Path, modality: str, count: int, seed: in
     """``count`` ids of ``modality`` outside the validation split, drawn evenly over groups."""
     held_out = set(read_split(split))
     groups = image_groups(data)
+    if not groups:  # a folder without an index is one group, of the modality asked for
+        groups = {path.stem: modality for path in sorted((data / "images").glob("*.tif"))}
     by_group: dict[str, list[str]] = {}
     for image_id, group in sorted(groups.items()):
         if group.split("/")[0] == modality and image_id not in held_out:

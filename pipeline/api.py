@@ -14,6 +14,7 @@ from distributed import futures_of
 
 from pipeline.config import HaloConfig, SegmentationConfig, TilingConfig
 from pipeline.convnet.settings import ConvNetExecution
+from pipeline.convnet.weights import CELLS_MODEL
 from pipeline.io.omezarr import open_plate
 from pipeline.normalize import colour_to_grey
 from pipeline.orchestration.runner import run
@@ -90,7 +91,7 @@ def segment(
     target: str = "nuclei",
     nuclei: Any = None,
     cell_channel: int | None = None,
-    cell_method: str = "propagation",
+    cell_method: str | None = None,
     cell_options: Mapping[str, Any] | None = None,
     **parameters: Any,
 ) -> Any:
@@ -112,23 +113,29 @@ def segment(
     channel
         Channel to segment when the image has a ``c`` axis.
     diameter
-        Conv-net only: typical nucleus diameter in pixels; None estimates it from the middle
-        timepoint (computed at once, also for Dask input).
+        Conv-net only: typical diameter of the objects (nuclei; cells for the whole-cell
+        network) in pixels; None estimates it from the middle timepoint (computed at once,
+        also for Dask input).
     halo_um
         Halo of the tiles, ``{"xy": ..., "z": ...}`` (Dask input only); for the conv-net at
         least six nucleus diameters are used.
     target
-        ``"nuclei"``, or ``"cells"``: whole cells grown from the nuclei over a cell channel
-        (:mod:`pipeline.segmentation.cells`), each with the id of its nucleus.
+        ``"nuclei"``, or ``"cells"``: whole cells, either grown from the nuclei over a cell
+        channel (:mod:`pipeline.segmentation.cells`), each with the id of its nucleus, or
+        found by the whole-cell network in a phase-contrast channel alone.
     nuclei
         Cells only: nuclear labels to grow from (the image's dims without ``c``); default:
         the nuclei segmented from ``channel`` with ``method``.
     cell_channel
         Cells only: the channel of a cytoplasm, membrane or phase stain. Without a ``c`` axis
-        the image itself is the cell channel (then ``nuclei`` must be given).
+        the image itself is the cell channel.
     cell_method
-        Cells only: ``"propagation"`` (CellProfiler's default), ``"watershed"`` or
-        ``"expand"`` (no cell channel: grow each nucleus by ``distance_um``).
+        Cells only: ``"propagation"`` (CellProfiler's default), ``"watershed"``, ``"expand"``
+        (no cell channel: grow each nucleus by ``distance_um``) or ``"convnet"`` (no nuclei:
+        the shipped whole-cell network for phase contrast, ``cells_phase_unet``, or the
+        ``model`` given, then the same post-processing as nuclei; ``diameter`` is then the
+        cells' diameter). Default: ``"convnet"`` for an image without channels and without
+        ``nuclei``, else ``"propagation"``.
     cell_options
         Cells only: the other fields of :class:`pipeline.segmentation.cells.CellParameters`
         (``distance_um``, ``threshold_correction``, ``regularization``, ``smoothing_um``).
@@ -162,7 +169,8 @@ def segment(
             pixel_size=pixel_size,
             channel=channel,
             cell_channel=cell_channel,
-            settings=CellParameters(method=cell_method, **(cell_options or {})),
+            cell_method=cell_method,
+            cell_options=cell_options or {},
             halo_um=halo_um,
             nuclear_options={"method": method, "diameter": diameter, **parameters},
         )
@@ -220,12 +228,20 @@ def _segment_cells(
     pixel_size: Mapping[str, float] | None,
     channel: int,
     cell_channel: int | None,
-    settings: CellParameters,
+    cell_method: str | None,
+    cell_options: Mapping[str, Any],
     halo_um: Mapping[str, float] | None,
     nuclear_options: dict[str, Any],
 ) -> Any:
     """:func:`segment` with ``target="cells"``."""
     array, dims, sizes = _image_layout(image, dims, pixel_size)
+    if cell_method is None:
+        cell_method = "convnet" if nuclei is None and "c" not in dims else "propagation"
+    if cell_method == "convnet":
+        if nuclei is not None:
+            raise ValueError("cell method 'convnet' finds whole cells without nuclei; drop nuclei=")
+        return _segment_cells_alone(array, dims, sizes, cell_channel, halo_um, nuclear_options)
+    settings = CellParameters(method=cell_method, **cell_options)
     needs_channel = settings.method != "expand"
     if nuclei is None:
         if "c" not in dims:
@@ -288,6 +304,28 @@ def _segment_cells(
             ]
         )
     return cells if "t" in dims else cells[0]
+
+
+def _segment_cells_alone(
+    array: Any,
+    dims: str,
+    sizes: dict[str, float],
+    cell_channel: int | None,
+    halo_um: Mapping[str, float] | None,
+    options: dict[str, Any],
+) -> Any:
+    """Whole cells of a phase-contrast channel by the whole-cell network, without nuclei."""
+    if "c" in dims:
+        if cell_channel is None:
+            raise ValueError("cell method 'convnet' on an image with channels needs cell_channel=")
+        array = _take_channel(array, dims, cell_channel)
+        dims = dims.replace("c", "")
+    if options.get("method", "convnet") != "convnet":
+        raise ValueError("cell method 'convnet' finds cells with the conv-net; drop method=")
+    model = options.get("model") or CELLS_MODEL
+    return segment(
+        array, dims=dims, pixel_size=sizes, halo_um=halo_um, **{**options, "model": model}
+    )
 
 
 def _take_channel(array: Any, dims: str, index: int) -> Any:

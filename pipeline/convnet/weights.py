@@ -3,8 +3,9 @@
 A model is two files side by side: ``NAME.pt`` (a ``state_dict``, loaded with
 ``torch.load(..., weights_only=True)``) and ``NAME.json`` (:class:`ModelInfo`: architecture,
 object diameter it was trained at, input normalisation, measured receptive field and stride,
-training record). The shipped model is ``nuclei_unet`` in this package; its model card is
-``MODEL_CARD.md`` next to it.
+training record). Two models ship in this package: ``nuclei_unet`` (nuclei, the default) and
+``cells_phase_unet`` (whole cells in phase contrast); their model card is ``MODEL_CARD.md``
+next to them. A shipped model is named by its bare name, any other by its path.
 
 torch is imported only to save or load weights, so that deciding whether a run has work to do
 (which compares weight digests) does not pay for it.
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
     from pipeline.convnet.unet import UNet
 
 __all__ = [
+    "CELLS_MODEL",
     "DEFAULT_MODEL",
+    "SHIPPED_MODELS",
     "ModelInfo",
     "load_model",
     "model_paths",
@@ -36,12 +39,15 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "nuclei_unet"
+CELLS_MODEL = "cells_phase_unet"
+SHIPPED_MODELS = (DEFAULT_MODEL, CELLS_MODEL)
 
 
 def model_paths(model: str | Path | None) -> tuple[Path, Path]:
-    """``(NAME.pt, NAME.json)`` of a model path (with or without suffix); None: the shipped one."""
-    if model is None:
-        base = Path(str(resources.files("pipeline.convnet") / DEFAULT_MODEL))
+    """``(NAME.pt, NAME.json)`` of a model path (with or without suffix) or of a shipped
+    model's name (:data:`SHIPPED_MODELS`); None: the shipped nuclear model."""
+    if model is None or str(model) in SHIPPED_MODELS:
+        base = Path(str(resources.files("pipeline.convnet") / (model or DEFAULT_MODEL)))
     else:
         base = Path(model)
         if base.suffix in (".pt", ".json"):
