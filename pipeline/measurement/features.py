@@ -180,6 +180,7 @@ def feature_table(
         return pd.DataFrame(columns=["label", *names])
     masks = np.where(np.isin(cells, ids), cells, 0)
     functions = _functions(cells.ndim)
+    scaled = [scale_intensities(channel) for channel in image]  # once, for every set
     columns: dict[str, np.ndarray] = {"label": ids.astype(np.int64)}
     for feature_set in features:
         if feature_set == "neighbors":  # the other cells in the region count
@@ -189,7 +190,7 @@ def feature_table(
         if feature_set in _POSITION_DEPENDENT:
             measure = partial(_per_cell, measure, ids=ids)
         for suffix, indices in _channel_groups(feature_set, channel_names):
-            pixels = [scale_intensities(image[index]) for index in indices]
+            pixels = [scaled[index] for index in indices]
             with np.errstate(divide="ignore", invalid="ignore"):
                 values = measure(masks, *pixels)
             for key, column in values.items():
