@@ -1,11 +1,41 @@
 """Distributed batch processing of OME-Zarr microscopy plates.
 
 The public API: :func:`open_plate`, :func:`segment`, :func:`measure`, :func:`track`, :func:`run`.
+They are imported on first use, so that ``import pipeline.<submodule>`` (the command line, the
+training loop on a GPU node) loads only what that submodule needs.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pipeline._version import __version__
-from pipeline.api import open_plate, run, segment
-from pipeline.measurement.cells import measure
-from pipeline.tracking import track
+
+if TYPE_CHECKING:
+    from pipeline.api import open_plate, run, segment
+    from pipeline.measurement.cells import measure
+    from pipeline.tracking import track
+
+_PUBLIC_HOMES = {
+    "open_plate": "pipeline.api",
+    "run": "pipeline.api",
+    "segment": "pipeline.api",
+    "measure": "pipeline.measurement.cells",
+    "track": "pipeline.tracking",
+}
 
 __all__ = ["__version__", "measure", "open_plate", "run", "segment", "track"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public function from its module the first time it is asked for."""
+    if name not in _PUBLIC_HOMES:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC_HOMES})

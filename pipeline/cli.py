@@ -212,6 +212,8 @@ _TRAINING_FLAGS = {
     "seed": "seed",
     "device": "device",
     "threads": "threads",
+    "loader_workers": "loader_workers",
+    "time_budget": "time_budget_s",
 }
 
 
@@ -436,6 +438,16 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int)
     fit.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     fit.add_argument("--threads", type=int, help="CPU threads for torch")
+    fit.add_argument(
+        "--loader-workers",
+        type=int,
+        help="processes cutting training crops in parallel (default 0: in the training process)",
+    )
+    fit.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds the run may take: fewer epochs where the first one shows they do not fit",
+    )
     fit.set_defaults(handler=_train)
     return parser
 

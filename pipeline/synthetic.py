@@ -18,18 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask.array as da
 import numpy as np
 import pandas as pd
-import zarr
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from skimage.segmentation import expand_labels
 
 from pipeline.errors import PipelineInputError
-from pipeline.io import omezarr
-from pipeline.io.tables import read_table, write_table
+
+if TYPE_CHECKING:
+    import zarr
 
 __all__ = [
     "CHANNEL_NAMES",
@@ -386,6 +387,8 @@ def simulate_plate(
         raise ValueError(
             f"need 1-26 rows and at least one column and field, got {rows=}, {columns=}, {fields=}"
         )
+    from pipeline.io import omezarr  # zarr only where a plate is written: simulate_field needs none
+
     root = omezarr.create_root(path, overwrite=overwrite)
     row_names = [chr(ord("A") + index) for index in range(rows)]
     column_names = [str(index + 1) for index in range(columns)]
@@ -428,6 +431,10 @@ def read_ground_truth(field: zarr.Group | str | Path) -> tuple[da.Array, pd.Data
     lineage : pandas.DataFrame
         CTC ``man_track`` table: ``label, first, last, parent``.
     """
+    import zarr
+
+    from pipeline.io.tables import read_table
+
     if isinstance(field, zarr.Group):
         group, location = field, str(field.store_path)
     else:
@@ -448,6 +455,9 @@ def _write_field(
     well: zarr.Group, name: str, simulated: SimulatedField, frame_interval_s: float
 ) -> None:
     """Write one simulated field (image, ground-truth labels, lineage) into its well."""
+    from pipeline.io import omezarr
+    from pipeline.io.tables import write_table
+
     spatial = tuple(simulated.pixel_size)
     image = omezarr.write_image(
         well,

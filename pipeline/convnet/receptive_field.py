@@ -56,6 +56,9 @@ _ACTIVATIONS = (
 )
 _LINEAR = (nn.Conv2d, nn.ConvTranspose2d)
 _NORMS = (nn.BatchNorm2d,)
+# Output pixels (offsets modulo the stride) whose gradients are taken in one pass: a network
+# of stride 16 has 256 of them, too many canvases to hold at once.
+_OFFSETS_PER_PASS = 16
 
 
 def _model_stride(model: nn.Module) -> int:
@@ -159,18 +162,23 @@ def _gradient_support_radius(
     whether any support reaches the canvas border (then the canvas is too small)."""
     centre = (size // 2) - (size // 2) % stride
     offsets = [(dy, dx) for dy in range(stride) for dx in range(stride)]
-    # A positive input keeps any activation applied as a function (not a module) in its
-    # positive, non-zero-gradient range too.
-    inputs = torch.ones(len(offsets), in_channels, size, size, dtype=torch.float32)
-    inputs.requires_grad_(True)
-    outputs = linear(inputs)
-    if outputs.shape[-2:] != inputs.shape[-2:]:
-        raise ValueError("the network's output must have the input's height and width")
-    picked = torch.stack(
-        [outputs[n, :, centre + dy, centre + dx].sum() for n, (dy, dx) in enumerate(offsets)]
-    )
-    (gradient,) = torch.autograd.grad(picked.sum(), inputs)
-    support = gradient.abs().sum(dim=1) > 0  # (N, H, W)
+    device = next(linear.parameters()).device
+    supports = []
+    for first in range(0, len(offsets), _OFFSETS_PER_PASS):
+        batch = offsets[first : first + _OFFSETS_PER_PASS]
+        # A positive input keeps any activation applied as a function (not a module) in its
+        # positive, non-zero-gradient range too.
+        inputs = torch.ones(len(batch), in_channels, size, size, device=device)
+        inputs.requires_grad_(True)
+        outputs = linear(inputs)
+        if outputs.shape[-2:] != inputs.shape[-2:]:
+            raise ValueError("the network's output must have the input's height and width")
+        picked = torch.stack(
+            [outputs[n, :, centre + dy, centre + dx].sum() for n, (dy, dx) in enumerate(batch)]
+        )
+        (gradient,) = torch.autograd.grad(picked.sum(), inputs)
+        supports.append((gradient.abs().sum(dim=1) > 0).cpu())  # (N, H, W)
+    support = torch.cat(supports)
     radius = 0
     touches = False
     coords = torch.arange(size)
@@ -217,7 +225,7 @@ def measure_stride(
         in_channels = int(getattr(model, "config", {}).get("in_channels", 1))
     if radius is None:
         radius = measure_receptive_field_radius(model, in_channels=in_channels)
-    network = copy.deepcopy(model).double().eval()
+    network = copy.deepcopy(model).double().eval().cpu()
     margin = radius + max_stride + 1
     size = 2 * margin + 2 * max_stride
     size += -size % max_stride

@@ -222,13 +222,13 @@ class CropSampler:
         self,
         prepared: Sequence[PreparedImage],
         crop: int,
-        seed: int,
+        seed: int | Sequence[int],
         scale_range: tuple[float, float] = (1.0, 1.0),
         margin: float = 0.0,
     ) -> None:
         self.prepared = list(prepared)
         self.crop, self.scale_range, self.margin = crop, scale_range, margin
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC80F]))
+        self.rng = np.random.default_rng(np.random.SeedSequence([*np.atleast_1d(seed), 0xC80F]))
         sources = sorted({item.source for item in self.prepared})
         area = [item.train_rows * item.image.shape[1] * item.factor**2 for item in self.prepared]
         if all(a == 0 for a in area):

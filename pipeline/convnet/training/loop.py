@@ -22,7 +22,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,45 @@ def _validate(model, sets, weights, config, device, autocast) -> float:
             losses.append(float(np.mean(source)))
     model.train()
     return float(np.mean(losses))
+
+
+class _CropStream(torch.utils.data.IterableDataset):
+    """Endless training batches; each loader worker draws its own stream (seed, worker)."""
+
+    def __init__(self, prepared: list, config: TrainingConfig, margin: float) -> None:
+        self.prepared, self.config, self.margin = prepared, config, margin
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        info = torch.utils.data.get_worker_info()
+        seed = self.config.seed if info is None else [self.config.seed, info.id]
+        sampler = CropSampler(
+            self.prepared, self.config.crop, seed, self.config.scale_range, self.margin
+        )
+        while True:
+            yield sampler.batch(self.config.batch_size)
+
+
+def _training_batches(
+    prepared: list, config: TrainingConfig, margin: float
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Batches (images, classes, distance, valid), cut here or by ``loader_workers`` processes."""
+    stream = _CropStream(prepared, config, margin)
+    if config.loader_workers <= 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=config.loader_workers,
+        prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return iter(loader)
+
+
+def _fit_epochs(config: TrainingConfig, elapsed: float, epoch_seconds: float) -> TrainingConfig:
+    """``config`` with as many epochs as fit in its time budget, at the first epoch's pace."""
+    fitting = 1 + int((config.time_budget_s - elapsed) / max(epoch_seconds, 1e-9))
+    return replace(config, max_epochs=max(1, min(config.max_epochs, fitting)))
 
 
 def _learning_rate(step: int, total: int, config: TrainingConfig) -> float:
@@ -357,7 +396,7 @@ def train(
         if config.crop % stride:
             raise PipelineInputError(f"crop must be a multiple of the stride {stride}", "")
         model.to(device).train()
-        sampler = CropSampler(prepared, config.crop, config.seed, config.scale_range, margin)
+        batches = _training_batches(prepared, config, margin)
         validation = _validation_sets(
             prepared, stride, config.validation_per_source, config.validation_crop, margin
         )
@@ -378,19 +417,24 @@ def train(
         best_loss, best_epoch, best_state = math.inf, 0, None
         history = []
         step = 0
-        for epoch in range(1, config.max_epochs + 1):
+        epoch = 0
+        while epoch < config.max_epochs:
+            epoch += 1
+            epoch_started = time.perf_counter()
             running = []
             for _ in range(config.steps_per_epoch):
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(step, total_steps, config)
-                images, classes, distance, valid = sampler.batch(config.batch_size)
+                images, classes, distance, valid = (
+                    torch.as_tensor(array).to(device, non_blocking=True) for array in next(batches)
+                )
                 with autocast():
-                    output = model(torch.from_numpy(images).to(device))
+                    output = model(images)
                 loss = _loss(
                     output,
-                    torch.from_numpy(classes).to(device),
-                    torch.from_numpy(distance).to(device),
-                    torch.from_numpy(valid).to(device),
+                    classes,
+                    distance,
+                    valid,
                     weight_tensor,
                     config.distance_weight,
                 )
@@ -413,6 +457,10 @@ def train(
                     checkpoint, _model_info(checkpoint, config, *checkpoint_geometry, record), out
                 )
             elapsed = time.perf_counter() - started
+            if epoch == 1 and config.time_budget_s is not None:
+                config = _fit_epochs(config, elapsed, time.perf_counter() - epoch_started)
+                total_steps = config.steps_per_epoch * config.max_epochs
+                log(f"time budget {config.time_budget_s:.0f} s: {config.max_epochs} epochs")
             log(
                 f"epoch {epoch:3d}/{config.max_epochs}  train {train_loss:.4f}  "
                 f"val {val_loss:.4f}{' *' if improved else '  '}  "

@@ -49,6 +49,10 @@ class TrainingConfig:
         ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
     threads
         CPU threads for torch (``None``: leave as is).
+    loader_workers
+        Processes that cut training crops while the network trains (0: cut them in the
+        training process, between steps). A GPU trains faster than one CPU core cuts 256 px
+        crops; each worker draws its own crop stream, so results depend on this number.
     """
 
     diameter_px: float = 30.0
@@ -75,6 +79,8 @@ class TrainingConfig:
     simulated_size: int = 256
     device: str | None = None
     threads: int | None = None
+    loader_workers: int = 0
+    time_budget_s: float | None = None
 
 
 def read_name_list(path: str | Path) -> list[str]:
