@@ -116,3 +116,21 @@ def test_no_import_cycle():
     for module in graph:
         if not state.get(module):
             visit(module, ())
+
+
+def test_training_imports_no_cluster_or_storage_stack():
+    """``import pipeline.convnet.training`` (a GPU node training a model) loads neither the
+    cluster (distributed) nor the storage (zarr) stack, and the public API still resolves."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline.convnet.training, pipeline.synthetic\n"
+        "assert not {'distributed', 'zarr', 'dask_jobqueue'} & set(sys.modules), sys.modules\n"
+        "import pipeline\n"
+        "assert pipeline.segment.__module__ == 'pipeline.api'\n"
+        "assert pipeline.track.__module__ == 'pipeline.tracking'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'segmnet'"):
+        pipeline.segmnet  # noqa: B018

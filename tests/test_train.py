@@ -379,3 +379,43 @@ def test_fine_tuning_starts_from_the_given_model(tiny_folder, tmp_path):
     assert convolutions and all(torch.equal(before[n], after[n]) for n in convolutions)
     assert info.training["init"] == str(tmp_path / "base")
     assert info.training["init_weights_sha256"] == load_model(tmp_path / "base")[1].weights_sha256
+
+
+def test_loader_workers_draw_one_seeded_crop_stream_each():
+    """With two loader workers the batches alternate between the streams of CropSamplers
+    seeded (seed, 0) and (seed, 1); without workers they are the stream seeded ``seed``."""
+    from pipeline.convnet.training.loop import _training_batches
+
+    prepared = [prepare_image(LabelledImage(f"d{i}", "s", *_discs(i)), 12.0, 0.25) for i in (0, 1)]
+    config = replace(TINY, seed=7)
+    expected = {
+        key: CropSampler(prepared, TINY.crop, seed, TINY.scale_range, 12.0)
+        for key, seed in (("here", 7), (0, [7, 0]), (1, [7, 1]))
+    }
+    in_process = _training_batches(prepared, config, 12.0)
+    workers = _training_batches(prepared, replace(config, loader_workers=2), 12.0)
+    for source, stream in (("here", in_process), (0, workers), (1, workers), (0, workers)):
+        got = next(stream)
+        want = expected[source].batch(TINY.batch_size)
+        for got_array, want_array in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got_array), want_array)
+
+
+def test_time_budget_keeps_the_epochs_that_fit(tiny_folder):
+    from pipeline.convnet.training.loop import _fit_epochs
+
+    budget = replace(TINY, max_epochs=100, time_budget_s=100.0)
+    # 30 s gone, 10 s per epoch: the first epoch plus the 7 that fit in the 70 s left
+    assert _fit_epochs(budget, elapsed=30.0, epoch_seconds=10.0).max_epochs == 8
+    assert _fit_epochs(replace(budget, max_epochs=5), 30.0, 10.0).max_epochs == 5
+    assert _fit_epochs(budget, elapsed=120.0, epoch_seconds=10.0).max_epochs == 1
+    lines = []
+    _, info = train(
+        out=None,
+        data=[tiny_folder],
+        config=replace(TINY, max_epochs=50, time_budget_s=0.0),
+        log=lines.append,
+    )
+    assert len(info.training["history"]) == 1
+    assert info.training["config"]["max_epochs"] == 1
+    assert "time budget 0 s: 1 epochs" in lines
