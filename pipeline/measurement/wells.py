@@ -53,14 +53,20 @@ def well_curves(cells: pd.DataFrame, *, frame_interval: float = 1.0) -> pd.DataF
     return curves.astype({"well": str, "t": "int64", "n_cells": "int64"})
 
 
+# Doublings over a well's whole time span below which it is taken not to grow.
+_NO_GROWTH_DOUBLINGS = 1e-9
+
+
 def _doubling_time(time: np.ndarray, amount: np.ndarray) -> float:
     """Time for ``amount`` to double, from the least-squares slope of log2(amount) vs time;
-    NaN with fewer than two positive points or no growth."""
+    NaN with fewer than two positive points or no growth (doublings over the whole span at or
+    below round-off: a flat curve's fitted slope is ~1e-16, not exactly 0)."""
     keep = amount > 0
-    if np.count_nonzero(keep) < 2 or np.ptp(time[keep]) == 0:
+    span = np.ptp(time[keep]) if np.count_nonzero(keep) >= 2 else 0.0
+    if span == 0:
         return float("nan")
     slope = np.polyfit(time[keep], np.log2(amount[keep]), 1)[0]
-    return float(1.0 / slope) if slope > 0 else float("nan")
+    return float(1.0 / slope) if slope * span > _NO_GROWTH_DOUBLINGS else float("nan")
 
 
 def doubling_times(curves: pd.DataFrame) -> pd.DataFrame:
