@@ -392,8 +392,9 @@ def test_loader_workers_draw_one_seeded_crop_stream_each():
         key: CropSampler(prepared, TINY.crop, seed, TINY.scale_range, 12.0)
         for key, seed in (("here", 7), (0, [7, 0]), (1, [7, 1]))
     }
-    in_process = _training_batches(prepared, config, 12.0)
-    workers = _training_batches(prepared, replace(config, loader_workers=2), 12.0)
+    cpu = torch.device("cpu")
+    in_process = _training_batches(prepared, config, 12.0, cpu)
+    workers = _training_batches(prepared, replace(config, loader_workers=2), 12.0, cpu)
     for source, stream in (("here", in_process), (0, workers), (1, workers), (0, workers)):
         got = next(stream)
         want = expected[source].batch(TINY.batch_size)

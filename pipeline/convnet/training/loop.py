@@ -151,7 +151,7 @@ class _CropStream(torch.utils.data.IterableDataset):
 
 
 def _training_batches(
-    prepared: list, config: TrainingConfig, margin: float
+    prepared: list, config: TrainingConfig, margin: float, device: torch.device
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Batches (images, classes, distance, valid), cut here or by ``loader_workers`` processes."""
     stream = _CropStream(prepared, config, margin)
@@ -162,7 +162,7 @@ def _training_batches(
         batch_size=None,
         num_workers=config.loader_workers,
         prefetch_factor=4,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device.type == "cuda",
     )
     return iter(loader)
 
@@ -173,7 +173,9 @@ def _fit_epochs(config: TrainingConfig, elapsed: float, epoch_seconds: float) ->
     return replace(config, max_epochs=max(1, min(config.max_epochs, fitting)))
 
 
-def _learning_rate(step: int, total: int, config: TrainingConfig) -> float:
+def _learning_rate(step: int, config: TrainingConfig) -> float:
+    """Linear warm-up, then cosine decay to 1/50 of the rate over all epochs of ``config``."""
+    total = config.steps_per_epoch * config.max_epochs
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
@@ -396,7 +398,7 @@ def train(
         if config.crop % stride:
             raise PipelineInputError(f"crop must be a multiple of the stride {stride}", "")
         model.to(device).train()
-        batches = _training_batches(prepared, config, margin)
+        batches = _training_batches(prepared, config, margin, device)
         validation = _validation_sets(
             prepared, stride, config.validation_per_source, config.validation_crop, margin
         )
@@ -413,7 +415,6 @@ def train(
             )
 
         checkpoint_geometry = measure_receptive_field_radius(model), model.stride
-        total_steps = config.steps_per_epoch * config.max_epochs
         best_loss, best_epoch, best_state = math.inf, 0, None
         history = []
         step = 0
@@ -424,7 +425,7 @@ def train(
             running = []
             for _ in range(config.steps_per_epoch):
                 for group in optimizer.param_groups:
-                    group["lr"] = _learning_rate(step, total_steps, config)
+                    group["lr"] = _learning_rate(step, config)
                 images, classes, distance, valid = (
                     torch.as_tensor(array).to(device, non_blocking=True) for array in next(batches)
                 )
@@ -444,6 +445,10 @@ def train(
                 running.append(float(loss.detach()))
                 step += 1
             val_loss = _validate(model, validation, weight_tensor, config, device, autocast)
+            if epoch == 1 and config.time_budget_s is not None:
+                now = time.perf_counter()
+                config = _fit_epochs(config, now - started, now - epoch_started)
+                log(f"time budget {config.time_budget_s:.0f} s: {config.max_epochs} epochs")
             train_loss = float(np.mean(running))
             improved = val_loss < best_loss
             if improved:
@@ -457,10 +462,6 @@ def train(
                     checkpoint, _model_info(checkpoint, config, *checkpoint_geometry, record), out
                 )
             elapsed = time.perf_counter() - started
-            if epoch == 1 and config.time_budget_s is not None:
-                config = _fit_epochs(config, elapsed, time.perf_counter() - epoch_started)
-                total_steps = config.steps_per_epoch * config.max_epochs
-                log(f"time budget {config.time_budget_s:.0f} s: {config.max_epochs} epochs")
             log(
                 f"epoch {epoch:3d}/{config.max_epochs}  train {train_loss:.4f}  "
                 f"val {val_loss:.4f}{' *' if improved else '  '}  "
