@@ -1,6 +1,7 @@
 """Distributed batch processing of OME-Zarr microscopy plates.
 
-The public API: :func:`open_plate`, :func:`segment`, :func:`measure`, :func:`track`, :func:`run`.
+The public API: :func:`open_plate`, :func:`segment`, :func:`measure`, :func:`track`, :func:`run`,
+and for cell classification :class:`CellClassifier` and :func:`label_by_marker`.
 They are imported on first use, so that ``import pipeline.<submodule>`` (the command line, the
 training loop on a GPU node) loads only what that submodule needs.
 """
@@ -14,10 +15,14 @@ from pipeline._version import __version__
 
 if TYPE_CHECKING:
     from pipeline.api import open_plate, run, segment
+    from pipeline.classification.classifier import CellClassifier
+    from pipeline.classification.marker import label_by_marker
     from pipeline.measurement.cells import measure
     from pipeline.tracking import track
 
 _PUBLIC_HOMES = {
+    "CellClassifier": "pipeline.classification.classifier",
+    "label_by_marker": "pipeline.classification.marker",
     "open_plate": "pipeline.api",
     "run": "pipeline.api",
     "segment": "pipeline.api",
@@ -25,7 +30,16 @@ _PUBLIC_HOMES = {
     "track": "pipeline.tracking",
 }
 
-__all__ = ["__version__", "measure", "open_plate", "run", "segment", "track"]
+__all__ = [
+    "CellClassifier",
+    "__version__",
+    "label_by_marker",
+    "measure",
+    "open_plate",
+    "run",
+    "segment",
+    "track",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -32,7 +32,7 @@ LAYERS = (
     {"io"},
     {"synthetic"},
     {"convnet"},
-    {"segmentation", "measurement", "tracking"},
+    {"segmentation", "measurement", "tracking", "classification"},
     {"config", "qc.evaluate", "orchestration.outcomes", "orchestration.cluster"},
     {"orchestration.records"},
     {"orchestration.plan"},

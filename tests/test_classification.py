@@ -1,0 +1,183 @@
+"""Cell classification: crops, the scikit-learn classifier and labels from a marker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from skimage.draw import disk
+from skimage.transform import resize
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, GroupKFold, cross_val_predict
+
+import pipeline
+from pipeline.classification.classifier import CellClassifier
+from pipeline.classification.crops import cut_crops
+from pipeline.classification.marker import label_by_marker
+
+# A small, quick network for the tests; the defaults are measured in BENCHMARKS.md.
+FAST = {"input_size": 32, "widths": (8, 8, 16, 16), "dense": 32, "max_epochs": 8}
+
+
+def simulated_cells(
+    n: int, seed: int, size: int = 40, kinds: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of discs whose sizes overlap; kind 0 is smooth, 1 grainy, 2 ring-shaped."""
+    rng = np.random.default_rng(seed)
+    crops = np.empty((n, size, size), dtype=np.uint16)
+    kind = np.arange(n) % kinds
+    for i in range(n):
+        plane = rng.normal(100, 5, (size, size))
+        centre = size / 2 + rng.uniform(-3, 3, 2)
+        radius = rng.uniform(7, 11)
+        rr, cc = disk(centre, radius, shape=plane.shape)
+        plane[rr, cc] += 300 * rng.uniform(0.8, 1.25)
+        if kind[i] == 1:
+            plane[rr, cc] += rng.normal(0, 120, len(rr))
+        if kind[i] == 2:
+            inner_r, inner_c = disk(centre, radius * 0.6, shape=plane.shape)
+            plane[inner_r, inner_c] -= 200
+        crops[i] = np.clip(plane, 0, None)
+    return crops, kind
+
+
+def test_cut_crops_without_resampling_equal_the_image_around_the_centroid():
+    image = np.arange(60 * 70, dtype=np.float32).reshape(60, 70)
+    labels = np.zeros((60, 70), dtype=np.int32)
+    labels[20:31, 30:41] = 7  # centroid (25, 35)
+    labels[0:5, 60:70] = 9  # cut by the border
+    crops, index = cut_crops(image, labels, size=11)
+    assert crops.shape == (2, 2, 11, 11)
+    assert index["label"].tolist() == [7, 9]
+    np.testing.assert_array_equal(crops[0, 0], image[20:31, 30:41])
+    np.testing.assert_array_equal(crops[0, 1], 1.0)  # the cell fills its crop
+    assert index["border"].tolist() == [False, True]
+    assert index["area"].tolist() == [121, 50]
+    # the part of the border cell's crop outside the image is zero, not a copy of the edge
+    assert np.all(crops[1, 0, :3] == 0)
+
+
+def test_cut_crops_resampled_match_scikit_image_resize():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (120, 120)).astype(np.float32)
+    labels = np.zeros((120, 120), dtype=np.int32)
+    labels[50:70, 40:60] = 1  # centroid (59.5, 49.5): a 40 px window is rows 40-79, cols 30-69
+    crops, index = cut_crops(image, labels, size=20, window=40)
+    reference = resize(image[40:80, 30:70], (20, 20), order=1, anti_aliasing=True)
+    # skimage blurs the cut window (edges reflected), cut_crops the image around it
+    np.testing.assert_allclose(crops[0, 0, 2:-2, 2:-2], reference[2:-2, 2:-2], atol=1e-5)
+    np.testing.assert_array_equal(crops[0, 1, 5:15, 5:15], 1.0)
+    assert crops[0, 1].sum() == 100  # 20 x 20 px of cell -> 10 x 10 px at half the scale
+    assert not index["border"].iloc[0]
+
+
+def test_cut_crops_rejects_mismatched_planes():
+    with pytest.raises(ValueError, match="same plane"):
+        cut_crops(np.zeros((3, 10, 10)), np.zeros((10, 12), dtype=int), size=8)
+
+
+def test_classifier_learns_texture_and_generalises():
+    crops, kind = simulated_cells(240, seed=1)
+    test_crops, test_kind = simulated_cells(80, seed=2)
+    model = CellClassifier(**FAST).fit(crops, np.where(kind == 1, "grainy", "smooth"))
+    assert list(model.classes_) == ["grainy", "smooth"]
+    probability = model.predict_proba(test_crops)
+    assert probability.shape == (80, 2)
+    np.testing.assert_allclose(probability.sum(axis=1), 1.0)
+    assert roc_auc_score(test_kind == 1, probability[:, 0]) > 0.95
+    assert np.mean(model.predict(test_crops) == np.where(test_kind == 1, "grainy", "smooth")) > 0.9
+
+
+def test_classifier_is_seeded_and_survives_save_and_load(tmp_path):
+    crops, kind = simulated_cells(96, seed=3, kinds=3)
+    first = CellClassifier(**FAST | {"max_epochs": 3}).fit(crops, kind)
+    second = CellClassifier(**FAST | {"max_epochs": 3}).fit(crops, kind)
+    np.testing.assert_array_equal(first.predict_proba(crops), second.predict_proba(crops))
+    loaded = CellClassifier.load(first.save(tmp_path / "classifier.pt"))
+    np.testing.assert_array_equal(loaded.predict_proba(crops), first.predict_proba(crops))
+    assert loaded.classes_.tolist() == [0, 1, 2]
+    assert loaded.get_params() == first.get_params()
+    other = CellClassifier(**FAST | {"max_epochs": 3}, random_state=1).fit(crops, kind)
+    assert not np.array_equal(other.predict_proba(crops), first.predict_proba(crops))
+
+
+def test_load_refuses_files_that_are_not_classifiers(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a saved CellClassifier"):
+        CellClassifier.load(tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a saved CellClassifier"):
+        CellClassifier.load(tmp_path / "garbage.pt")
+
+
+def test_classifier_takes_channels_sizes_and_dtypes():
+    crops, kind = simulated_cells(64, seed=4, size=50)
+    two_channels = np.stack([crops, crops[:, ::-1]], axis=1).astype(np.float64)
+    model = CellClassifier(**FAST | {"max_epochs": 2}).fit(two_channels, kind)
+    assert model.n_channels_ == 2
+    assert model.predict_proba(two_channels[:, :, :20, :30].astype(np.uint8)).shape == (64, 2)
+    with pytest.raises(ValueError, match="fitted on 2"):
+        model.predict(crops)
+    with pytest.raises(ValueError, match="at least two classes"):
+        CellClassifier(**FAST).fit(crops, np.zeros(64))
+    with pytest.raises(ValueError, match="NaN"):
+        CellClassifier(**FAST).fit(np.full((4, 8, 8), np.nan), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="one label per crop"):
+        CellClassifier(**FAST).fit(crops, kind[:10])
+
+
+def test_classifier_works_inside_scikit_learn_model_selection():
+    crops, kind = simulated_cells(120, seed=5)
+    dishes = np.arange(120) // 24  # five dishes, both kinds in each
+    probability = cross_val_predict(
+        CellClassifier(**FAST),
+        crops,
+        kind,
+        groups=dishes,
+        cv=GroupKFold(5),
+        method="predict_proba",
+    )
+    assert probability.shape == (120, 2)
+    assert roc_auc_score(kind, probability[:, 1]) > 0.9
+    search = GridSearchCV(
+        CellClassifier(**FAST | {"max_epochs": 2}), {"dropout": [0.0, 0.2]}, cv=GroupKFold(2)
+    )
+    search.fit(crops, kind, groups=dishes)
+    assert search.best_params_["dropout"] in (0.0, 0.2)
+    copy = clone(CellClassifier(dropout=0.3))
+    assert copy.get_params()["dropout"] == 0.3 and not hasattr(copy, "classes_")
+
+
+def test_public_api_names_the_classifier():
+    assert pipeline.CellClassifier is CellClassifier
+    assert pipeline.label_by_marker is label_by_marker
+
+
+def test_label_by_marker_recovers_simulated_populations():
+    rng = np.random.default_rng(6)
+    positive = rng.random(2000) < 0.3
+    intensity = np.where(
+        positive, rng.lognormal(np.log(400), 0.3, 2000), rng.lognormal(np.log(60), 0.3, 2000)
+    )
+    table = pd.DataFrame({"label": np.arange(2000), "intensity_mean_marker": intensity})
+    table.loc[5, "intensity_mean_marker"] = 0.0  # no logarithm: left out
+    result = label_by_marker(table, "intensity_mean_marker")
+    labelled = ~result.left_out
+    assert result.left_out[5]
+    assert labelled.mean() > 0.95  # the populations are 6.3 standard deviations apart
+    truth = np.where(positive, "positive", "negative")
+    assert np.mean(result.labels[labelled].astype(str) == truth[labelled.to_numpy()]) > 0.995
+    assert result.means[0] == pytest.approx(60, rel=0.05)
+    assert result.means[1] == pytest.approx(400, rel=0.05)
+    between = (result.posterior > 0.2) & (result.posterior < 0.8)
+    assert (result.left_out == (between | result.posterior.isna())).all()
+
+
+def test_label_by_marker_names_the_problem():
+    table = pd.DataFrame({"intensity_mean_dna": np.ones(50)})
+    with pytest.raises(ValueError, match="'intensity_mean_gfp' not in the table"):
+        label_by_marker(table, "intensity_mean_gfp")
+    with pytest.raises(ValueError, match="at least 10"):
+        label_by_marker(table.iloc[:5], "intensity_mean_dna")
