@@ -181,3 +181,62 @@ def test_label_by_marker_names_the_problem():
         label_by_marker(table, "intensity_mean_gfp")
     with pytest.raises(ValueError, match="at least 10"):
         label_by_marker(table.iloc[:5], "intensity_mean_dna")
+
+
+def _results_with_cells(path, n_frames: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A lone-image output as a run writes it: image (t, c, y, x), labels/cells, tables/cells."""
+    from pipeline.io.omezarr import create_root, write_image, write_labels
+    from pipeline.io.tables import write_table
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 4000, (n_frames, 2, 60, 80), dtype=np.uint16)
+    labels = np.zeros((n_frames, 60, 80), dtype=np.uint32)
+    rows = []
+    for t in range(n_frames):
+        for label, (y, x) in enumerate([(10, 12), (30, 40 + 5 * t), (52, 75)], start=1):
+            rr, cc = disk((y, x), 5, shape=(60, 80))
+            labels[t, rr, cc] = label + 10 * t
+            rows.append({"t": t, "label": label + 10 * t, "track_id": label, "area": len(rr)})
+    root = write_image(
+        create_root(path), "", image, "tcyx", {"y": 0.5, "x": 0.5}, channel_names=["dna", "gfp"]
+    )
+    write_labels(root, "cells", labels)
+    write_table(root, "cells", pd.DataFrame(rows), table_type="feature_table", instance_key="label")
+    return image, labels
+
+
+def test_write_crops_cuts_every_cell_of_an_output_in_blocks(tmp_path):
+    from pipeline.classification.store import CropSettings, read_crops, write_crops
+
+    image, labels = _results_with_cells(tmp_path / "out.zarr")
+    done = []
+    write_crops(
+        tmp_path / "out.zarr",
+        CropSettings(size_um=10.0, size_px=10, channels=("gfp",), block=4),
+        progress=done.append,
+    )
+    crops, index = read_crops(tmp_path / "out.zarr")
+    assert crops.shape == (6, 2, 10, 10) and crops.chunks[0] == 4
+    assert done == [4, 2]
+    assert index[["t", "label", "track_id"]].values.tolist() == [
+        [0, 1, 1],
+        [0, 2, 2],
+        [0, 3, 3],
+        [1, 11, 1],
+        [1, 12, 2],
+        [1, 13, 3],
+    ]
+    assert index["border"].tolist() == [False, False, True] * 2
+    # 10 um at 0.5 um per pixel = a 20 px window, resampled to 10 px
+    for n, (t, label) in enumerate(index[["t", "label"]].values):
+        expected, _ = cut_crops(image[t, 1], labels[t], 10, window=20, cells=[label])
+        np.testing.assert_array_equal(crops[n], expected[0])
+
+
+def test_write_crops_names_a_missing_channel(tmp_path):
+    from pipeline.classification.store import CropSettings, write_crops
+    from pipeline.errors import PipelineInputError
+
+    _results_with_cells(tmp_path / "out.zarr")
+    with pytest.raises(PipelineInputError, match="no channel actin"):
+        write_crops(tmp_path / "out.zarr", CropSettings(size_um=10.0, channels=("actin",)))

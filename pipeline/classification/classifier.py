@@ -41,6 +41,7 @@ class _CropNet(nn.Module):
         n_classes: int,
         input_size: int,
         widths: Sequence[int],
+        kernel_size: int,
         dense: int,
         dropout: float,
     ) -> None:
@@ -49,7 +50,7 @@ class _CropNet(nn.Module):
         previous = in_channels
         for width in widths:
             blocks += [
-                nn.Conv2d(previous, width, kernel_size=5, padding=2, bias=False),
+                nn.Conv2d(previous, width, kernel_size, padding=kernel_size // 2, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
@@ -141,7 +142,9 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
     input_size
         Edge (pixels) every crop is resized to; a multiple of ``2 ** len(widths)``.
     widths
-        Channels of the four convolution blocks.
+        Channels of the convolution blocks (each halves the crop).
+    kernel_size
+        Edge of the convolution kernels (odd).
     dense
         Units of the first dense layer.
     dropout
@@ -174,6 +177,7 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
         self,
         input_size: int = 64,
         widths: tuple[int, ...] = (32, 32, 64, 64),
+        kernel_size: int = 5,
         dense: int = 128,
         dropout: float = 0.1,
         max_epochs: int = 30,
@@ -190,6 +194,7 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
     ) -> None:
         self.input_size = input_size
         self.widths = widths
+        self.kernel_size = kernel_size
         self.dense = dense
         self.dropout = dropout
         self.max_epochs = max_epochs
@@ -268,6 +273,7 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
             len(self.classes_),
             self.input_size,
             self.widths,
+            self.kernel_size,
             self.dense,
             self.dropout,
         ).to(device)
@@ -444,6 +450,7 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
             len(model.classes_),
             model.input_size,
             model.widths,
+            model.kernel_size,
             model.dense,
             model.dropout,
         )

@@ -10,6 +10,8 @@ and the cell is flagged (``border``), never silently padded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
@@ -18,7 +20,11 @@ __all__ = ["cut_crops"]
 
 
 def cut_crops(
-    image: np.ndarray, labels: np.ndarray, size: int, window: float | None = None
+    image: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    window: float | None = None,
+    cells: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Crops of every cell of one 2D frame, each with its mask as the last channel.
 
@@ -33,11 +39,13 @@ def cut_crops(
     window
         Edge of the region cut around each centroid, in input pixels (default ``size``: no
         resampling). Giving it in micrometres / pixel size fixes the crops' physical size.
+    cells
+        Labels of the cells to cut, in this order (default: every cell, in increasing order).
 
     Returns
     -------
     crops : numpy.ndarray
-        (N, C + 1, size, size) float32, cells in increasing label order.
+        (N, C + 1, size, size) float32, one per cell.
     index : pandas.DataFrame
         One row per crop: ``label``, ``centroid_y``, ``centroid_x`` (input pixels), ``area``
         (pixels) and ``border`` (the window reaches past the image).
@@ -54,8 +62,11 @@ def cut_crops(
     if size < 1:
         raise ValueError(f"crop size must be positive, got {size}")
     window = float(size if window is None else window)
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
+    if cells is None:
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+    else:
+        ids = np.asarray(cells, dtype=np.int64).reshape(-1)
     n_channels = image.shape[0]
     crops = np.zeros((len(ids), n_channels + 1, size, size), dtype=np.float32)
     if len(ids) == 0:
@@ -69,6 +80,8 @@ def cut_crops(
             }
         )
     areas = ndi.sum_labels(np.ones(labels.shape), labels, ids).astype(np.int64)
+    if not areas.all():
+        raise ValueError(f"cells not in the label image: {ids[areas == 0].tolist()[:10]}")
     centroids = np.asarray(ndi.center_of_mass(np.ones(labels.shape), labels, ids)).reshape(-1, 2)
     step = window / size
     offsets = (np.arange(size) - (size - 1) / 2.0) * step
