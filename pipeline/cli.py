@@ -50,6 +50,33 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if summary.failed else 0
 
 
+def _crops(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from pipeline.classification.store import CropSettings, write_crops
+    from pipeline.orchestration.cluster import connect
+
+    settings = CropSettings(
+        size_um=args.size_um,
+        size_px=args.size_px,
+        channels=tuple(args.channels.split(",")) if args.channels else None,
+        label_name=args.labels,
+        block=args.block,
+    )
+    with connect(**asdict(_cluster_options(args))) as cluster, tqdm(unit="crop") as bar:
+        print(f"dashboard: {cluster.dashboard_link}")
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        folder = write_crops(args.results, settings, submit=cluster.client.submit, progress=advance)
+    print(f"{bar.n} crops of {settings.size_um:g} um ({settings.size_px} px) written to {folder}")
+    return 0
+
+
 def _reprocess(args: argparse.Namespace) -> int:
     from pipeline.orchestration.runner import reprocess
 
@@ -295,6 +322,18 @@ def _parser() -> argparse.ArgumentParser:
         "--only-failed", action="store_true", help="retry only the fields that failed last time"
     )
     run.set_defaults(handler=_run)
+
+    crops = commands.add_parser(
+        "crops", help="cut a fixed-size crop around every cell of a run's output (for classifiers)"
+    )
+    crops.add_argument("results", help="output of pipeline run")
+    crops.add_argument("--size-um", type=float, required=True, help="crop edge in micrometres")
+    crops.add_argument("--size-px", type=int, default=64, help="crop edge in pixels (default 64)")
+    crops.add_argument("--channels", help="comma-separated channel names (default: all)")
+    crops.add_argument("--labels", default="cells", help="label image of the cells (default cells)")
+    crops.add_argument("--block", type=int, default=512, help="crops per task and chunk")
+    _add_cluster_arguments(crops)
+    crops.set_defaults(handler=_crops)
 
     again = commands.add_parser(
         "reprocess", help="bring many plates' results up to date (new or stale fields only)"

@@ -213,11 +213,11 @@ def test_write_crops_cuts_every_cell_of_an_output_in_blocks(tmp_path):
     write_crops(
         tmp_path / "out.zarr",
         CropSettings(size_um=10.0, size_px=10, channels=("gfp",), block=4),
-        progress=done.append,
+        progress=lambda n, total: done.append((n, total)),
     )
     crops, index = read_crops(tmp_path / "out.zarr")
     assert crops.shape == (6, 2, 10, 10) and crops.chunks[0] == 4
-    assert done == [4, 2]
+    assert done == [(4, 6), (6, 6)]
     assert index[["t", "label", "track_id"]].values.tolist() == [
         [0, 1, 1],
         [0, 2, 2],

@@ -450,3 +450,32 @@ def test_an_input_unlike_nuclei_is_flagged_not_passed_silently(tmp_path: Path, c
     assert any("cover" in warning for warning in record["warnings"])
     report = (out.with_suffix(".report") / "index.html").read_text()
     assert "warning: cells cover" in report
+
+
+def test_crops_command_cuts_every_cell_of_a_run(plate_run: PlateRun, tmp_path: Path) -> None:
+    from pipeline.classification.crops import cut_crops
+    from pipeline.classification.store import read_crops
+
+    out = tmp_path / "results.zarr"
+    shutil.copytree(plate_run.out, out)
+    bad = main(["crops", str(out), "--size-um", "12", "--channels", "gfp", "--workers", "1"])
+    assert bad == 2
+    code = main(["crops", str(out), "--size-um", "12", "--size-px", "24", "--workers", "1"])
+    assert code == 0
+    crops, index = read_crops(out)
+    tables = {field: _field_table(out, field) for field in FIELDS.values()}
+    assert len(index) == crops.shape[0] == sum(len(table) for table in tables.values())
+    assert crops.shape[1:] == (3, 24, 24)  # nuclei, cytoplasm and the mask
+    field = index[index["field"] == "A/2/0"]
+    joined = field.reset_index().merge(tables["A/2/0"], on=["t", "label", "track_id"])
+    assert len(joined) == len(field) == len(tables["A/2/0"]) and set(field["well"]) == {"A/2"}
+    n = int(joined["index"].iloc[len(joined) // 2])
+    row = index.loc[n]
+    image = zarr.open_group(out / row["field"], mode="r")["0"]
+    labels = zarr.open_group(out / row["field"] / "labels" / "cells", mode="r")["0"]
+    step = open_plate(out).fields[0].pixel_size["y"]
+    t = int(row["t"])
+    expected, _ = cut_crops(
+        np.squeeze(image[t]), np.squeeze(labels[t]), 24, 12 / step, [int(row["label"])]
+    )
+    np.testing.assert_array_equal(crops[n], expected[0])

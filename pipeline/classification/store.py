@@ -128,13 +128,16 @@ def cut_block(
         label_image = open_labels(results, image_path=path, name=settings.label_name)
         labels = _plane(label_image.data, int(t), location)
         step = field.pixel_size["y"]
-        cut, index = cut_crops(
-            image,
-            labels.values,
-            settings.size_px,
-            settings.size_um / step,
-            cells["label"].to_numpy(),
-        )
+        try:
+            cut, index = cut_crops(
+                image,
+                labels.values,
+                settings.size_px,
+                settings.size_um / step,
+                cells["label"].to_numpy(),
+            )
+        except ValueError as error:  # the cells table and the label image disagree
+            raise PipelineInputError(f"frame {t}: {error}", location) from None
         index = index.drop(columns="label")
         index.index = cells.index
         pieces.append(cut)
@@ -147,7 +150,7 @@ def write_crops(
     settings: CropSettings,
     *,
     submit: Callable | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Cut a crop around every cell of a run's output into ``RESULTS/crops``.
 
@@ -160,7 +163,7 @@ def write_crops(
     submit
         ``client.submit`` of a Dask client to cut blocks on its workers (default: in turn, here).
     progress
-        Called with the number of crops of each block done.
+        Called after each block with the crops done so far and the total.
 
     Returns
     -------
@@ -198,11 +201,12 @@ def write_crops(
     ]
     run = submit or (lambda function, *args: _Done(function(*args)))
     pending = [run(_cut_and_write, str(results), rows, settings) for rows in blocks]
-    indices = []
+    indices, done = [], 0
     for task in pending:
         indices.append(task.result())
+        done += len(indices[-1])
         if progress:
-            progress(len(indices[-1]))
+            progress(done, len(plan))
     index = pd.concat(indices)
     index.to_parquet(Path(results, CROPS, INDEX_FILE), index=False)
     del array
