@@ -12,6 +12,14 @@ texture) and a cytoplasm channel (a per-cell reporter on a ring around the nucle
 the nucleus, a third to three times the ring's level), both blurred by a Gaussian PSF,
 multiplied by an uneven illumination field, with a background, shot noise, camera offset and
 read noise, stored as uint16.
+
+Co-cultures (``cell_types`` 2 or 3): every cell has a type, inherited by its daughters. The
+types' sizes are drawn alike (they overlap completely); they differ in the nucleus' look. Type
+0 is round with a smooth texture, type 1 elongated (axis ratio about 2) with a coarse, grainy
+chromatin texture, type 2 round with a bright rim and a dim centre. A third channel, "marker",
+labels type 1 over the whole cell (log-normal levels, eight times higher on average than the
+other types' and overlapping in the tails), as a fluorescent marker of one line of a
+co-culture does.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANNEL_NAMES",
+    "GROUND_TRUTH_TYPES",
     "LINEAGE_COLUMNS",
+    "MARKER_CHANNEL",
     "SimulatedField",
     "field_seed",
     "read_ground_truth",
@@ -43,6 +53,11 @@ __all__ = [
 ]
 
 CHANNEL_NAMES = ("nuclei", "cytoplasm")
+MARKER_CHANNEL = "marker"
+GROUND_TRUTH_TYPES = "ground_truth_types"
+_TYPE_ELONGATION = (0.15, 0.35, 0.15)  # standard deviation of the log semi-axis ratios
+_MARKER_LEVELS = (20.0, 160.0, 20.0)  # mean marker photo-electrons per type
+_MARKER_LOG_SD = 0.6
 LINEAGE_COLUMNS = ("label", "first", "last", "parent")
 GROUND_TRUTH_LABELS = "ground_truth"
 GROUND_TRUTH_LINEAGE = "ground_truth_lineage"
@@ -94,6 +109,9 @@ class SimulatedField:
         ring at that frame: a per-cell base level that pulses over time) and
         ``ratio_cytoplasm_nucleus`` (= 1 / nuclear_fraction, before blur, background and
         illumination).
+    types
+        Truth of the co-culture: ``label``, ``cell_type`` (0, 1, 2) and ``marker`` (expected
+        marker signal) per cell; every cell type 0 when only one type was simulated.
     """
 
     image: np.ndarray
@@ -102,6 +120,12 @@ class SimulatedField:
     pixel_size: dict[str, float]
     cells: np.ndarray
     reporter: pd.DataFrame
+    types: pd.DataFrame
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Names of the image's channels."""
+        return CHANNEL_NAMES + ((MARKER_CHANNEL,) if self.image.shape[1] > 2 else ())
 
 
 @dataclass
@@ -121,6 +145,8 @@ class _Cell:
     reporter: float  # expected cytoplasmic reporter photo-electrons at full illumination
     nuclear_fraction: float  # base reporter level inside the nucleus relative to the ring
     previous_centre: np.ndarray | None = None
+    cell_type: int = 0
+    marker: float = 0.0  # expected marker photo-electrons at full illumination
 
     @property
     def radius(self) -> float:
@@ -200,6 +226,7 @@ def simulate_field(
     illumination_falloff: float = 0.4,
     psf_sigma_um: float = 0.5,
     psf_sigma_z_um: float = 1.5,
+    cell_types: int = 1,
 ) -> SimulatedField:
     """Simulate one time-lapse field of view of growing, moving, dividing cells.
 
@@ -244,6 +271,8 @@ def simulate_field(
         Relative illumination loss from the optical centre to the farthest field corner.
     psf_sigma_um, psf_sigma_z_um
         Standard deviations of the Gaussian PSF in y/x and in z.
+    cell_types
+        1, or 2-3 for a co-culture with a marker channel (see the module's description).
 
     Returns
     -------
@@ -274,13 +303,20 @@ def simulate_field(
         psf_sigma_z_um=psf_sigma_z_um,
     )
     _check_arguments(n_frames, shape, density, knobs)
+    if cell_types not in (1, 2, 3):
+        raise ValueError(f"cell_types must be 1, 2 or 3, got {cell_types}")
     rng = np.random.default_rng(seed)  # the cells: placement, growth, motion, division
     # The images' texture and noise draw from their own stream, so that how the cells move does
     # not depend on what the images look like (Poisson sampling takes a varying number of draws).
     imaging = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     extent = np.array(shape) * spacing
     area_um2 = extent[-2] * extent[-1]
-    cells = _initial_cells(rng, round(density * area_um2 / 1e4), extent, knobs)
+    count = round(density * area_um2 / 1e4)
+    cells = _initial_cells(rng, count, extent, knobs)
+    if cell_types > 1:  # from a stream of their own: one-type fields stay as they were
+        _assign_types(
+            cells, np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]), cell_types
+        )
     _relax(cells, extent, knobs, iterations=30)
     for cell in cells:
         cell.centre[-2:] = np.clip(cell.centre[-2:], 0, np.nextafter(extent[-2:], 0))
@@ -290,8 +326,10 @@ def simulate_field(
     labels = np.zeros((n_frames, *shape), dtype=np.uint32)
     whole_cells = np.zeros((n_frames, *shape), dtype=np.uint32)
     reporter_rows: list[tuple[int, int, float, float]] = []
-    image = np.zeros((n_frames, len(CHANNEL_NAMES), *shape), dtype=np.uint16)
+    n_channels = len(CHANNEL_NAMES) + (cell_types > 1)
+    image = np.zeros((n_frames, n_channels, *shape), dtype=np.uint16)
     tracks: dict[int, list[int]] = {}  # label -> [first, last, parent]
+    types: dict[int, tuple[int, float]] = {}
     for t in range(n_frames):
         if t > 0:
             cells, next_label = _advance(cells, rng, extent, knobs, next_label)
@@ -301,6 +339,7 @@ def simulate_field(
         cells = [cell for cell in cells if cell.label in present]
         for cell in cells:
             tracks.setdefault(cell.label, [t, t, cell.parent])[1] = t
+            types[cell.label] = (cell.cell_type, cell.marker)
         labels[t] = frame_labels
         whole_cells[t] = expand_labels(frame_labels, distance=knobs.ring_width_um, spacing=spacing)
         fractions = {cell.label: _nuclear_fraction_at(cell, t) for cell in cells}
@@ -315,6 +354,7 @@ def simulate_field(
             illumination,
             spacing,
             knobs,
+            marker=cell_types > 1,
         )
 
     lineage = pd.DataFrame(
@@ -335,6 +375,10 @@ def simulate_field(
         pixel_size=pixel_size,
         cells=whole_cells,
         reporter=reporter.sort_values(["t", "label"], ignore_index=True),
+        types=pd.DataFrame(
+            [(label, *types[label]) for label in sorted(types)],
+            columns=["label", "cell_type", "marker"],
+        ).astype({"label": "int64", "cell_type": "int64", "marker": "float64"}),
     )
 
 
@@ -465,7 +509,7 @@ def _write_field(
         simulated.image,
         ("t", "c", *spatial),
         {"t": frame_interval_s, **simulated.pixel_size},
-        channel_names=CHANNEL_NAMES,
+        channel_names=simulated.channel_names,
         n_levels=2 if min(simulated.image.shape[-2:]) >= 256 else 1,
     )
     omezarr.write_labels(image, GROUND_TRUTH_LABELS, simulated.labels)
@@ -477,6 +521,15 @@ def _write_field(
         region=f"../../labels/{GROUND_TRUTH_LABELS}",
         instance_key="label",
     )
+    if len(simulated.channel_names) > len(CHANNEL_NAMES):
+        write_table(
+            image,
+            GROUND_TRUTH_TYPES,
+            simulated.types,
+            table_type="ground_truth_types",
+            region=f"../../labels/{GROUND_TRUTH_LABELS}",
+            instance_key="label",
+        )
 
 
 def _check_arguments(n_frames: int, shape: tuple[int, ...], density: float, knobs: _Knobs) -> None:
@@ -505,10 +558,18 @@ def _random_rotation(
     return Rotation.from_rotvec(rng.normal(0, angle_sd, 3)).as_matrix()
 
 
-def _random_axis_ratios(rng: np.random.Generator, ndim: int) -> np.ndarray:
-    """Semi-axis ratios with product 1: mildly elongated ellipses or ellipsoids."""
-    log_ratios = rng.normal(0, 0.15, ndim)
+def _random_axis_ratios(rng: np.random.Generator, ndim: int, cell_type: int = 0) -> np.ndarray:
+    """Semi-axis ratios with product 1: mildly elongated ellipses or ellipsoids (type 1: more)."""
+    log_ratios = rng.normal(0, 1.0, ndim) * _TYPE_ELONGATION[cell_type]
     return np.exp(log_ratios - log_ratios.mean())
+
+
+def _assign_types(cells: list[_Cell], rng: np.random.Generator, cell_types: int) -> None:
+    """Give the first cells of a field their types, shapes and marker levels."""
+    for cell in cells:
+        cell.cell_type = int(rng.integers(cell_types))
+        cell.axis_ratios = _random_axis_ratios(rng, len(cell.centre), cell.cell_type)
+        cell.marker = _MARKER_LEVELS[cell.cell_type] * float(rng.lognormal(0, _MARKER_LOG_SD))
 
 
 def _cell_size(diameter: float, ndim: int) -> float:
@@ -575,7 +636,7 @@ def _divide(mother: _Cell, rng: np.random.Generator, first_label: int) -> list[_
                 centre=mother.centre + sign * offset,
                 velocity=np.zeros(ndim),
                 rotation=_random_rotation(rng, ndim),
-                axis_ratios=_random_axis_ratios(rng, ndim),
+                axis_ratios=_random_axis_ratios(rng, ndim, mother.cell_type),
                 size=size,
                 birth_size=size,
                 growth_rate=mother.growth_rate * rng.lognormal(0, 0.1),
@@ -588,6 +649,8 @@ def _divide(mother: _Cell, rng: np.random.Generator, first_label: int) -> list[_
                         np.exp(_LOG_RATIO_RANGE),
                     )
                 ),
+                cell_type=mother.cell_type,
+                marker=mother.marker,
             )
         )
     return daughters
@@ -719,28 +782,43 @@ def _form_image(
     illumination: np.ndarray,
     spacing: np.ndarray,
     knobs: _Knobs,
+    marker: bool = False,
 ) -> np.ndarray:
-    """Both channels of one frame, ``(c, (z,) y, x)`` uint16, from the nuclei, the whole cells
-    (``grown``: nucleus plus ring), the cells' properties and their nuclear reporter levels."""
+    """The channels of one frame, ``(c, (z,) y, x)`` uint16, from the nuclei, the whole cells
+    (``grown``: nucleus plus ring), the cells' properties and their nuclear reporter levels;
+    with ``marker``, the cell types' looks and the marker channel."""
     lookup_size = int(labels.max()) + 1
-    brightness, reporter, nuclear_fraction = (np.zeros(lookup_size, np.float32) for _ in range(3))
+    brightness, reporter, nuclear_fraction, marker_level = (
+        np.zeros(lookup_size, np.float32) for _ in range(4)
+    )
+    cell_type = np.zeros(lookup_size, np.int64)
     for cell in cells:
         brightness[cell.label] = cell.brightness
         reporter[cell.label] = cell.reporter
         nuclear_fraction[cell.label] = nuclear_fractions[cell.label]
-    nuclei = (
-        brightness[labels] * (1.0 - _DOME * distance2) * _texture(rng, labels.shape, spacing, knobs)
-    )
+        marker_level[cell.label] = cell.marker
+        cell_type[cell.label] = cell.cell_type
+    profile = 1.0 - _DOME * distance2
+    texture = _texture(rng, labels.shape, spacing, knobs)
+    if marker:  # type 1: coarse grainy chromatin; type 2: a bright rim around a dim centre
+        types = cell_type[labels]
+        grainy = _texture(rng, labels.shape, spacing, knobs, amplitude=0.6, grain_um=0.5)
+        texture = np.where(types == 1, grainy, texture)
+        profile = np.where(types == 2, 0.45 + 0.55 * distance2, profile)
+    nuclei = brightness[labels] * profile * texture
     ring = (labels == 0) & (grown > 0)
     cytoplasm = np.where(ring, reporter[grown], reporter[labels] * nuclear_fraction[labels])
     cytoplasm *= _texture(rng, labels.shape, spacing, knobs)
+    signals = [nuclei, cytoplasm]
+    if marker:
+        signals.append(marker_level[grown] * _texture(rng, labels.shape, spacing, knobs))
     psf_sigma = np.array(
         [knobs.psf_sigma_um] * 2
         if labels.ndim == 2
         else [knobs.psf_sigma_z_um] + [knobs.psf_sigma_um] * 2
     )
     channels = []
-    for signal in (nuclei, cytoplasm):
+    for signal in signals:
         expected = (
             ndimage.gaussian_filter(signal, psf_sigma / spacing) + knobs.background
         ) * illumination
@@ -754,9 +832,17 @@ def _form_image(
 
 
 def _texture(
-    rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray, knobs: _Knobs
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    spacing: np.ndarray,
+    knobs: _Knobs,
+    amplitude: float | None = None,
+    grain_um: float = 1.0,
 ) -> np.ndarray:
-    """Smooth multiplicative texture of mean 1 with about 1 um grain."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.0 / spacing)
+    """Smooth multiplicative texture of mean 1 (amplitude ``knobs.texture`` unless given) with
+    about ``grain_um`` grain."""
+    noise = ndimage.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), grain_um / spacing
+    )
     noise /= max(float(noise.std()), 1e-12)
-    return np.clip(1.0 + knobs.texture * noise, 0.0, None)
+    return np.clip(1.0 + (knobs.texture if amplitude is None else amplitude) * noise, 0.0, None)
