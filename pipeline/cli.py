@@ -77,6 +77,40 @@ def _crops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify_train(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from pipeline.classification.classifier import CellClassifier
+    from pipeline.classification.workflow import train_classifier, training_set
+
+    try:
+        params = json.loads(args.params)
+        estimator = CellClassifier(**params)
+    except (ValueError, TypeError) as error:
+        raise PipelineInputError(f"--params: {error}", args.params) from None
+    data = training_set(
+        args.results,
+        marker=args.marker,
+        labels=args.labels,
+        channels=args.channels.split(",") if args.channels else None,
+        max_crops=args.max_crops,
+    )
+    counts = ", ".join(
+        f"{name} {n}" for name, n in zip(*np.unique(data.labels, return_counts=True), strict=True)
+    )
+    print(f"{len(data.labels)} crops ({counts}); {data.left_out} cells without a class left out")
+    result = train_classifier(
+        data, args.out, groups=args.groups, folds=args.folds, estimator=estimator, progress=True
+    )
+    print(result.pooled().to_string(index=False, float_format="{:.3f}".format))
+    print(
+        f"model written to {args.out} (cross-validation: {args.out}.cv.csv, .summary.csv, .roc.png)"
+    )
+    return 0
+
+
 def _reprocess(args: argparse.Namespace) -> int:
     from pipeline.orchestration.runner import reprocess
 
@@ -334,6 +368,26 @@ def _parser() -> argparse.ArgumentParser:
     crops.add_argument("--block", type=int, default=512, help="crops per task and chunk")
     _add_cluster_arguments(crops)
     crops.set_defaults(handler=_crops)
+
+    classify = commands.add_parser("classify", help="train cell classifiers on single-cell crops")
+    actions = classify.add_subparsers(dest="action", required=True)
+    learn = actions.add_parser(
+        "train",
+        help="labels from a marker or a table, grouped cross-validation with baselines, a model",
+    )
+    learn.add_argument("results", help="output of pipeline run with crops (pipeline crops)")
+    source = learn.add_mutually_exclusive_group(required=True)
+    source.add_argument("--marker", help="marker channel: labels by a two-component mixture")
+    source.add_argument("--labels", help="labels table (CSV/Parquet: label, class, well, field, t)")
+    learn.add_argument(
+        "--channels", help="crop channels to learn from (default: all but the marker)"
+    )
+    learn.add_argument("--groups", default="well", help="unit of cross-validation (well or field)")
+    learn.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    learn.add_argument("--max-crops", type=int, help="at most this many crops (a random draw)")
+    learn.add_argument("--params", default="{}", help="CellClassifier parameters as JSON")
+    learn.add_argument("--out", required=True, help="model file to write (.pt)")
+    learn.set_defaults(handler=_classify_train)
 
     again = commands.add_parser(
         "reprocess", help="bring many plates' results up to date (new or stale fields only)"

@@ -279,3 +279,30 @@ def test_simulated_coculture_from_marker_labels_to_auc():
     size_auc = roc_auc_score(test_truth, size.predict_proba(np.log(test_cells[["area"]]))[:, 1])
     assert cnn_auc > 0.95
     assert size_auc < 0.75 < cnn_auc  # the types' sizes overlap
+
+
+def test_auc_by_hand_and_cross_validation_keeps_groups_apart():
+    from pipeline.classification.evaluation import auc, cross_validate
+
+    classes = np.array(["a", "b"])
+    # positives score 0.9 and 0.4, negatives 0.5 and 0.1: 3 of the 4 pairs ordered -> 0.75
+    probability = np.array([[0.1, 0.9], [0.6, 0.4], [0.5, 0.5], [0.9, 0.1]])
+    assert auc(classes, np.array(["b", "b", "a", "a"]), probability) == 0.75
+    assert np.isnan(auc(classes, np.array(["b", "b", "b", "b"]), probability))
+
+    crops, kind = simulated_cells(90, seed=8)
+    masks = np.stack([crops, crops > 200], axis=1).astype(np.float32)
+    dishes = np.repeat(["d1", "d2", "d3"], 30)
+    result = cross_validate(
+        masks, kind, dishes, folds=5, estimator=CellClassifier(**FAST | {"max_epochs": 3})
+    )
+    assert sorted(result.folds["fold"].unique()) == [0, 1, 2]  # no more folds than dishes
+    assert (result.folds["groups"] == 1).all() and set(result.probabilities) == {
+        "cnn",
+        "contour",
+        "size",
+    }
+    np.testing.assert_allclose(result.probabilities["size"].sum(axis=1), 1.0)
+    assert set(result.pooled()["method"]) == {"cnn", "contour", "size"}
+    with pytest.raises(ValueError, match="at least two groups"):
+        cross_validate(masks, kind, np.zeros(90))

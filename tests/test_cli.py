@@ -479,3 +479,34 @@ def test_crops_command_cuts_every_cell_of_a_run(plate_run: PlateRun, tmp_path: P
         np.squeeze(image[t]), np.squeeze(labels[t]), 24, 12 / step, [int(row["label"])]
     )
     np.testing.assert_array_equal(crops[n], expected[0])
+
+
+@pytest.mark.slow
+def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
+    """Run a co-culture plate, cut crops, train with marker labels and wells as the unit."""
+    from pipeline.synthetic import simulate_plate
+
+    plate = simulate_plate(
+        tmp_path / "coculture.zarr", rows=2, columns=2, fields=1, n_frames=2, seed=4, cell_types=2
+    )
+    out = tmp_path / "results.zarr"
+    assert main(["run", str(plate), "--out", str(out), "--workers", "1"]) == 0
+    assert main(["crops", str(out), "--size-um", "20", "--size-px", "32", "--workers", "1"]) == 0
+    model = tmp_path / "coculture.pt"
+    fast = '{"input_size": 32, "widths": [8, 8, 16, 16], "dense": 32, "max_epochs": 10}'
+    args = ["classify", "train", str(out), "--marker", "marker", "--params", fast]
+    assert main([*args, "--folds", "4", "--out", str(model)]) == 0
+    summary = pd.read_csv(f"{model}.summary.csv").set_index("method")
+    folds = pd.read_csv(f"{model}.cv.csv")
+    assert set(folds["fold"]) == {0, 1, 2, 3} and (folds["groups"] == 1).all()
+    # against marker labels, wells held out, a small quick network: the CNN beats both baselines
+    assert summary.loc["cnn", "auc"] > 0.8
+    assert summary.loc["cnn", "auc"] > max(
+        summary.loc["contour", "auc"], summary.loc["size", "auc"]
+    )
+    assert Path(f"{model}.roc.png").stat().st_size > 0
+    from pipeline.classification.classifier import CellClassifier
+
+    loaded = CellClassifier.load(model)
+    assert loaded.n_channels_ == 2  # nuclei and cytoplasm: the marker is not learnt from
+    assert main([*args, "--channels", "dna", "--out", str(model)]) == 2
