@@ -165,6 +165,7 @@ def _simulate(args: argparse.Namespace) -> int:
         z_slices=args.z,
         seed=args.seed,
         overwrite=args.overwrite,
+        cell_types=args.cell_types,
     )
     print(f"simulated plate with ground truth written to {path}")
     return 0
@@ -419,6 +420,13 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--size", type=int, default=256)
     simulate.add_argument("--z", type=int, default=None, help="z slices (default: 2D)")
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument(
+        "--cell-types",
+        type=int,
+        default=1,
+        choices=(1, 2, 3),
+        help="2 or 3: a co-culture with a marker channel for type 1 (default 1)",
+    )
     simulate.add_argument("--overwrite", action="store_true")
     simulate.set_defaults(handler=_simulate)
 
