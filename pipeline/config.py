@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from pipeline.errors import PipelineInputError
 from pipeline.measurement.features import FeatureSet
@@ -128,6 +135,25 @@ class MeasurementConfig(StrictModel):
     )
 
 
+class ClassificationConfig(StrictModel):
+    """Classify every cell from its crop with a model of ``pipeline classify train``; the cells
+    table gains ``class_probability_<class>`` columns and ``class``."""
+
+    model: str = Field(description="classifier file (.pt) written by pipeline classify train")
+
+    @field_validator("model")
+    @classmethod
+    def _existing_file(cls, value: str) -> str:
+        path = Path(value).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"classifier model not found: {path}")
+        return str(path)
+
+    def model_sha256(self) -> str:
+        """sha256 of the model file: a new model makes results stale, a moved one does not."""
+        return hashlib.sha256(Path(self.model).read_bytes()).hexdigest()
+
+
 class InputConfig(StrictModel):
     """How the input is read."""
 
@@ -146,20 +172,26 @@ class RunConfig(StrictModel):
     tiling: TilingConfig = TilingConfig()
     tracking: TrackingConfig = TrackingConfig()
     measurement: MeasurementConfig = MeasurementConfig()
+    classification: ClassificationConfig | None = None
     compute: ComputeConfig = ComputeConfig()
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the settings that decide results (not ``compute``).
 
         A unit of work whose recorded digest differs from this one is recomputed on resume.
-        Sections added later (``segmentation.cells``, ``measurement``) enter it only when
-        set, so results made before they existed stay valid.
+        Sections added later (``segmentation.cells``, ``measurement``, ``classification``)
+        enter it only when set, so results made before they existed stay valid; a classifier
+        enters by the digest of its file.
         """
         settings = self.model_dump(mode="json", exclude={"compute"})
         if self.segmentation.cells is None:
             del settings["segmentation"]["cells"]
         if self.measurement == MeasurementConfig():
             del settings["measurement"]
+        if self.classification is None:
+            del settings["classification"]
+        else:
+            settings["classification"] = {"model_sha256": self.classification.model_sha256()}
         text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 

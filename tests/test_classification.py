@@ -306,3 +306,23 @@ def test_auc_by_hand_and_cross_validation_keeps_groups_apart():
     assert set(result.pooled()["method"]) == {"cnn", "contour", "size"}
     with pytest.raises(ValueError, match="at least two groups"):
         cross_validate(masks, kind, np.zeros(90))
+
+
+def test_run_config_names_the_classifier_and_its_weights_enter_the_digest(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineInputError
+
+    config = tmp_path / "run.yaml"
+    config.write_text("classification:\n  model: missing.pt\n")
+    with pytest.raises(PipelineInputError, match="classifier model not found"):
+        load_config(config)
+    crops, kind = simulated_cells(40, seed=9)
+    model = CellClassifier(**FAST | {"max_epochs": 1}).fit(crops, kind)
+    model.save(tmp_path / "a.pt", metadata={"crops": {"size_um": 20.0}})
+    config.write_text(f"classification:\n  model: {tmp_path / 'a.pt'}\n")
+    first = load_config(config).digest()
+    assert first != load_config(None).digest()
+    CellClassifier(**FAST | {"max_epochs": 1, "random_state": 3}).fit(crops, kind).save(
+        tmp_path / "a.pt"
+    )
+    assert load_config(config).digest() != first  # new weights: results are stale

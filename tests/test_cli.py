@@ -509,4 +509,31 @@ def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
 
     loaded = CellClassifier.load(model)
     assert loaded.n_channels_ == 2  # nuclei and cytoplasm: the marker is not learnt from
+    assert loaded.metadata_["crops"]["channels"] == ["nuclei", "cytoplasm"]
     assert main([*args, "--channels", "dna", "--out", str(model)]) == 2
+
+    # a run with the model classifies every cell; the classes follow the simulated types
+    config = tmp_path / "classify.yaml"
+    config.write_text(f"classification:\n  model: {model}\n")
+    classified = tmp_path / "classified.zarr"
+    code = main(
+        ["run", str(plate), "--out", str(classified), "--config", str(config), "--workers", "1"]
+    )
+    assert code == 0
+    agree = []
+    for well in ("A/1", "A/2", "B/1", "B/2"):
+        cells = _field_table(classified, f"{well}/0")
+        probabilities = cells[["class_probability_negative", "class_probability_positive"]]
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+        truth = zarr.open_group(plate / well / "0" / "labels" / "ground_truth", mode="r")["0"][:]
+        types = pd.read_parquet(
+            plate / well / "0" / "tables" / "ground_truth_types" / "table.parquet"
+        )
+        kind = dict(zip(types["label"], types["cell_type"], strict=True))
+        columns = ["t", "centroid_y_px", "centroid_x_px", "class"]
+        for t, y, x, name in cells[columns].itertuples(index=False):
+            found = truth[t, round(y), round(x)]
+            if found:
+                agree.append((name == "positive") == (kind[found] == 1))
+    assert len(agree) > 200 and np.mean(agree) > 0.8
+    assert (classified.parent / "classified.report" / "plate_classes.png").is_file()

@@ -403,13 +403,18 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
         """The most probable class of each crop."""
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted classifier to ``path`` (a ``.pt`` file loadable without pickle)."""
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write the fitted classifier to ``path`` (a ``.pt`` file loadable without pickle).
+
+        ``metadata`` (plain JSON-like values, e.g. how the crops were cut) is kept with it and
+        read back as ``metadata_``.
+        """
         check_is_fitted(self, "network_")
         path = Path(path)
         torch.save(
             {
                 "format": _FORMAT,
+                "metadata": dict(metadata or {}),
                 "params": self.get_params(),
                 "classes": self.classes_.tolist(),
                 "n_channels": self.n_channels_,
@@ -445,6 +450,7 @@ class CellClassifier(ClassifierMixin, BaseEstimator):
         model.channel_high_ = np.asarray(saved["channel_high"], dtype=np.float64)
         model.best_epoch_ = int(saved["best_epoch"])
         model.history_ = list(saved["history"])
+        model.metadata_ = dict(saved.get("metadata", {}))
         model.network_ = _CropNet(
             model.n_channels_,
             len(model.classes_),

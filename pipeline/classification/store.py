@@ -12,6 +12,7 @@ holds at most one block of crops and the frames they come from, however large th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,40 +109,49 @@ def _plane(data: xr.DataArray, t: int, location: str) -> xr.DataArray:
     return data.isel(selection)
 
 
-def cut_block(
-    results: str | Path, rows: pd.DataFrame, settings: CropSettings
+def cut_field_cells(
+    field: FieldOfView, labels: xr.DataArray, rows: pd.DataFrame, settings: CropSettings
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Crops of the cells in ``rows`` (a slice of :func:`plan_crops`), read frame by frame."""
-    results = Path(results)
-    plate = open_plate(results)
-    fields = {field.path: field for field in plate.fields}
+    """Crops of the cells ``rows`` (columns ``t``, ``label``) of one field, frame by frame.
+
+    ``labels`` is the field's label image (dims a subset of t, z, y, x); ``rows`` needs a
+    unique index. Returns the crops in the order of ``rows`` and ``rows`` joined with the
+    crops' index columns.
+    """
+    location = os.path.join(field.dataset_path, field.path)
+    channels = _channel_indices(field, settings.channels)
+    step = settings.size_um / field.pixel_size["y"]
     pieces, indices = [], []
-    for (path, t), cells in rows.groupby(["field", "t"], sort=False):
-        field = fields[path]
-        location = str(results / path)
+    for t, cells in rows.groupby("t", sort=False):
         image = _plane(field.data, int(t), location)
-        image = (
-            image.isel(c=_channel_indices(field, settings.channels)).values
-            if "c" in image.dims
-            else image.values[np.newaxis]
-        )
-        label_image = open_labels(results, image_path=path, name=settings.label_name)
-        labels = _plane(label_image.data, int(t), location)
-        step = field.pixel_size["y"]
+        image = image.isel(c=channels).values if "c" in image.dims else image.values[np.newaxis]
+        frame = _plane(labels, int(t), location).values
         try:
-            cut, index = cut_crops(
-                image,
-                labels.values,
-                settings.size_px,
-                settings.size_um / step,
-                cells["label"].to_numpy(),
-            )
+            cut, index = cut_crops(image, frame, settings.size_px, step, cells["label"].to_numpy())
         except ValueError as error:  # the cells table and the label image disagree
             raise PipelineInputError(f"frame {t}: {error}", location) from None
         index = index.drop(columns="label")
         index.index = cells.index
         pieces.append(cut)
         indices.append(pd.concat([cells, index], axis=1))
+    joined = pd.concat(indices)
+    crops = np.empty((len(rows), *pieces[0].shape[1:]), dtype=np.float32)
+    crops[rows.index.get_indexer(joined.index)] = np.concatenate(pieces)
+    return crops, joined.loc[rows.index]
+
+
+def cut_block(
+    results: str | Path, rows: pd.DataFrame, settings: CropSettings
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Crops of the cells in ``rows`` (a slice of :func:`plan_crops`), read frame by frame."""
+    results = Path(results)
+    fields = {field.path: field for field in open_plate(results).fields}
+    pieces, indices = [], []
+    for path, cells in rows.groupby("field", sort=False):
+        labels = open_labels(results, image_path=path, name=settings.label_name).data
+        cut, index = cut_field_cells(fields[path], labels, cells, settings)
+        pieces.append(cut)
+        indices.append(index)
     return np.concatenate(pieces), pd.concat(indices)
 
 

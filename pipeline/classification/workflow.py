@@ -37,6 +37,7 @@ class TrainingSet:
     labels: np.ndarray
     index: pd.DataFrame
     left_out: int
+    crop_settings: dict
 
 
 def _cells(results: Path) -> pd.DataFrame:
@@ -96,7 +97,8 @@ def training_set(
     if (marker is None) == (labels is None):
         raise PipelineInputError("give either a marker channel or a labels table", str(results))
     array, index = read_crops(results)
-    names = list(zarr.open_group(str(results / "crops"), mode="r").attrs["crops"]["channels"])
+    cut = dict(zarr.open_group(str(results / "crops"), mode="r").attrs["crops"])
+    names = list(cut["channels"])
     image_channels = names[:-1]
     if channels is None:
         channels = [name for name in image_channels if name != marker]
@@ -130,6 +132,7 @@ def training_set(
         labels=classes[chosen],
         index=index.iloc[chosen].reset_index(drop=True),
         left_out=int(len(index) - np.count_nonzero(pd.notna(classes))),
+        crop_settings={**cut, "channels": list(channels)},
     )
 
 
@@ -163,5 +166,5 @@ def train_classifier(
     result.pooled().to_csv(f"{out}.summary.csv", index=False)
     write_roc_figure(result, f"{out}.roc.png")
     final = CellClassifier(**estimator.get_params()).fit(data.crops[:, :-1], data.labels)
-    final.save(out)
+    final.save(out, metadata={"crops": data.crop_settings})
     return result

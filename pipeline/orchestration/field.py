@@ -40,6 +40,7 @@ import zarr
 from distributed import Client, Future
 
 from pipeline._version import __version__
+from pipeline.classification.apply import classify_cells
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
@@ -454,7 +455,8 @@ def tabulate_field(
     diameter_px: float | None,
 ) -> FieldTables:
     """Track the cells, add growth rates (and the distances to the nearest cells, with the
-    ``neighbors`` features) and write the field's tables (runs on a worker).
+    ``neighbors`` features; each cell's class, with ``classification``) and write the field's
+    tables (runs on a worker).
 
     Writes ``tables/cells`` and ``tables/tracks`` in the field's group of ``output`` and, for
     plates, the field's part of the plate-wide cells table.
@@ -464,6 +466,13 @@ def tabulate_field(
     cells = cells.assign(growth_rate=growth_rates(cells, frame_interval=frame_interval))
     if "neighbors" in config.measurement.features:  # distances need the whole field
         cells = nearest_distances(cells, "zyx"[3 - spatial_ndim :])
+    if config.classification is not None:  # from the image and labels written already
+        cells = classify_cells(
+            cells,
+            omezarr.open_image(output, image_path=fov.path),
+            omezarr.open_labels(output, image_path=fov.path, name=CELLS).data,
+            config.classification.model,
+        )
     image_group = zarr.open_group(store=output, path=fov.path, mode="r+")
     tables.write_table(
         image_group,

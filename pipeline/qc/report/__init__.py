@@ -4,7 +4,8 @@
 image) and writes, into a report folder, one PNG of label outlines over the image per field
 (a few timepoints; z stacks as maximum projections), one PNG of the tracks per field (centroid
 paths coloured by time over the last timepoint, divisions marked), a heat map of the cells per
-well and the wells' growth curves and reporter ratios over time (plates only), and an
+well, the share of each class per well where cells were classified, and the wells' growth
+curves and reporter ratios over time (plates only), and an
 ``index.html`` that lists every field, failed ones with their error.
 Images are read from the finest pyramid level that fits in ``max_pixels`` on a side (labels from
 the same level), so a large field is never loaded whole. Figures are drawn with matplotlib's Agg
@@ -23,10 +24,12 @@ from pipeline.io.omezarr import FieldOfView
 from pipeline.io.tables import TABLE_FILE
 from pipeline.measurement.wells import WELL_GROWTH
 from pipeline.qc.report.figures import (
+    CLASSES_FILE,
     GROWTH_FILE,
     HEATMAP_FILE,
     outline_overlay,
     stretch_contrast,
+    write_class_fractions,
     write_growth_curves,
     write_heatmap,
     write_overlay,
@@ -51,6 +54,7 @@ from pipeline.qc.report.reading import (
     field_view,
     frame_counts,
     open_output,
+    plate_class_fractions,
     plate_well_counts,
     run_record,
     spread_timepoints,
@@ -197,6 +201,10 @@ def write_qc_report(
             plate_well_counts(root, plate), plate.rows, plate.columns, report / HEATMAP_FILE
         )
         plate_figures.append(("Cells per well", HEATMAP_FILE))
+        fractions = plate_class_fractions(root, plate)
+        if fractions is not None:
+            write_class_fractions(fractions, plate.rows, plate.columns, report / CLASSES_FILE)
+            plate_figures.append(("Cell classes per well", CLASSES_FILE))
         growth = Path(output, "tables", WELL_GROWTH, TABLE_FILE)
         if growth.is_file():
             write_growth_curves(pd.read_parquet(growth), report / GROWTH_FILE)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ _OUTLINE_COLOR = (255, 40, 40)
 
 HEATMAP_FILE = "plate_heatmap.png"
 GROWTH_FILE = "plate_growth.png"
+CLASSES_FILE = "plate_classes.png"
 
 
 def stretch_contrast(
@@ -201,29 +203,62 @@ def write_heatmap(
     ]
     high = max([float(grid.max()) for grid in grids if grid.count()], default=1.0)
     norm = Normalize(0.0, max(high, 1.0))
-    colormap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
     figure = _new_figure(max(3.0, 1.6 + 0.5 * len(columns)), 0.4 + 2 * (0.7 + 0.5 * len(rows)))
     panels = figure.subplots(2, 1, squeeze=False)[:, 0]
     for axes, grid, when in zip(panels, grids, ("first", "last"), strict=True):
-        shown = axes.imshow(grid, cmap=colormap, norm=norm, aspect="equal")
-        for (i, j), value in np.ndenumerate(grid.filled(np.nan)):
-            missing = bool(np.isnan(value))
-            axes.text(
-                j,
-                i,
-                "–" if missing else str(int(value)),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black" if missing or norm(value) > 0.5 else "white",
-            )
-        axes.set_xticks(range(len(columns)), labels=list(columns), fontsize=7)
-        axes.set_yticks(range(len(rows)), labels=list(rows), fontsize=7)
-        axes.tick_params(top=True, labeltop=True, bottom=False, labelbottom=False)
+        _plate_panel(figure, axes, grid, norm, rows, columns, lambda value: str(int(value)))
         axes.set_title(f"{when} timepoint", fontsize=9)
-        figure.colorbar(shown, ax=axes, shrink=0.9)
     figure.suptitle("cells per well (grey: no results)", fontsize=10)
     figure.savefig(path)
+
+
+def write_class_fractions(
+    fractions: pd.DataFrame, rows: Sequence[str], columns: Sequence[str], path: Path
+) -> None:
+    """One plate grid per class: the share of each well's cells (all timepoints) in it."""
+    classes = list(fractions.columns)
+    norm = Normalize(0.0, 1.0)
+    figure = _new_figure(
+        max(3.0, 1.6 + 0.5 * len(columns)), 0.4 + len(classes) * (0.7 + 0.5 * len(rows))
+    )
+    panels = figure.subplots(len(classes), 1, squeeze=False)[:, 0]
+    for axes, name in zip(panels, classes, strict=True):
+        grid = np.ma.masked_invalid(
+            fractions[name].to_numpy(dtype=np.float64, na_value=np.nan).reshape(len(rows), -1)
+        )
+        _plate_panel(figure, axes, grid, norm, rows, columns, lambda value: f"{value:.0%}")
+        axes.set_title(f"class {name}", fontsize=9)
+    figure.suptitle("share of cells per class (grey: no results)", fontsize=10)
+    figure.savefig(path)
+
+
+def _plate_panel(
+    figure: Figure,
+    axes: Any,
+    grid: np.ma.MaskedArray,
+    norm: Normalize,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    text: Callable[[float], str],
+) -> None:
+    """A plate grid of well values on ``axes``, each value written in its well."""
+    colormap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    shown = axes.imshow(grid, cmap=colormap, norm=norm, aspect="equal")
+    for (i, j), value in np.ndenumerate(grid.filled(np.nan)):
+        missing = bool(np.isnan(value))
+        axes.text(
+            j,
+            i,
+            "–" if missing else text(value),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if missing or norm(value) > 0.5 else "white",
+        )
+    axes.set_xticks(range(len(columns)), labels=list(columns), fontsize=7)
+    axes.set_yticks(range(len(rows)), labels=list(rows), fontsize=7)
+    axes.tick_params(top=True, labeltop=True, bottom=False, labelbottom=False)
+    figure.colorbar(shown, ax=axes, shrink=0.9)
 
 
 def write_growth_curves(curves: pd.DataFrame, path: Path) -> None:

@@ -166,6 +166,28 @@ def plate_well_counts(root: zarr.Group, plate: Plate) -> pd.DataFrame:
     return counts.astype({"fields": "int64", "cells_first": "Int64", "cells_last": "Int64"})
 
 
+def plate_class_fractions(root: zarr.Group, plate: Plate) -> pd.DataFrame | None:
+    """Share of each well's cells (all timepoints) in each class, one column per class and a
+    row per well in plate order (NaN where no results); None when no cell was classified."""
+    counts: dict[str, pd.Series] = {}
+    for fov in plate.fields:
+        complete = completion_record(field_group(root, fov)).get("status") == "complete"
+        cells = cells_table(root, fov) if complete else None
+        if cells is None or "class" not in cells.columns:
+            continue
+        found = cells["class"].astype(str).value_counts()
+        counts[str(fov.well)] = counts.get(str(fov.well), pd.Series(dtype="int64")).add(
+            found, fill_value=0
+        )
+    if not counts:
+        return None
+    wells = [f"{row}/{column}" for row in plate.rows for column in plate.columns]
+    table = pd.DataFrame(counts).T.fillna(0.0).reindex(wells)  # wells without results: NaN
+    totals = table.sum(axis=1, min_count=1)
+    fractions = table.div(totals.where(totals > 0), axis=0)
+    return fractions[sorted(fractions.columns)]
+
+
 def channel_index(fov: FieldOfView, channel: int | str) -> int:
     names = list(fov.channel_names)
     if isinstance(channel, str):
