@@ -33,12 +33,10 @@ import numpy as np
 import tifffile
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 from pipeline.classification.classifier import CellClassifier
 from pipeline.classification.crops import cut_crops
+from pipeline.classification.evaluation import size_baseline
 from pipeline.convnet.training import image_groups
 from pipeline.normalize import colour_to_grey
 
@@ -129,7 +127,7 @@ def main() -> None:
         "cnn": (CellClassifier(**params), data["crops"][:, :1]),
         "contour": (CellClassifier(**params), data["crops"][:, 1:]),
         "size": (
-            make_pipeline(StandardScaler(), SVC(probability=True, random_state=args.seed)),
+            size_baseline(),
             np.log(data["areas"])[:, np.newaxis],
         ),
     }

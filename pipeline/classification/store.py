@@ -209,8 +209,12 @@ def write_crops(
     blocks = [
         plan.iloc[start : start + settings.block] for start in range(0, len(plan), settings.block)
     ]
-    run = submit or (lambda function, *args: _Done(function(*args)))
-    pending = [run(_cut_and_write, str(results), rows, settings) for rows in blocks]
+    pending = [
+        submit(_cut_and_write, str(results), rows, settings, pure=False)
+        if submit is not None
+        else _Done(_cut_and_write(str(results), rows, settings))
+        for rows in blocks
+    ]
     indices, done = [], 0
     for task in pending:
         indices.append(task.result())
