@@ -18,7 +18,14 @@ from pipeline.classification.crops import cut_crops
 from pipeline.classification.marker import label_by_marker
 
 # A small, quick network for the tests; the defaults are measured in BENCHMARKS.md.
-FAST = {"input_size": 32, "widths": (8, 8, 16, 16), "dense": 32, "max_epochs": 8}
+FAST = {
+    "input_size": 32,
+    "widths": (8, 8, 16, 16),
+    "kernel_size": 5,
+    "dense": 32,
+    "learning_rate": 2e-3,
+    "max_epochs": 8,
+}
 
 
 def simulated_cells(

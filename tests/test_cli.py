@@ -493,7 +493,10 @@ def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
     assert main(["run", str(plate), "--out", str(out), "--workers", "1"]) == 0
     assert main(["crops", str(out), "--size-um", "20", "--size-px", "32", "--workers", "1"]) == 0
     model = tmp_path / "coculture.pt"
-    fast = '{"input_size": 32, "widths": [8, 8, 16, 16], "dense": 32, "max_epochs": 10}'
+    fast = (
+        '{"input_size": 32, "widths": [8, 8, 16, 16], "kernel_size": 5, "dense": 32, '
+        '"learning_rate": 0.002, "max_epochs": 10}'
+    )
     args = ["classify", "train", str(out), "--marker", "marker", "--params", fast]
     assert main([*args, "--folds", "4", "--out", str(model)]) == 0
     summary = pd.read_csv(f"{model}.summary.csv").set_index("method")
