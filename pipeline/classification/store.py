@@ -25,7 +25,7 @@ import zarr
 from pipeline.classification.crops import cut_crops
 from pipeline.errors import PipelineInputError
 from pipeline.io import tables
-from pipeline.io.omezarr import FieldOfView, open_labels, open_plate
+from pipeline.io.omezarr import FieldOfView, open_image, open_labels, open_plate
 
 __all__ = ["CropSettings", "plan_crops", "read_crops", "write_crops"]
 
@@ -145,11 +145,11 @@ def cut_block(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Crops of the cells in ``rows`` (a slice of :func:`plan_crops`), read frame by frame."""
     results = Path(results)
-    fields = {field.path: field for field in open_plate(results).fields}
     pieces, indices = [], []
-    for path, cells in rows.groupby("field", sort=False):
+    for path, cells in rows.groupby("field", sort=False):  # only the fields of this block
+        field = open_image(results, image_path=path)
         labels = open_labels(results, image_path=path, name=settings.label_name).data
-        cut, index = cut_field_cells(fields[path], labels, cells, settings)
+        cut, index = cut_field_cells(field, labels, cells, settings)
         pieces.append(cut)
         indices.append(index)
     return np.concatenate(pieces), pd.concat(indices)
@@ -216,8 +216,8 @@ def write_crops(
         for rows in blocks
     ]
     indices, done = [], 0
-    for task in pending:
-        indices.append(task.result())
+    while pending:  # each result released once collected: the workers hold none for long
+        indices.append(pending.pop(0).result())
         done += len(indices[-1])
         if progress:
             progress(done, len(plan))
