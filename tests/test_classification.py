@@ -333,3 +333,25 @@ def test_run_config_names_the_classifier_and_its_weights_enter_the_digest(tmp_pa
         tmp_path / "a.pt"
     )
     assert load_config(config).digest() != first  # new weights: results are stale
+
+
+def test_training_set_from_a_labels_table(tmp_path):
+    from pipeline.classification.store import CropSettings, write_crops
+    from pipeline.classification.workflow import training_set
+    from pipeline.errors import PipelineInputError
+
+    _results_with_cells(tmp_path / "out.zarr")
+    write_crops(tmp_path / "out.zarr", CropSettings(size_um=10.0, size_px=8))
+    table = tmp_path / "labels.csv"
+    # the lone image's cells: 1-3 at t 0, 11-13 at t 1; cell 12 is not annotated
+    pd.DataFrame({"t": [0, 0, 0, 1, 1], "label": [1, 2, 3, 11, 13], "class": list("ABABA")}).to_csv(
+        table, index=False
+    )
+    data = training_set(tmp_path / "out.zarr", labels=table, channels=["gfp"])
+    assert data.labels.tolist() == ["A", "B", "A", "B", "A"]
+    assert data.index["label"].tolist() == [1, 2, 3, 11, 13] and data.left_out == 1
+    assert data.crops.shape == (5, 2, 8, 8)  # gfp and the mask
+    assert data.crop_settings["channels"] == ["gfp"] and data.crop_settings["size_um"] == 10.0
+    pd.DataFrame({"cell": [1], "kind": ["A"]}).to_csv(table, index=False)
+    with pytest.raises(PipelineInputError, match="needs columns label and class"):
+        training_set(tmp_path / "out.zarr", labels=table)
