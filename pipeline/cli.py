@@ -53,10 +53,9 @@ def _run(args: argparse.Namespace) -> int:
 def _crops(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from tqdm import tqdm
-
-    from pipeline.classification.store import CropSettings, write_crops
+    from pipeline.classification.store import CropSettings
     from pipeline.orchestration.cluster import connect
+    from pipeline.orchestration.runner import cut_output_crops
 
     settings = CropSettings(
         size_um=args.size_um,
@@ -65,15 +64,10 @@ def _crops(args: argparse.Namespace) -> int:
         label_name=args.labels,
         block=args.block,
     )
-    with connect(**asdict(_cluster_options(args))) as cluster, tqdm(unit="crop") as bar:
+    with connect(**asdict(_cluster_options(args))) as cluster:
         print(f"dashboard: {cluster.dashboard_link}")
-
-        def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        folder = write_crops(args.results, settings, submit=cluster.client.submit, progress=advance)
-    print(f"{bar.n} crops of {settings.size_um:g} um ({settings.size_px} px) written to {folder}")
+        folder = cut_output_crops(args.results, settings, cluster.client)
+    print(f"crops of {settings.size_um:g} um ({settings.size_px} px) written to {folder}")
     return 0
 
 

@@ -154,6 +154,16 @@ class ClassificationConfig(StrictModel):
         return hashlib.sha256(Path(self.model).read_bytes()).hexdigest()
 
 
+class CropsConfig(StrictModel):
+    """Cut a crop around every cell after the run (``OUT/crops``, as ``pipeline crops`` does);
+    derived from the fields' results, so not part of the settings digest."""
+
+    size_um: PositiveFloat = Field(description="crop edge in micrometres")
+    size_px: PositiveInt = Field(64, description="crop edge in pixels")
+    channels: list[str] | None = Field(None, description="channel names (default: all)")
+    block: PositiveInt = Field(512, description="crops per task and chunk")
+
+
 class InputConfig(StrictModel):
     """How the input is read."""
 
@@ -165,7 +175,7 @@ class InputConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    """A run's settings; all but ``compute`` decide its results (and are hashed)."""
+    """A run's settings; all but ``compute`` and ``crops`` decide its results (and are hashed)."""
 
     input: InputConfig = InputConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
@@ -173,17 +183,19 @@ class RunConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     measurement: MeasurementConfig = MeasurementConfig()
     classification: ClassificationConfig | None = None
+    crops: CropsConfig | None = None
     compute: ComputeConfig = ComputeConfig()
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of the settings that decide results (not ``compute``).
+        """sha256 of the canonical JSON of the settings that decide results (not ``compute``,
+        not ``crops``).
 
         A unit of work whose recorded digest differs from this one is recomputed on resume.
         Sections added later (``segmentation.cells``, ``measurement``, ``classification``)
         enter it only when set, so results made before they existed stay valid; a classifier
         enters by the digest of its file.
         """
-        settings = self.model_dump(mode="json", exclude={"compute"})
+        settings = self.model_dump(mode="json", exclude={"compute", "crops"})
         if self.segmentation.cells is None:
             del settings["segmentation"]["cells"]
         if self.measurement == MeasurementConfig():

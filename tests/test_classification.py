@@ -333,6 +333,10 @@ def test_run_config_names_the_classifier_and_its_weights_enter_the_digest(tmp_pa
         tmp_path / "a.pt"
     )
     assert load_config(config).digest() != first  # new weights: results are stale
+    second = load_config(config).digest()
+    config.write_text(config.read_text() + "crops:\n  size_um: 20\n")
+    assert load_config(config).crops.size_px == 64
+    assert load_config(config).digest() == second  # crops are derived: no field is stale
 
 
 def test_training_set_from_a_labels_table(tmp_path):

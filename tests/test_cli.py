@@ -517,7 +517,7 @@ def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
 
     # a run with the model classifies every cell; the classes follow the simulated types
     config = tmp_path / "classify.yaml"
-    config.write_text(f"classification:\n  model: {model}\n")
+    config.write_text(f"classification:\n  model: {model}\ncrops:\n  size_um: 16\n  size_px: 24\n")
     classified = tmp_path / "classified.zarr"
     code = main(
         ["run", str(plate), "--out", str(classified), "--config", str(config), "--workers", "1"]
@@ -539,4 +539,10 @@ def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
             if found:
                 agree.append((name == "positive") == (kind[found] == 1))
     assert len(agree) > 200 and np.mean(agree) > 0.8
+    from pipeline.classification.store import read_crops
+
+    crops, index = read_crops(classified)  # the crops section: cut after the fields
+    assert crops.shape[1:] == (4, 24, 24) and len(index) == sum(
+        len(_field_table(classified, f"{well}/0")) for well in ("A/1", "A/2", "B/1", "B/2")
+    )
     assert (classified.parent / "classified.report" / "plate_classes.png").is_file()

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import performance_report
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -29,6 +29,11 @@ from pipeline.io.omezarr import Plate, open_plate
 from pipeline.orchestration.cluster import RunCluster, connect
 from pipeline.orchestration.outcomes import RunSummary, skipped_outcome
 from pipeline.orchestration.plan import RunPlan, plan_run
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from pipeline.classification.store import CropSettings
 
 __all__ = [
     "ClusterOptions",
@@ -160,6 +165,8 @@ def _compute(
         )
     if show_progress:
         _print_summary(summary)
+    if config.crops is not None:
+        _write_crops(plan.output, config, running, show_progress)
     try:
         index = write_qc_report(plan.output, reports, channel=config.segmentation.channel)
     except Exception as error:  # the results are written; a failed picture must not hide them
@@ -168,6 +175,41 @@ def _compute(
         if show_progress:
             print(f"QC report: {index}")
     return summary
+
+
+def cut_output_crops(
+    output: str | Path, settings: CropSettings, client: Client, show_progress: bool = True
+) -> Path:
+    """Cut the crops of every cell of an output on the cluster, with a progress bar."""
+    from pipeline.classification.store import write_crops
+
+    with tqdm(unit="crop", disable=not show_progress) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return write_crops(output, settings, submit=client.submit, progress=advance)
+
+
+def _write_crops(output: Path, config: RunConfig, running: RunCluster, show_progress: bool) -> None:
+    """The ``crops`` section: crops of every cell after the fields; a failure is a warning."""
+    from pipeline.classification.store import CropSettings
+
+    crops = config.crops
+    settings = CropSettings(
+        size_um=crops.size_um,
+        size_px=crops.size_px,
+        channels=None if crops.channels is None else tuple(crops.channels),
+        block=crops.block,
+    )
+    try:
+        folder = cut_output_crops(output, settings, running.client, show_progress)
+    except (PipelineInputError, OSError) as error:
+        print(f"warning: no crops ({error})", file=sys.stderr)
+        return
+    if show_progress:
+        print(f"crops: {folder}")
 
 
 def _plan(
