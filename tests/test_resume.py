@@ -371,3 +371,21 @@ def _records_done(out: Path) -> int:
         return sum(s.state == "done" for s in unit_states(out)[1])
     except PipelineInputError:  # the output is being created: no ledger yet
         return 0
+
+
+def test_a_unit_completed_but_killed_before_the_ledger_knew_counts_as_done(tmp_path: Path):
+    """The run was killed after a field's completion record and before the ledger said done
+    (the race that made the rerun of test_killed_run_is_completed_by_a_rerun partial)."""
+    from pipeline.orchestration.records import RUN_ATTRIBUTE, Ledger
+
+    out = tmp_path / "out.zarr"
+    root = zarr.open_group(out, mode="w", zarr_format=3)
+    killed = {"state": "running", "error": None, "time": "2026-12-01T00:00:00Z"}
+    root.attrs[RUN_ATTRIBUTE] = {"input": "plate.zarr", "units": {"A/1/0": killed}}
+    ledger = Ledger(out, "plate.zarr", ["A/1/0", "A/2/0"], done=["A/1/0"])
+    ledger.set("A/2/0", "done")
+    assert ledger.finish(1.0) == "complete"
+    units = zarr.open_group(out, mode="r").attrs[RUN_ATTRIBUTE]["units"]
+    assert units["A/1/0"] == {**killed, "state": "done"}
+    root.attrs[RUN_ATTRIBUTE] = {"input": "plate.zarr", "units": {"A/1/0": killed}}
+    assert Ledger(out, "plate.zarr", ["A/1/0"]).finish(1.0) == "partial"  # as it was before

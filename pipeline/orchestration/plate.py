@@ -80,7 +80,7 @@ def process_plate(
         root = zarr.open_group(plan.output, mode="r+")
     else:
         root = omezarr.create_root(plan.output, overwrite=plan.exists)
-    ledger = Ledger(plan.output, plate.path, [fov.path for fov in plate.fields])
+    ledger = Ledger(plan.output, plate.path, [fov.path for fov in plate.fields], done=plan.done)
     for (row, column), fields in wells(plate.fields).items():
         omezarr.write_well(root, row, column, fields)
     placement = Placement(client, gpu_workers)

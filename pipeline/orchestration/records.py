@@ -78,9 +78,14 @@ class Ledger:
         The input the output is made from.
     units
         Paths of all units of the input.
+    done
+        Units whose completion record an earlier run wrote: recorded as done even where that
+        run was killed between writing the record and updating the ledger.
     """
 
-    def __init__(self, output: str | Path, input_path: str, units: Iterable[str]) -> None:
+    def __init__(
+        self, output: str | Path, input_path: str, units: Iterable[str], done: Iterable[str] = ()
+    ) -> None:
         self._output = str(output)
         self._lock = threading.Lock()
         previous = zarr.open_group(self._output, mode="r").attrs.get(RUN_ATTRIBUTE) or {}
@@ -95,6 +100,10 @@ class Ledger:
                 for path in units
             },
         }
+        for path in done:
+            unit = self._state["units"].get(path)
+            if unit is not None and unit["state"] != "done":
+                self._state["units"][path] = {**unit, "state": "done", "error": None}
         self.rewrite()
 
     def _write(self) -> None:
