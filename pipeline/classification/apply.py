@@ -1,8 +1,8 @@
 """Classify the cells of a field with a trained :class:`CellClassifier`, as a run does.
 
 The model carries how its training crops were cut (channels, physical size, pixels: written
-by ``pipeline classify train``); the same crops are cut around every cell of the field, a block
-of frames at a time, and the cells table gains one probability column per class,
+by ``pipeline classify train``); the same crops are cut around every cell of the field, one frame
+at a time, and the cells table gains one probability column per class,
 ``class_probability_<class>``, and the most probable class, ``class``.
 """
 
@@ -21,8 +21,6 @@ from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import FieldOfView
 
 __all__ = ["classify_cells", "crop_settings_of", "load_classifier"]
-
-_BLOCK = 1024
 
 
 @lru_cache(maxsize=4)
@@ -73,10 +71,9 @@ def classify_cells(
     settings = crop_settings_of(model, model_path)
     rows = cells[["t", "label"]].reset_index(drop=True)
     probability = np.zeros((len(rows), len(model.classes_)))
-    for start in range(0, len(rows), _BLOCK):
-        block = rows.iloc[start : start + _BLOCK]
-        crops, _ = cut_field_cells(field, labels, block, settings)
-        probability[start : start + len(block)] = model.predict_proba(crops[:, :-1])
+    for _, frame in rows.groupby("t"):  # each frame read once, its crops only in memory
+        crops, _ = cut_field_cells(field, labels, frame, settings)
+        probability[frame.index] = model.predict_proba(crops[:, :-1])
     columns = {
         f"class_probability_{name}": probability[:, index]
         for index, name in enumerate(model.classes_.tolist())

@@ -13,7 +13,7 @@ holds at most one block of crops and the frames they come from, however large th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +25,9 @@ import zarr
 from pipeline.classification.crops import cut_crops
 from pipeline.errors import PipelineInputError
 from pipeline.io import tables
-from pipeline.io.omezarr import FieldOfView, open_image, open_labels, open_plate
+from pipeline.io.omezarr import FieldOfView, Plate, open_image, open_labels, open_plate
 
-__all__ = ["CropSettings", "plan_crops", "read_crops", "write_crops"]
+__all__ = ["CropSettings", "field_cells", "plan_crops", "read_crops", "write_crops"]
 
 CROPS = "crops"
 INDEX_FILE = "index.parquet"
@@ -52,21 +52,29 @@ class CropSettings:
             )
 
 
-def _field_table(results: Path, field: FieldOfView) -> pd.DataFrame:
+def field_cells(
+    results: Path, field: FieldOfView, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """A field's cells table (all columns, or ``columns`` where present), with ``well`` and
+    ``field`` first, sorted by ``t`` and ``label``.
+
+    Raises
+    ------
+    PipelineInputError
+        The field has no cells table.
+    """
     root = zarr.open_group(str(results), mode="r")
-    group = root[field.path] if field.path else root
     try:
-        cells = tables.read_table(group, "cells")
+        cells = tables.read_table(root[field.path] if field.path else root, "cells")
     except (KeyError, FileNotFoundError):
         raise PipelineInputError("field has no cells table", str(results / field.path)) from None
-    columns = ["t", "label", *(["track_id"] if "track_id" in cells.columns else [])]
-    table = cells[columns].copy()
-    table.insert(0, "field", field.path)
-    table.insert(0, "well", field.well or "")
-    return table
+    if columns is not None:
+        cells = cells[[column for column in columns if column in cells.columns]]
+    cells = cells.sort_values(["t", "label"], ignore_index=True)
+    return cells.assign(well=field.well or "", field=field.path)[["well", "field", *cells.columns]]
 
 
-def plan_crops(results: str | Path) -> pd.DataFrame:
+def plan_crops(results: str | Path, plate: Plate | None = None) -> pd.DataFrame:
     """One row per cell of every field and frame of a run's output, in plate order.
 
     Raises
@@ -75,13 +83,9 @@ def plan_crops(results: str | Path) -> pd.DataFrame:
         The output cannot be opened, or a field has no cells table.
     """
     results = Path(results)
-    plate = open_plate(results)
-    parts = [_field_table(results, field) for field in plate.fields]
-    plan = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_KEYS)
-    order = {field.path: n for n, field in enumerate(plate.fields)}
-    plan = plan.sort_values(["t", "label"], kind="stable")
-    plan = plan.iloc[np.argsort(plan["field"].map(order).to_numpy(), kind="stable")]
-    return plan.reset_index(drop=True)
+    plate = plate or open_plate(results)
+    parts = [field_cells(results, field, ["t", "label", "track_id"]) for field in plate.fields]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_KEYS)
 
 
 def _channel_indices(field: FieldOfView, channels: Sequence[str] | None) -> list[int]:
@@ -181,10 +185,11 @@ def write_crops(
         The crop group ``RESULTS/crops``.
     """
     results = Path(results)
-    plan = plan_crops(results)
+    plate = open_plate(results)
+    plan = plan_crops(results, plate)
     if plan.empty:
         raise PipelineInputError("the output has no cells to crop", str(results))
-    first = open_plate(results).fields[0]
+    first = plate.fields[0]
     channels = [first.channel_names[i] for i in _channel_indices(first, settings.channels)]
     root = zarr.open_group(str(results), mode="r+")
     group = root.require_group(CROPS)
@@ -209,16 +214,10 @@ def write_crops(
     blocks = [
         plan.iloc[start : start + settings.block] for start in range(0, len(plan), settings.block)
     ]
-    pending = [
-        submit(_cut_and_write, str(results), rows, settings, pure=False)
-        if submit is not None
-        else _Done(_cut_and_write(str(results), rows, settings))
-        for rows in blocks
-    ]
     indices, done = [], 0
-    while pending:  # each result released once collected: the workers hold none for long
-        indices.append(pending.pop(0).result())
-        done += len(indices[-1])
+    for index in _cut_blocks(str(results), blocks, settings, submit):
+        indices.append(index)
+        done += len(index)
         if progress:
             progress(done, len(plan))
     index = pd.concat(indices)
@@ -227,12 +226,17 @@ def write_crops(
     return Path(results, CROPS)
 
 
-@dataclass(frozen=True)
-class _Done:
-    value: pd.DataFrame
-
-    def result(self) -> pd.DataFrame:
-        return self.value
+def _cut_blocks(
+    results: str, blocks: list[pd.DataFrame], settings: CropSettings, submit: Callable | None
+) -> Iterator[pd.DataFrame]:
+    """The index rows of each block once it is cut and written, in block order."""
+    if submit is None:
+        for rows in blocks:
+            yield _cut_and_write(results, rows, settings)
+        return
+    pending = [submit(_cut_and_write, results, rows, settings, pure=False) for rows in blocks]
+    while pending:  # each result released once collected: the workers hold none for long
+        yield pending.pop(0).result()
 
 
 def _cut_and_write(results: str, rows: pd.DataFrame, settings: CropSettings) -> pd.DataFrame:

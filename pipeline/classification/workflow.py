@@ -19,9 +19,8 @@ import zarr
 from pipeline.classification.classifier import CellClassifier
 from pipeline.classification.evaluation import CrossValidation, cross_validate, write_roc_figure
 from pipeline.classification.marker import label_by_marker
-from pipeline.classification.store import read_crops
+from pipeline.classification.store import field_cells, read_crops
 from pipeline.errors import PipelineInputError
-from pipeline.io import tables
 from pipeline.io.omezarr import open_plate
 
 __all__ = ["TrainingSet", "train_classifier", "training_set"]
@@ -38,16 +37,6 @@ class TrainingSet:
     index: pd.DataFrame
     left_out: int
     crop_settings: dict
-
-
-def _cells(results: Path) -> pd.DataFrame:
-    """Every field's cells table with its well and field."""
-    root = zarr.open_group(str(results), mode="r")
-    parts = []
-    for field in open_plate(results).fields:
-        table = tables.read_table(root[field.path] if field.path else root, "cells")
-        parts.append(table.assign(well=field.well or "", field=field.path))
-    return pd.concat(parts, ignore_index=True)
 
 
 def _annotations(path: Path) -> pd.DataFrame:
@@ -109,7 +98,8 @@ def training_set(
             str(results / "crops"),
         )
     if marker is not None:
-        cells = index[_KEYS].merge(_cells(results), on=_KEYS, how="left")
+        every_field = [field_cells(results, field) for field in open_plate(results).fields]
+        cells = index[_KEYS].merge(pd.concat(every_field), on=_KEYS, how="left")
         found = label_by_marker(cells, f"intensity_mean_{marker}", min_posterior=min_posterior)
         classes = found.labels.astype(object).where(~found.left_out, None).to_numpy()
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,14 +144,20 @@ def well_cell_counts(output: str | Path) -> pd.DataFrame:
     return plate_well_counts(root, plate)
 
 
+def _completed_cells(root: zarr.Group, plate: Plate) -> Iterator[tuple[FieldOfView, pd.DataFrame]]:
+    """Each complete field of the plate with its cells table (fields without one left out)."""
+    for fov in plate.fields:
+        if completion_record(field_group(root, fov)).get("status") != "complete":
+            continue
+        cells = cells_table(root, fov)
+        if cells is not None:
+            yield fov, cells
+
+
 def plate_well_counts(root: zarr.Group, plate: Plate) -> pd.DataFrame:
     """:func:`well_cell_counts` of an opened plate."""
     totals: dict[str, list[int]] = {}
-    for fov in plate.fields:
-        complete = completion_record(field_group(root, fov)).get("status") == "complete"
-        cells = cells_table(root, fov) if complete else None
-        if cells is None:
-            continue
+    for fov, cells in _completed_cells(root, plate):
         first, last = frame_counts(cells, fov.data.sizes.get("t", 1))
         total = totals.setdefault(str(fov.well), [0, 0, 0])
         total[0] += 1
@@ -170,10 +176,8 @@ def plate_class_fractions(root: zarr.Group, plate: Plate) -> pd.DataFrame | None
     """Share of each well's cells (all timepoints) in each class, one column per class and a
     row per well in plate order (NaN where no results); None when no cell was classified."""
     counts: dict[str, pd.Series] = {}
-    for fov in plate.fields:
-        complete = completion_record(field_group(root, fov)).get("status") == "complete"
-        cells = cells_table(root, fov) if complete else None
-        if cells is None or "class" not in cells.columns:
+    for fov, cells in _completed_cells(root, plate):
+        if "class" not in cells.columns:
             continue
         found = cells["class"].astype(str).value_counts()
         counts[str(fov.well)] = counts.get(str(fov.well), pd.Series(dtype="int64")).add(
