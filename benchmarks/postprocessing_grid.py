@@ -43,8 +43,8 @@ from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 CANDIDATES = {
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85),
     "seed_threshold": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-    "seed_radius": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    "smoothing": (0.0, 0.05, 0.1, 0.15, 0.2),
+    "seed_radius": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2),
+    "smoothing": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3),
     "min_size": (0.05, 0.1, 0.2, 0.3),
 }
 

@@ -131,7 +131,8 @@ class MeasurementConfig(StrictModel):
         default_factory=list,
         description="CellProfiler feature sets (cp-measure) of each cell, or of each nucleus "
         "without segmentation.cells: sizeshape, zernike, feret, intensity, texture, "
-        "radial_distribution, radial_zernikes, colocalization (channel pairs), neighbors",
+        "radial_distribution, radial_zernikes, granularity, colocalization (channel pairs), "
+        "neighbors",
     )
 
 

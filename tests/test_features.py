@@ -105,6 +105,36 @@ def test_features_equal_cp_measure_on_the_whole_frame(field):
         alone = (padded_labels[box] == label).astype(np.int32)
         want = core["zernike"](alone, padded[box])["Zernike_2_0"][0]
         assert table.loc[label, "AreaShape_Zernike_2_0"] == pytest.approx(want, rel=1e-12)
+        # granularity: cp-measure on the same box, the pixels outside the cell set to 0
+        alone_pixels = np.where(alone > 0, padded[box], 0.0)
+        spectrum = core["granularity"](alone, alone_pixels, subsample_size=0.5)
+        for step in (1, 2, 5):
+            assert table.loc[label, f"Granularity_{step}_dna"] == pytest.approx(
+                spectrum[f"Granularity_{step}"][0], rel=1e-9, abs=1e-12
+            )
+
+
+def test_granularity_puts_fine_granules_in_the_first_steps_and_a_plain_cell_in_later_ones():
+    """Two discs of radius 24 px and the same mean 0.3: one uniform, one of 2 px granules
+    holding 0.2 on a base of 0.1. At half resolution the granules are one pixel: the first
+    step removes them, 2/3 of the mean, and nothing of the uniform disc; the discs (radius 12
+    there) vanish at the 13th erosion."""
+    grid = np.indices((64, 128))
+    labels = np.zeros((64, 128), np.int32)
+    labels[np.hypot(grid[0] - 32, grid[1] - 32) < 24] = 1
+    labels[np.hypot(grid[0] - 32, grid[1] - 96) < 24] = 2
+    image = np.zeros((1, 64, 128))
+    image[0][labels == 1] = 0.3
+    granules = (grid[0] % 8 < 2) & (grid[1] % 8 < 2) & (labels == 2)
+    image[0][labels == 2] = 0.1
+    image[0][granules] = 0.1 + 0.2 * (labels == 2).sum() / granules.sum()
+    table = pipeline.measure(labels, image, dims="yx", features=["granularity"])
+    spectrum = table[[f"Granularity_{k}_0" for k in range(1, 17)]].to_numpy()
+    uniform, granular = spectrum
+    assert granular[0] == pytest.approx(200 / 3, abs=2)  # % of the mean gone at step 1
+    assert uniform[0] < 3  # the disc's outline, resampled
+    assert np.argmax(uniform) == np.argmax(granular[1:]) + 1 == 12
+    np.testing.assert_allclose(spectrum.sum(axis=1), 100, atol=1)  # all gone in the end
 
 
 @pytest.mark.parametrize("objects", ["nuclei", "touching cells"])
@@ -134,7 +164,7 @@ def test_features_of_whole_cells_come_with_their_compartments(field):
 def test_unknown_or_unavailable_feature_sets_are_refused(field):
     labels, image = field
     with pytest.raises(ValueError, match="unknown feature sets"):
-        pipeline.measure(labels[0], image[0], dims="yx", features=["granularity"])
+        pipeline.measure(labels[0], image[0], dims="yx", features=["haralick"])
     stack = np.zeros((4, 16, 16), np.int32)
     stack[1:3, 4:9, 4:9] = 1
     with pytest.raises(ValueError, match="z-stacks"):

@@ -473,7 +473,8 @@ def measure(
     features
         CellProfiler feature sets computed by cp-measure for the cells (or, without ``cells``,
         for the labelled objects): ``sizeshape``, ``zernike``, ``feret``, ``intensity``,
-        ``texture``, ``radial_distribution``, ``radial_zernikes``, ``colocalization``, ``neighbors``
+        ``texture``, ``radial_distribution``, ``radial_zernikes``, ``granularity``,
+        ``colocalization``, ``neighbors``
         (:mod:`pipeline.measurement.features`; distances between the table's positions,
         i.e. the nuclei's when ``cells`` are given). Needs ``image``.
 

@@ -15,21 +15,28 @@ Feature sets (names of :func:`cp_measure.bulk.get_core_measurements`):
 - per channel: ``intensity`` (integrated, mean, std, quartiles, MAD, edge intensities, mass
   displacement, ...), ``texture`` (Haralick features at scale 3 in four directions),
   ``radial_distribution`` and ``radial_zernikes`` (intensity from the centre to the edge);
-  columns ``<feature>_<channel>``.
+  columns ``<feature>_<channel>``; ``granularity`` (the granular spectrum, 16 steps:
+  ``Granularity_<k>_<channel>``, the percentage of the cell's mean intensity in structures that
+  vanish at the k-th erosion).
 
 Zernike moments (``zernike``, ``radial_zernikes``) are computed per cell on its bounding box
 grown by one pixel: cp-measure's values change by up to 1 % with where a cell lies in the
-array, which would make tiled and whole-image values differ.
+array, which would make tiled and whole-image values differ. Granularity is computed the same
+way, on the cell's own pixels (the rest of its crop set to 0) subsampled by 1/2: CellProfiler
+measures it on the whole image, with a background removed by an opening ~320 px across and a
+morphological reconstruction that reaches arbitrarily far, and subsamples by 1/4, which leaves
+a nucleus of 20 px only two or three steps. Per cell, the spectrum depends on the cell alone
+and is the same in any tiling; the background opening sees the zeros around the cell, so only
+cells wider than ~160 px keep any background to remove.
 
 Intensities enter as CellProfiler reads images: integer images divided by their type's largest
 value (uint16 / 65535), float images as they are (texture expects them within [0, 1]). Every
 feature here depends on a cell's own pixels only (touching: and the one-pixel ring around
 them), so measuring each cell whole in the block that owns it
-(:mod:`pipeline.measurement.owned`) gives the whole-image value. Granularity is left out:
-CellProfiler computes it on the whole image's background-subtracted spectrum, which depends on
-pixels beyond the cell. Absolute positions (``Center_*``, ``BoundingBoxMinimum_*``,
-``Location_*``) are left out too: the table's ``x``, ``y``, ``centroid_*_px`` and ``bbox_*``
-columns hold them for the whole field. z-stacks: ``sizeshape``, ``intensity`` and ``texture``.
+(:mod:`pipeline.measurement.owned`) gives the whole-image value. Absolute positions
+(``Center_*``, ``BoundingBoxMinimum_*``, ``Location_*``) are left out: the table's ``x``,
+``y``, ``centroid_*_px`` and ``bbox_*`` columns hold them for the whole field. z-stacks:
+``sizeshape``, ``intensity`` and ``texture``.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ FeatureSet = Literal[
     "texture",
     "radial_distribution",
     "radial_zernikes",
+    "granularity",
     "colocalization",
     "neighbors",
 ]
@@ -78,9 +86,13 @@ _SETS_3D = frozenset({"sizeshape", "intensity", "texture"})
 # Positions in the pixels of the array measured: left out (the table's x, y, centroid and bbox
 # columns give them for the whole field), so a block's features equal the whole image's.
 _POSITION = re.compile(r"^(Center_|BoundingBoxM(inimum|aximum)_|Location_)")
-# cp-measure's Zernike moments change (by up to 1 %) with where the cell lies in the array:
-# these sets are measured per cell on a canonical crop (:func:`_per_cell`).
-_POSITION_DEPENDENT = frozenset({"zernike", "radial_zernikes"})
+# cp-measure's Zernike moments change (by up to 1 %) with where the cell lies in the array, and
+# its granularity with the whole image: these sets are measured per cell on a canonical crop
+# (:func:`_per_cell`).
+_PER_CELL = frozenset({"zernike", "radial_zernikes", "granularity"})
+# Granularity per cell: subsampled by 1/2 (CellProfiler's 1/4 suits whole images), 16 steps.
+GRANULARITY_SUBSAMPLE = 0.5
+GRANULARITY_STEPS = 16
 
 
 def _check(features: Sequence[str], ndim: int) -> None:
@@ -95,7 +107,20 @@ def _functions(ndim: int) -> dict:
     from cp_measure.bulk import get_core_measurements, get_core_measurements_3d
 
     core = get_core_measurements_3d() if ndim == 3 else get_core_measurements()
-    return {**core, "colocalization": _colocalization}
+    return {**core, "colocalization": _colocalization, "granularity": _cell_granularity}
+
+
+def _cell_granularity(masks: np.ndarray, pixels: np.ndarray) -> dict:
+    """CellProfiler's MeasureGranularity (cp-measure) of the labelled cells alone: pixels
+    outside them are 0, so nothing beyond a cell enters its spectrum."""
+    from cp_measure.bulk import get_core_measurements
+
+    return get_core_measurements()["granularity"](
+        masks,
+        np.where(masks > 0, pixels, 0.0),
+        subsample_size=GRANULARITY_SUBSAMPLE,
+        granular_spectrum_length=GRANULARITY_STEPS,
+    )
 
 
 def _colocalization(masks: np.ndarray, first: np.ndarray, second: np.ndarray) -> dict:
@@ -187,7 +212,7 @@ def feature_table(
             columns.update(touching(cells, ids))
             continue
         measure = functions[feature_set]
-        if feature_set in _POSITION_DEPENDENT:
+        if feature_set in _PER_CELL:
             measure = partial(_per_cell, measure, ids=ids)
         for suffix, indices in _channel_groups(feature_set, channel_names):
             pixels = [scaled[index] for index in indices]
