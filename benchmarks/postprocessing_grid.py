@@ -4,7 +4,7 @@ Usage:
     python benchmarks/postprocessing_grid.py [--data ../shared/data/segmentation/dsb2018]
         [--split pipeline/convnet/recipes/dsb2018_validation.txt] [--model PATH]
         [--modality gray] [--images 60] [--rounds 2] [--tta] [--start NAME=VALUE,...]
-        [--json results.json]
+        [--only NAME,...] [--json results.json]
 
 Whole cells in phase contrast (a folder without an index.csv is one group):
     python benchmarks/postprocessing_grid.py --data ../shared/data/segmentation/phase-cells
@@ -97,8 +97,15 @@ def main() -> None:
     parser.add_argument(
         "--start", default="", help="starting point, e.g. seed_radius=0.5,smoothing=0.15"
     )
+    parser.add_argument("--only", default="", help="search only these parameters, e.g. smoothing")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    only = [name for name in args.only.split(",") if name]
+    if unknown := set(only) - set(CANDIDATES):
+        parser.error(
+            f"--only: unknown parameters {sorted(unknown)}; choose from {list(CANDIDATES)}"
+        )
+    searched = {name: CANDIDATES[name] for name in only} or CANDIDATES
 
     settings = InferenceSettings(model=args.model, tta=args.tta, cpu_threads=args.threads)
     ids = training_images(args.data, args.split, args.modality, args.images, args.seed)
@@ -119,7 +126,7 @@ def main() -> None:
     path = [{"changed": "start", **best.model_dump(), "ap50": best_score[0], "map": best_score[1]}]
     print(f"start {best}: AP50 {best_score[0]:.4f}  mAP {best_score[1]:.4f}", flush=True)
     for round_number in range(1, args.rounds + 1):
-        for name, values in CANDIDATES.items():
+        for name, values in searched.items():
             for value in values:
                 if getattr(best, name) == value:
                     continue

@@ -62,10 +62,10 @@ class CellParameters(StrictModel):
         10.0, description="farthest a cell reaches from its nucleus (expand: how far it grows)"
     )
     threshold_correction: PositiveFloat = Field(
-        0.5,
+        0.35,
         description="the cell channel's foreground lies above this times Otsu's threshold "
-        "(0.5: cells expressing a cytoplasmic marker five times more weakly than their "
-        "neighbours still grow; their reach stays bounded by distance_um)",
+        "(0.35: cells expressing a cytoplasmic marker several times more weakly than their "
+        "neighbours grow to their edge; their reach stays bounded by distance_um)",
     )
     regularization: NonNegativeFloat = Field(
         0.05, description="propagation: weight of distance against intensity change"
