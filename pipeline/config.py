@@ -173,6 +173,11 @@ class InputConfig(StrictModel):
         description="a chunk absent from the input store fails its field (error) or reads as "
         "the array's fill value (fill: for writers that skip empty chunks)",
     )
+    non_finite: Literal["error", "zero"] = Field(
+        "error",
+        description="floating-point images: NaN or infinite pixels fail their field (error) or "
+        "read as 0 (zero: e.g. the NaN padding of registered or deskewed images)",
+    )
 
 
 class RunConfig(StrictModel):

@@ -43,9 +43,20 @@ def frame_histogram(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         offset = int(np.iinfo(frame.dtype).min)
         counts = np.bincount(frame.ravel().astype(np.int64) - offset)
         return counts, np.arange(counts.size, dtype=np.float64) + offset
-    low, high = float(frame.min()), float(frame.max())
+    low, high = _finite_range(frame.min(), frame.max())
     counts, edges = np.histogram(frame, bins=FLOAT_BINS, range=(low, high))
     return counts, _centres(edges)
+
+
+def _finite_range(low: float, high: float) -> np.ndarray:
+    """A frame's [min, max], refused when the frame holds NaN or infinite pixels."""
+    low, high = float(low), float(high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(
+            "the image has NaN or infinite pixels; replace them first (e.g. numpy.nan_to_num), "
+            "or in a run set input.non_finite: zero"
+        )
+    return np.array([low, high])
 
 
 def _centres(edges: np.ndarray) -> np.ndarray:
@@ -69,7 +80,10 @@ def frame_statistics(
             centres = np.arange(size, dtype=np.float64) + offset
             value = dask.delayed(statistic)(counts, centres)
         else:
-            counts, edges = da.histogram(frame, bins=FLOAT_BINS, range=[frame.min(), frame.max()])
+            limits = da.from_delayed(
+                dask.delayed(_finite_range)(frame.min(), frame.max()), shape=(2,), dtype=float
+            )
+            counts, edges = da.histogram(frame, bins=FLOAT_BINS, range=[limits[0], limits[1]])
             value = dask.delayed(statistic)(counts, dask.delayed(_centres)(edges))
         sample = np.asarray(statistic(np.ones(2), np.arange(2.0)))
         values.append(da.from_delayed(value, shape=sample.shape, dtype=np.float64))

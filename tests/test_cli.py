@@ -381,6 +381,42 @@ def test_unreadable_chunk_fails_its_field_only(
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_nan_pixels_fail_their_field_with_the_chunk_named_or_read_as_zero_when_asked(
+    tmp_path: Path, pipeline_command
+) -> None:
+    from pipeline.synthetic import simulate_field
+
+    for well, seed in (("A01", 1), ("A02", 2)):
+        frames = simulate_field(n_frames=2, size=96, seed=seed).image[:, 0].astype(np.float32)
+        if well == "A01":
+            frames[1, 10:20, 10:20] = np.nan  # deconvolution or registration leftovers
+            frames[1, 50, 50] = np.inf
+        tifffile.imwrite(tmp_path / f"{well}_f0.tif", frames, metadata={"axes": "TYX"})
+    plate = tmp_path / "plate.zarr"
+    tiffs = sorted(tmp_path.glob("*.tif"))
+    imported = pipeline_command("import", *tiffs, "--plate", "--out", plate, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+
+    out = tmp_path / "results.zarr"
+    result = pipeline_command("run", plate, "--out", out, "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 3  # partial
+    assert "Traceback" not in result.stderr
+    [failure] = [line for line in _stderr_lines(result) if line.startswith("FAILED")]
+    assert failure.startswith("FAILED A/1/0: 101 NaN or infinite pixel(s) in chunk")
+    assert "input.non_finite: zero" in failure and str(plate / "A/1/0/0") in failure
+    assert [w["path"] for w in _root_attrs(out)["ome"]["plate"]["wells"]] == ["A/2"]
+
+    config = tmp_path / "zero.yaml"
+    config.write_text("input:\n  non_finite: zero\n")
+    out = tmp_path / "zeroed.zarr"
+    result = pipeline_command(
+        "run", plate, "--out", out, "--config", config, "--workers", "1", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert _root_attrs(out)["pipeline_run"]["status"] == "complete"
+    assert len(_field_table(out, "A/1/0")) > 0
+
+
 def test_track_labels_are_written_and_exported_as_ctc(tmp_path: Path, small_plate: Path) -> None:
     """``tracking.write_track_labels``: labels/tracks holds each cell's track id; the CTC
     export of the field gives the same masks and one track-file line per track."""

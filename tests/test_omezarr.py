@@ -458,6 +458,25 @@ def test_missing_chunk_fails_naming_it_unless_asked_to_fill(tmp_path):
     np.testing.assert_array_equal(filled, expected)
 
 
+def test_non_finite_pixels_fail_naming_the_chunk_unless_asked_to_read_them_as_zero(tmp_path):
+    path = tmp_path / "plate.zarr"
+    image = RNG.random((1, 1, 8, 8)).astype(np.float32) + 1
+    image[0, 0, 5, 1] = np.nan  # chunk c/0/0/1/0
+    image[0, 0, 6, 2] = -np.inf
+    _one_field_plate(path, image)
+
+    data = open_plate(path).fields[0].data
+    np.testing.assert_array_equal(data[..., :4, :].values, image[..., :4, :])  # clean chunks
+    with pytest.raises(PipelineInputError, match=r"2 NaN or infinite pixel\(s\) in chunk c/0/0/1"):
+        data.values  # noqa: B018
+    with pytest.raises(PipelineInputError, match=r"input\.non_finite: zero") as error:
+        open_image(path, image_path="B/3/0").data.values  # noqa: B018
+    assert error.value.path == os.path.join(str(path), "B/3/0/0")
+
+    zeroed = open_plate(path, non_finite="zero").fields[0].data.values
+    np.testing.assert_array_equal(zeroed, np.nan_to_num(image, nan=0, neginf=0))
+
+
 def test_written_images_store_empty_chunks(tmp_path):
     # zarr-python skips chunks equal to the fill value unless told otherwise; the product's
     # outputs keep them, so that its own outputs read back under missing_chunks="error".

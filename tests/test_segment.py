@@ -189,3 +189,13 @@ def test_colour_image_is_segmented_on_its_luminance_with_a_warning(field_2d):
 
     pixel = np.array([[[200, 100, 50]]], dtype=np.float32)
     assert colour_to_grey(pixel)[0, 0] == pytest.approx(255 * rgb2gray(pixel / 255)[0, 0], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["classical", "convnet"])
+def test_nan_or_infinite_pixels_are_refused_in_words_on_numpy_and_dask(field_2d, method):
+    image = field_2d.image[0, 0].astype(np.float32)
+    image[3, 4] = np.nan
+    for given in (image, da.from_array(image, chunks=40)):
+        with pytest.raises(ValueError, match="NaN or infinite pixels; replace them first"):
+            labels = segment(given, method, diameter=20.0 if method == "convnet" else None)
+            labels.compute() if isinstance(labels, da.Array) else labels

@@ -60,6 +60,7 @@ _DEFAULT_CHUNKS = {"t": 1, "c": 1, "z": 16, "y": 256, "x": 256}
 # missing chunk in an output is always a loss that readers report, never an empty region.
 _EVERY_CHUNK = {"write_empty_chunks": True}
 MissingChunks = Literal["error", "fill"]
+NonFinite = Literal["error", "zero"]
 
 _SUPPORTED_DTYPES = frozenset(
     np.dtype(name)
@@ -169,12 +170,23 @@ class ChunkReader:
         ``"error"``: a chunk absent from the store raises :class:`CorruptChunkError` (a lost
         file must not read as an empty image); ``"fill"``: it reads as the fill value, as zarr
         does (for writers that skip empty chunks).
+    non_finite
+        Floating-point arrays: ``"error"``: a chunk holding NaN or infinite values raises
+        :class:`~pipeline.errors.PipelineInputError` naming it and how many; ``"zero"``: they
+        read as 0 (e.g. NaN padding of registered or deskewed images).
     """
 
-    def __init__(self, store_root: str, array_path: str, missing: MissingChunks = "fill") -> None:
+    def __init__(
+        self,
+        store_root: str,
+        array_path: str,
+        missing: MissingChunks = "fill",
+        non_finite: NonFinite = "error",
+    ) -> None:
         self.store_root = store_root
         self.array_path = array_path
         self.missing = missing
+        self.non_finite = non_finite
         array = self._array()
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -211,12 +223,29 @@ class ChunkReader:
                         self.location,
                     )
         try:
-            return np.asarray(self._array()[key])
+            values = np.asarray(self._array()[key])
         except Exception as error:
             chunk_key = self._failing_chunk_key(key)
             raise CorruptChunkError(
                 f"cannot read chunk {chunk_key} ({type(error).__name__}: {error})", self.location
             ) from error
+        if values.dtype.kind == "f":
+            values = self._finite(values, key)
+        return values
+
+    def _finite(self, values: np.ndarray, key: Any) -> np.ndarray:
+        """``values`` checked for NaN and infinities: refused, or those read as 0."""
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            return values
+        if self.non_finite == "zero":
+            return np.where(bad, values.dtype.type(0), values)
+        region = self._metadata.encode_chunk_key(self._grid_cells(key)[0])
+        raise PipelineInputError(
+            f"{int(bad.sum())} NaN or infinite pixel(s) in chunk {region} (to read them as 0, "
+            "set input.non_finite: zero, or non_finite='zero' in Python)",
+            self.location,
+        )
 
     def _failing_chunk_key(self, key: Any) -> str:
         """Storage key of the first chunk in ``key`` that cannot be read."""
@@ -254,7 +283,9 @@ class ChunkReader:
 # --------------------------------------------------------------------------------------------
 
 
-def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "error") -> Plate:
+def open_plate(
+    path: str | Path, *, missing_chunks: MissingChunks = "error", non_finite: NonFinite = "error"
+) -> Plate:
     """Open an OME-Zarr HCS plate, or a lone multiscale image as a one-field plate.
 
     Parameters
@@ -266,6 +297,10 @@ def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "error") -> 
         :class:`~pipeline.errors.CorruptChunkError` naming it; ``"fill"``: it reads as the
         fill value (for writers that skip chunks equal to it). The product's own outputs store
         every chunk.
+    non_finite
+        Floating-point images: ``"error"``: reading NaN or infinite pixels raises
+        :class:`~pipeline.errors.PipelineInputError` naming the chunk; ``"zero"``: they read
+        as 0.
 
     Returns
     -------
@@ -280,9 +315,11 @@ def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "error") -> 
     root_path, root = _open_root(path)
     metadata, version = _ome_metadata(root)
     if "plate" in metadata:
-        return _read_plate(root_path, root, metadata["plate"], version, missing_chunks)
+        return _read_plate(root_path, root, metadata["plate"], version, missing_chunks, non_finite)
     if "multiscales" in metadata:
-        field = _read_field(root_path, root, "", missing_chunks=missing_chunks)
+        field = _read_field(
+            root_path, root, "", missing_chunks=missing_chunks, non_finite=non_finite
+        )
         return Plate(
             path=root_path,
             version=version,
@@ -296,7 +333,11 @@ def open_plate(path: str | Path, *, missing_chunks: MissingChunks = "error") -> 
 
 
 def open_image(
-    path: str | Path, *, image_path: str = "", missing_chunks: MissingChunks = "error"
+    path: str | Path,
+    *,
+    image_path: str = "",
+    missing_chunks: MissingChunks = "error",
+    non_finite: NonFinite = "error",
 ) -> FieldOfView:
     """Open one OME-Zarr multiscale image.
 
@@ -307,7 +348,7 @@ def open_image(
     image_path
         Path of the image group inside the root, e.g. "B/3/0"; "" for a lone image. A path
         of three parts is read as row/column/field.
-    missing_chunks
+    missing_chunks, non_finite
         As for :func:`open_plate`.
 
     Returns
@@ -327,6 +368,7 @@ def open_image(
         column=column,
         field=field,
         missing_chunks=missing_chunks,
+        non_finite=non_finite,
     )
 
 
@@ -410,6 +452,7 @@ def _read_plate(
     plate: dict[str, Any],
     version: str,
     missing_chunks: MissingChunks,
+    non_finite: NonFinite,
 ) -> Plate:
     rows = tuple(str(row["name"]) for row in plate.get("rows", []))
     columns = tuple(str(column["name"]) for column in plate.get("columns", []))
@@ -442,6 +485,7 @@ def _read_plate(
                     column=column,
                     field=field,
                     missing_chunks=missing_chunks,
+                    non_finite=non_finite,
                 )
             )
     return Plate(
@@ -464,6 +508,7 @@ def _read_field(
     column: str | None = None,
     field: str | None = None,
     missing_chunks: MissingChunks,
+    non_finite: NonFinite = "error",
 ) -> FieldOfView:
     group = _child_group(root, root_path, image_path, "image")
     location = os.path.join(root_path, image_path) if image_path else root_path
@@ -484,7 +529,7 @@ def _read_field(
         dataset_path = str(dataset["path"]).strip("/")
         array_path = f"{image_path}/{dataset_path}" if image_path else dataset_path
         try:
-            reader = ChunkReader(root_path, array_path, missing_chunks)
+            reader = ChunkReader(root_path, array_path, missing_chunks, non_finite)
         except Exception as error:
             raise PipelineInputError(
                 f"cannot open multiscale level '{dataset_path}' ({type(error).__name__})",

@@ -134,7 +134,7 @@ def _print_summary(summary: RunSummary) -> None:
         for warning in outcome.warnings:
             print(f"WARNING {outcome.path or 'image'}: {warning}", file=sys.stderr)
     for failure in summary.failed:
-        print(f"FAILED {failure.path}: {failure.error}", file=sys.stderr)
+        print(f"FAILED {failure.path or 'image'}: {failure.error}", file=sys.stderr)
     print(f"results: {summary.output_path}")
 
 
@@ -222,7 +222,11 @@ def _plan(
     plate = (
         input_path
         if isinstance(input_path, Plate)
-        else open_plate(input_path, missing_chunks=config.input.missing_chunks)
+        else open_plate(
+            input_path,
+            missing_chunks=config.input.missing_chunks,
+            non_finite=config.input.non_finite,
+        )
     )
     plan = plan_run(plate, out, config, force=force, only_failed=only_failed)
     return PlateRun(plate.path, plate, plan)
