@@ -7,8 +7,10 @@ traceback); 3 partial (some fields or plates failed, the others are done and rec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +20,7 @@ __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
 EXIT_PARTIAL = 3
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
 
 
 def _cluster_options(args: argparse.Namespace):
@@ -134,6 +137,8 @@ def _status(args: argparse.Namespace) -> int:
     for unit in states:
         line = f"  {unit.path or '(image)'}\t{unit.state}\t{unit.time or '-'}"
         print(f"{line}\t{unit.error}" if unit.error else line)
+        if args.traceback and unit.traceback:
+            print(textwrap.indent(unit.traceback.rstrip(), "    "))
     return 0 if counts["done"] == len(states) else EXIT_PARTIAL
 
 
@@ -346,8 +351,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", help="run configuration (YAML)")
     _add_cluster_arguments(run)
-    run.add_argument("--force", action="store_true", help="recompute every field")
-    run.add_argument(
+    redo = run.add_mutually_exclusive_group()
+    redo.add_argument("--force", action="store_true", help="recompute every field")
+    redo.add_argument(
         "--only-failed", action="store_true", help="retry only the fields that failed last time"
     )
     run.set_defaults(handler=_run)
@@ -398,6 +404,11 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="done / failed / pending fields of an output, with errors"
     )
     status.add_argument("output", help="OME-Zarr written by pipeline run")
+    status.add_argument(
+        "--traceback",
+        action="store_true",
+        help="also the traceback of each field that failed with an unexpected error",
+    )
     status.set_defaults(handler=_status)
 
     report = commands.add_parser("report", help="(re)write the QC report of an output")
@@ -552,13 +563,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
     except PipelineInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `pipeline status OUT | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -350,6 +350,29 @@ def test_bad_input_is_one_line_exit_2(
         assert not out.exists()
 
 
+def test_status_into_a_closed_pipe_ends_quietly(plate_run: PlateRun) -> None:
+    """As ``pipeline status OUT | head -n 0``: the reader has gone before anything is written."""
+    status = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "status", str(plate_run.out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    status.stdout.close()  # long before the command has imported what it needs
+    stderr = status.stderr.read()
+    assert status.wait(timeout=60) == 141  # as a shell reports a command ended by SIGPIPE
+    assert stderr == b""
+
+
+def test_contradictory_flags_are_refused(small_plate: Path, tmp_path: Path, pipeline_command):
+    out = tmp_path / "results.zarr"
+    result = pipeline_command(
+        "run", small_plate, "--out", out, "--force", "--only-failed", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "argument --only-failed: not allowed with argument --force" in result.stderr
+    assert not out.exists()
+
+
 def test_unreadable_chunk_fails_its_field_only(
     tmp_path: Path, small_plate: Path, pipeline_command
 ) -> None:

@@ -275,6 +275,32 @@ def test_missing_chunks_may_read_as_fill_value_when_configured(
     assert not summary.failed
 
 
+def test_an_unexpected_error_is_one_line_with_its_traceback_kept_for_status(
+    plate: Path, tmp_path: Path, shared_scheduler: str, monkeypatch, capsys
+) -> None:
+    from pipeline.orchestration import field
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a simulated bug")
+
+    monkeypatch.setattr(field, "segment_and_measure", broken)
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(plate), "--out", str(out), "--scheduler", shared_scheduler]) == 3
+    failures = [line for line in capsys.readouterr().err.splitlines() if "FAILED" in line]
+    assert failures == [
+        f"FAILED {path}: RuntimeError: a simulated bug "
+        f"(traceback: pipeline status {out} --traceback)"
+        for path in FIELDS
+    ]
+
+    assert main(["status", str(out)]) == 3
+    assert "Traceback" not in capsys.readouterr().out
+    assert main(["status", str(out), "--traceback"]) == 3
+    shown = capsys.readouterr().out
+    assert shown.count("Traceback (most recent call last)") == len(FIELDS)
+    assert "in broken" in shown and 'raise RuntimeError("a simulated bug")' in shown
+
+
 # --------------------------------------------------------------------------------------------
 # Killed workers and killed runs
 # --------------------------------------------------------------------------------------------

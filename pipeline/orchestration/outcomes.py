@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback as tracebacks
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ class FieldOutcome:
     halo_um: dict[str, float] = field(default_factory=dict)
     diameter_px: float | None = None
     error: str | None = None
+    traceback: str | None = None
     skipped: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -83,7 +85,8 @@ def skipped_outcome(fov: FieldOfView, record: dict[str, Any]) -> FieldOutcome:
 
 
 def failed_outcome(fov: FieldOfView, error: BaseException) -> FieldOutcome:
-    """The outcome of a field that failed with ``error`` (user errors as one line)."""
+    """The outcome of a field that failed with ``error``: one line, and the traceback (on the
+    worker where it was raised) of an error that is not the user's input."""
     shape = fov.data.shape
     return FieldOutcome(
         path=fov.path,
@@ -91,6 +94,9 @@ def failed_outcome(fov: FieldOfView, error: BaseException) -> FieldOutcome:
         n_frames=fov.data.sizes.get("t", 1),
         n_pixels=int(np.prod(shape)),
         error=_describe(error),
+        traceback=None
+        if isinstance(error, PipelineInputError)
+        else "".join(tracebacks.format_exception(error)),
     )
 
 

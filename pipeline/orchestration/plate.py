@@ -110,7 +110,7 @@ def process_plate(
                 outcomes.append(future.result())
             except Exception as error:  # a failed field is recorded; the others go on
                 outcome = failed_outcome(fov, error)
-                ledger.set(fov.path, "failed", outcome.error)
+                ledger.set(fov.path, "failed", outcome.error, outcome.traceback)
                 outcomes.append(outcome)
     summary = RunSummary(plate.path, str(plan.output), _in_plate_order(plate, outcomes), 0.0)
     summary.wall_seconds = time.perf_counter() - started

@@ -114,10 +114,16 @@ class Ledger:
         with self._lock:
             self._write()
 
-    def set(self, path: str, state: str, error: str | None = None) -> None:
-        """Record that unit ``path`` is ``running``, ``done`` or ``failed`` (with ``error``)."""
+    def set(
+        self, path: str, state: str, error: str | None = None, traceback: str | None = None
+    ) -> None:
+        """Record that unit ``path`` is ``running``, ``done`` or ``failed`` (with ``error``,
+        and the ``traceback`` of an unexpected one)."""
+        unit = {"state": state, "error": error, "time": now()}
+        if traceback is not None:
+            unit["traceback"] = traceback
         with self._lock:
-            self._state["units"][path] = {"state": state, "error": error, "time": now()}
+            self._state["units"][path] = unit
             self._write()
 
     def finish(self, wall_seconds: float) -> str:
@@ -148,6 +154,7 @@ class UnitState:
     state: str
     error: str | None
     time: str | None
+    traceback: str | None = None
 
 
 def unit_states(out: str | Path) -> tuple[dict[str, Any], list[UnitState]]:
@@ -174,7 +181,9 @@ def unit_states(out: str | Path) -> tuple[dict[str, Any], list[UnitState]]:
         if record is not None:
             states.append(UnitState(path, "done", None, record.get("finished")))
         elif unit["state"] == "failed":
-            states.append(UnitState(path, "failed", unit["error"], unit["time"]))
+            states.append(
+                UnitState(path, "failed", unit["error"], unit["time"], unit.get("traceback"))
+            )
         else:
             states.append(UnitState(path, "pending", None, unit["time"]))
     return ledger, states

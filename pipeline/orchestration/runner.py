@@ -44,25 +44,20 @@ __all__ = [
     "run",
 ]
 
-_HANDLED_ERRORS = ("PipelineInputError(", "CorruptChunkError(", "HaloTooSmall(")
 
-
-class _DropHandledFailures(logging.Filter):
-    """Drops a worker's "Compute Failed" traceback of errors the run reports or retries."""
+class _DropFailedTasks(logging.Filter):
+    """Drops a worker's "Compute Failed" log: the run retries the task or records the failure
+    of its field, with the traceback of an unexpected error (``pipeline status --traceback``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (
-            message.startswith("Compute Failed")
-            and any(error in message for error in _HANDLED_ERRORS)
-        )
+        return not record.getMessage().startswith("Compute Failed")
 
 
-class _QuietHandledFailures(WorkerPlugin):
-    """Installs :class:`_DropHandledFailures` on each worker of the run's own cluster."""
+class _QuietFailedTasks(WorkerPlugin):
+    """Installs :class:`_DropFailedTasks` on each worker of the run's own cluster."""
 
     def setup(self, worker: Any) -> None:
-        logging.getLogger("distributed.worker").addFilter(_DropHandledFailures())
+        logging.getLogger("distributed.worker").addFilter(_DropFailedTasks())
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class ClusterOptions:
             scheduler_host=self.scheduler_host,
         ) as running:
             if self.scheduler is None:
-                running.client.register_plugin(_QuietHandledFailures())
+                running.client.register_plugin(_QuietFailedTasks())
             yield running
 
 
@@ -134,7 +129,10 @@ def _print_summary(summary: RunSummary) -> None:
         for warning in outcome.warnings:
             print(f"WARNING {outcome.path or 'image'}: {warning}", file=sys.stderr)
     for failure in summary.failed:
-        print(f"FAILED {failure.path or 'image'}: {failure.error}", file=sys.stderr)
+        line = f"FAILED {failure.path or 'image'}: {failure.error}"
+        if failure.traceback:
+            line += f" (traceback: pipeline status {summary.output_path} --traceback)"
+        print(line, file=sys.stderr)
     print(f"results: {summary.output_path}")
 
 
