@@ -8,6 +8,7 @@ the input pixels, and the input's file hashes.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -309,6 +310,16 @@ def _existing_output(tmp: Path, plate: Path) -> tuple[list, Path]:
     return [plate], out
 
 
+def _image_path_leaving_the_plate(tmp: Path, plate: Path) -> tuple[list, Path]:
+    copy = tmp / "plate.zarr"
+    shutil.copytree(plate, copy)
+    well = zarr.open_group(copy / "A/1", mode="r+")
+    ome = dict(well.attrs["ome"])
+    ome["well"] = {"images": [{"path": "../../elsewhere"}]}
+    well.attrs["ome"] = ome
+    return [copy], copy
+
+
 BAD_INPUTS = {
     "missing input": (_missing, "path does not exist"),
     "folder that is not OME-Zarr": (_not_ome_zarr_folder, "not a zarr group"),
@@ -328,6 +339,10 @@ BAD_INPUTS = {
         "bad config value for 'tracking.max_distance_um'",
     ),
     "output exists": (_existing_output, "output exists but"),
+    "image path leaving the plate": (
+        _image_path_leaving_the_plate,
+        "image path 'A/1/../../elsewhere' in the metadata leaves its plate",
+    ),
 }
 
 
@@ -348,6 +363,35 @@ def test_bad_input_is_one_line_exit_2(
         assert (out / "keep.txt").read_text() == "earlier results"
     else:
         assert not out.exists()
+
+
+@pytest.mark.parametrize("inside", ["results.zarr", "A/1/0/labels/more"])
+def test_an_output_inside_the_input_is_refused_before_any_work(
+    inside: str, tmp_path: Path, small_plate: Path, pipeline_command
+) -> None:
+    plate = tmp_path / "plate.zarr"
+    shutil.copytree(small_plate, plate)
+    before = _file_digests(plate)
+    result = pipeline_command("run", plate, "--out", plate / inside, cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = _stderr_lines(result)
+    assert line == (
+        f"error: output lies inside the input {plate} (the input is never modified); "
+        f"choose a folder outside it: {plate / inside}"
+    )
+    assert _file_digests(plate) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_output_folder_is_refused_before_any_work(
+    tmp_path: Path, small_plate: Path, pipeline_command
+) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    result = pipeline_command("run", small_plate, "--out", folder / "out.zarr", cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = _stderr_lines(result)
+    assert line.startswith(f"error: cannot write here ({folder} is not writable)")
 
 
 def test_status_into_a_closed_pipe_ends_quietly(plate_run: PlateRun) -> None:

@@ -435,6 +435,11 @@ def _ome_metadata(group: zarr.Group) -> tuple[dict[str, Any], str]:
 def _child_group(root: zarr.Group, root_path: str, child: str, what: str) -> zarr.Group:
     if not child:
         return root
+    if any(part in (".", "..", "") for part in child.split("/")):
+        raise PipelineInputError(
+            f"{what} path '{child}' in the metadata leaves its plate or is not a plain path",
+            root_path,
+        )
     try:
         node = root[child]
     except KeyError:

@@ -73,6 +73,25 @@ class RunPlan:
         return not self.todo
 
 
+def _check_output_location(out: Path, input_path: Path) -> None:
+    """Refuse an output that is, lies inside or holds the input (the input is never
+    modified), or whose folder cannot be written: before any cluster starts."""
+    where, source = out.resolve(), input_path.resolve()
+    if where == source:
+        raise PipelineInputError("output must differ from the input", out)
+    if where.is_relative_to(source):
+        raise PipelineInputError(
+            f"output lies inside the input {input_path} (the input is never modified); "
+            "choose a folder outside it",
+            out,
+        )
+    if source.is_relative_to(where):
+        raise PipelineInputError(f"output would hold the input {input_path}", out)
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineInputError(f"cannot write here ({existing} is not writable)", out)
+
+
 def plan_run(
     plate: omezarr.Plate,
     out: str | Path,
@@ -108,8 +127,7 @@ def plan_run(
         ``force``), or ``only_failed`` is asked of an output that does not exist.
     """
     out = Path(out)
-    if out.resolve() == Path(plate.path).resolve():
-        raise PipelineInputError("output must differ from the input", out)
+    _check_output_location(out, Path(plate.path))
     common = run_provenance(config)
     provenance = {
         fov.path: {**common, "input_fingerprint": input_fingerprint(fov)} for fov in plate.fields
