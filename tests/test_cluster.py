@@ -23,7 +23,7 @@ from distributed.comm import get_address_host, parse_host_port
 from distributed.security import Security
 
 from pipeline.errors import PipelineInputError
-from pipeline.orchestration.cluster import connect, gpu_requested
+from pipeline.orchestration.cluster import connect, gpu_requested, plain_connection_warning
 
 DEPLOY_YAML = Path(__file__).parents[1] / "deploy" / "slurm" / "jobqueue.yaml"
 
@@ -178,6 +178,24 @@ def test_existing_scheduler_reports_gpu_workers():
             with connect(scheduler=existing.scheduler_address) as run:
                 assert run.client.scheduler.address == existing.scheduler_address
                 assert run.gpu_workers is expected
+
+
+@pytest.mark.parametrize(
+    ("address", "warned"),
+    [
+        ("tcp://10.1.2.3:8786", True),  # another machine, in the clear
+        ("10.1.2.3:8786", True),  # tcp is Dask's default protocol
+        ("tcp://127.0.0.1:8786", False),
+        ("tcp://[::1]:8786", False),
+        ("localhost:8786", False),
+        ("tls://10.1.2.3:8786", False),
+    ],
+)
+def test_a_scheduler_on_another_machine_without_tls_is_warned_about(address, warned):
+    warning = plain_connection_warning(address)
+    assert (warning is not None) is warned
+    if warned:
+        assert warning.startswith(f"warning: scheduler {address} is reached without TLS")
 
 
 def test_tls_scheduler_without_certificates_is_refused():

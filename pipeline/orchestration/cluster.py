@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -196,6 +197,19 @@ def _config_security() -> Security | None:
     return security
 
 
+def plain_connection_warning(address: str) -> str | None:
+    """The warning a run prints before it reaches a scheduler on another machine without TLS
+    (None for ``tls://`` and for this machine's loopback)."""
+    if address.startswith(("tls://", "inproc://")):
+        return None
+    if is_loopback(get_address_host(address if "://" in address else f"tcp://{address}")):
+        return None
+    return (
+        f"warning: scheduler {address} is reached without TLS: whoever can reach it can read "
+        "the data and run code on its workers; use a tls:// address (deploy/README.md)"
+    )
+
+
 @contextmanager
 def _existing(address: str) -> Iterator[RunCluster]:
     """A client of a running scheduler; GPU workers are those it has now."""
@@ -206,6 +220,8 @@ def _existing(address: str) -> Iterator[RunCluster]:
             "distributed.comm.tls.client.cert (and .key) in the Dask config",
             _config_path(),
         )
+    if warning := plain_connection_warning(address):
+        print(warning, file=sys.stderr)
     with Client(address, security=security) as client:
         workers = client.scheduler_info()["workers"].values()
         yield RunCluster(
