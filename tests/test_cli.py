@@ -8,9 +8,11 @@ the input pixels, and the input's file hashes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -320,6 +322,12 @@ def _image_path_leaving_the_plate(tmp: Path, plate: Path) -> tuple[list, Path]:
     return [copy], copy
 
 
+def _output_being_written(tmp: Path, plate: Path) -> tuple[list, Path]:
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "-", "command": "-"}
+    (tmp / "results.zarr.lock").write_text(json.dumps(holder))  # this test process: alive
+    return [plate], tmp / "results.zarr"
+
+
 BAD_INPUTS = {
     "missing input": (_missing, "path does not exist"),
     "folder that is not OME-Zarr": (_not_ome_zarr_folder, "not a zarr group"),
@@ -339,6 +347,10 @@ BAD_INPUTS = {
         "bad config value for 'tracking.max_distance_um'",
     ),
     "output exists": (_existing_output, "output exists but"),
+    "output being written by another run": (
+        _output_being_written,
+        f"another run is writing this output (host {socket.gethostname()}, pid {os.getpid()}",
+    ),
     "image path leaving the plate": (
         _image_path_leaving_the_plate,
         "image path 'A/1/../../elsewhere' in the metadata leaves its plate",

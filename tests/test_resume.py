@@ -275,6 +275,31 @@ def test_missing_chunks_may_read_as_fill_value_when_configured(
     assert not summary.failed
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_goes_on(
+    clean: Path, plate: Path, tmp_path: Path, pipeline_command
+) -> None:
+    out = tmp_path / "out.zarr"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out), "--workers", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = tmp_path / "out.zarr.lock"
+    deadline = time.monotonic() + 60
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = pipeline_command("run", plate, "--out", out, "--force", cwd=tmp_path)
+    _, first_stderr = first.communicate(timeout=300)
+    assert second.returncode == 2
+    assert second.stderr.startswith("error: another run is writing this output (host ")
+    assert f"pid {first.pid}" in second.stderr
+    assert first.returncode == 0, first_stderr
+    assert not lock.exists()
+    _assert_equal_results(out, clean)
+
+
 def test_an_unexpected_error_is_one_line_with_its_traceback_kept_for_status(
     plate: Path, tmp_path: Path, shared_scheduler: str, monkeypatch, capsys
 ) -> None:

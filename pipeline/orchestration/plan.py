@@ -24,7 +24,13 @@ from pipeline.orchestration.records import (
     output_root,
 )
 
-__all__ = ["RunPlan", "input_fingerprint", "plan_run", "run_provenance"]
+__all__ = [
+    "RunPlan",
+    "check_output_location",
+    "input_fingerprint",
+    "plan_run",
+    "run_provenance",
+]
 
 _PROVENANCE_KEYS = ("config_sha256", "model_sha256", "input_fingerprint")
 
@@ -73,7 +79,7 @@ class RunPlan:
         return not self.todo
 
 
-def _check_output_location(out: Path, input_path: Path) -> None:
+def check_output_location(out: Path, input_path: Path) -> None:
     """Refuse an output that is, lies inside or holds the input (the input is never
     modified), or whose folder cannot be written: before any cluster starts."""
     where, source = out.resolve(), input_path.resolve()
@@ -127,7 +133,7 @@ def plan_run(
         ``force``), or ``only_failed`` is asked of an output that does not exist.
     """
     out = Path(out)
-    _check_output_location(out, Path(plate.path))
+    check_output_location(out, Path(plate.path))
     common = run_provenance(config)
     provenance = {
         fov.path: {**common, "input_fingerprint": input_fingerprint(fov)} for fov in plate.fields

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +27,9 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import Plate, open_plate
 from pipeline.orchestration.cluster import RunCluster, connect
+from pipeline.orchestration.lock import output_lock
 from pipeline.orchestration.outcomes import RunSummary, skipped_outcome
-from pipeline.orchestration.plan import RunPlan, plan_run
+from pipeline.orchestration.plan import RunPlan, check_output_location, plan_run
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -216,7 +217,9 @@ def _plan(
     config: RunConfig,
     force: bool,
     only_failed: bool,
+    locks: ExitStack,
 ) -> PlateRun:
+    """Open the input, take the output's lock (held until ``locks`` closes) and plan."""
     plate = (
         input_path
         if isinstance(input_path, Plate)
@@ -226,6 +229,8 @@ def _plan(
             non_finite=config.input.non_finite,
         )
     )
+    check_output_location(Path(out), Path(plate.path))  # before the lock file is written
+    locks.enter_context(output_lock(out))
     plan = plan_run(plate, out, config, force=force, only_failed=only_failed)
     return PlateRun(plate.path, plate, plan)
 
@@ -309,17 +314,20 @@ def run(
     started = time.perf_counter()
     if not isinstance(config, RunConfig):
         config = load_config(config)
-    item = _plan(input_path, out, config, force, only_failed)
-    if item.plan.nothing_to_do:
-        summary = _summary_of_done(item.plate, item.plan, started)
-        if show_progress:
-            print(
-                f"nothing to do: all {len(summary.fields)} fields of {out} are done with these "
-                "settings, model and input (--force recomputes them)"
-            )
-        return summary
-    options = ClusterOptions(cluster, scheduler, workers, cluster_config, max_jobs, scheduler_host)
-    _run_planned([item], config, options, show_progress)
+    with ExitStack() as locks:
+        item = _plan(input_path, out, config, force, only_failed, locks)
+        if item.plan.nothing_to_do:
+            summary = _summary_of_done(item.plate, item.plan, started)
+            if show_progress:
+                print(
+                    f"nothing to do: all {len(summary.fields)} fields of {out} are done with "
+                    "these settings, model and input (--force recomputes them)"
+                )
+            return summary
+        options = ClusterOptions(
+            cluster, scheduler, workers, cluster_config, max_jobs, scheduler_host
+        )
+        _run_planned([item], config, options, show_progress)
     return item.summary
 
 
@@ -381,12 +389,13 @@ def reprocess(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = []
-    for path in expand_inputs(inputs):
-        try:
-            items.append(_plan(path, out_dir / path.name, config, force, False))
-        except PipelineInputError as error:
-            items.append(PlateRun(str(path), None, None, error=str(error)))
-    _run_planned(items, config, cluster or ClusterOptions(), show_progress)
+    with ExitStack() as locks:
+        for path in expand_inputs(inputs):
+            try:
+                items.append(_plan(path, out_dir / path.name, config, force, False, locks))
+            except PipelineInputError as error:
+                items.append(PlateRun(str(path), None, None, error=str(error)))
+        _run_planned(items, config, cluster or ClusterOptions(), show_progress)
     for item in items:
         if item.plan is not None and item.summary is None:
             item.summary = _summary_of_done(item.plate, item.plan, started)
