@@ -131,7 +131,9 @@ def _status(args: argparse.Namespace) -> int:
         counts[unit.state] += 1
     last = ledger["status"]
     if last == "running":
-        last = "running, or interrupted (run it again to resume)"
+        last = "running, or killed (run it again to resume)"
+    elif last == "interrupted":
+        last = "interrupted (run it again to resume)"
     print(f"{args.output}: input {ledger['input']}, last run {last}")
     print(", ".join(f"{n} {state}" for state, n in counts.items()))
     for unit in states:

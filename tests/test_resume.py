@@ -7,8 +7,10 @@ of one uninterrupted run of the same plate (module fixture).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -413,6 +415,55 @@ def test_killed_run_is_completed_by_a_rerun(
     assert not summary.failed
     assert {f.path for f in summary.skipped} == set(done)
     assert all(_records(out)[path] == record for path, record in done.items())
+    _assert_equal_results(out, clean)
+    assert unit_states(out)[0]["status"] == "complete"
+
+
+@pytest.mark.parametrize("target", ["process group", "main process"])
+def test_ctrl_c_stops_the_run_at_once_and_a_rerun_completes_it(
+    target: str, clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
+    """Ctrl-C in a terminal signals the whole process group (workers too); a workflow manager
+    may signal the main process alone. Either way: exit 130 within seconds, one line, the
+    ledger says interrupted, the lock is released, and a rerun finishes the same output."""
+    config = tmp_path / "config.yaml"
+    config.write_text("compute: {fields_in_flight: 1}\n")
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out)]
+    process = subprocess.Popen(
+        [*command, "--config", str(config), "--workers", "1"],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and _records_done(out) >= 1:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    interrupted = time.monotonic()
+    if target == "process group":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left, should the test fail
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert time.monotonic() - interrupted < 30
+    lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip()]
+    assert lines[-1] == "interrupted; run the same command again to resume"
+    assert "Traceback" not in stderr
+    assert unit_states(out)[0]["status"] == "interrupted"
+    assert not (tmp_path / "out.zarr.lock").exists()
+
+    summary = run(plate, out, config=config, scheduler=shared_scheduler)
+    assert not summary.failed and summary.skipped
     _assert_equal_results(out, clean)
     assert unit_states(out)[0]["status"] == "complete"
 

@@ -13,17 +13,19 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import dask.config
-import dask_jobqueue
 import yaml
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
@@ -243,8 +245,8 @@ def _local(workers: int | None, threads_per_worker: int, host: str) -> Iterator[
             _config_path(),
         )
     n_workers = workers or max(1, min(4, os.cpu_count() or 1))
-    with (
-        LocalCluster(
+    with _ctrl_c_ignored():  # by the worker processes started now: the run stops them
+        local = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             processes=True,
@@ -254,15 +256,31 @@ def _local(workers: int | None, threads_per_worker: int, host: str) -> Iterator[
             worker_dashboard_address=None if is_loopback(host) else "127.0.0.1:0",
             protocol=None if security is None else "tls://",
             security=security,
-        ) as local,
-        Client(local) as client,
-    ):
+        )
+    with local, Client(local) as client:
         yield RunCluster(
             client=client,
             gpu_workers=False,
             dashboard_link=format_dashboard_link("127.0.0.1", local.scheduler.http_server.port),
             tunnel_command=None,
         )
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored while the context lasts, so that processes started in it ignore it too.
+
+    Ctrl-C in a terminal signals the whole process group: worker processes would each die
+    with a traceback while the run, which handles it, closes the cluster anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 @contextmanager
@@ -302,7 +320,7 @@ def _slurm(
         stack.callback(shutil.rmtree, tls_dir, ignore_errors=True)
         try:
             jobs = stack.enter_context(
-                dask_jobqueue.SLURMCluster(
+                _jobqueue().SLURMCluster(
                     config_name=name,
                     security=_worker_files(security, tls_dir),
                     scheduler_options=options,
@@ -324,6 +342,17 @@ def _slurm(
             dashboard_link=format_dashboard_link(dashboard_host, port),
             tunnel_command=f"ssh -N -L 8787:{dashboard_host}:{port} {getpass.getuser()}@{_host()}",
         )
+
+
+def _jobqueue() -> ModuleType:
+    """dask-jobqueue, imported with this process' Ctrl-C handler kept: its ``runner`` module
+    replaces it with ``sys.exit()`` on import, which turned an interrupted run into exit 0."""
+    handler = signal.getsignal(signal.SIGINT)
+    import dask_jobqueue
+
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+    return dask_jobqueue
 
 
 def _jobqueue_settings(
@@ -349,7 +378,7 @@ def _jobqueue_settings(
         user_section = dask.config.get(f"jobqueue.{name}", default=None, config=loaded)
     if not isinstance(user_section, dict):
         raise PipelineInputError(f"no section jobqueue.{name} in the cluster config", source)
-    with open(Path(dask_jobqueue.__file__).parent / "jobqueue.yaml") as f:
+    with open(Path(_jobqueue().__file__).parent / "jobqueue.yaml") as f:
         defaults = yaml.safe_load(f)["jobqueue"]["slurm"]
     section = dask.config.merge(defaults, user_section)
     for key in ("cores", "memory"):

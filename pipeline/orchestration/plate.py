@@ -102,8 +102,9 @@ def process_plate(
     outcomes = [
         skipped_outcome(fov, plan.done[fov.path]) for fov in plate.fields if fov.path in plan.done
     ]
-    with ThreadPoolExecutor(max_workers=config.compute.fields_in_flight) as pool:
-        futures = {pool.submit(run_unit, fov): fov for fov in plan.todo}
+    pool = ThreadPoolExecutor(max_workers=config.compute.fields_in_flight)
+    futures = {pool.submit(run_unit, fov): fov for fov in plan.todo}
+    try:
         for future in as_completed(futures):
             fov = futures[future]
             try:
@@ -112,6 +113,11 @@ def process_plate(
                 outcome = failed_outcome(fov, error)
                 ledger.set(fov.path, "failed", outcome.error, outcome.traceback)
                 outcomes.append(outcome)
+    except BaseException:  # Ctrl-C: start no more fields, and do not wait for those running
+        pool.shutdown(wait=False, cancel_futures=True)
+        ledger.interrupt(time.perf_counter() - started)
+        raise
+    pool.shutdown()
     summary = RunSummary(plate.path, str(plan.output), _in_plate_order(plate, outcomes), 0.0)
     summary.wall_seconds = time.perf_counter() - started
     _finish_output(plan.output, plate, summary)

@@ -126,6 +126,14 @@ class Ledger:
             self._state["units"][path] = unit
             self._write()
 
+    def interrupt(self, wall_seconds: float) -> None:
+        """Record that the run was stopped (Ctrl-C) before its units were all done."""
+        with self._lock:
+            self._state.update(
+                status="interrupted", finished=now(), wall_seconds=round(wall_seconds, 3)
+            )
+            self._write()
+
     def finish(self, wall_seconds: float) -> str:
         """Record the end of the run; returns its status, ``complete`` or ``partial``."""
         units = self._state["units"]
