@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         config=args.config,
         force=args.force,
         only_failed=args.only_failed,
+        verify=args.verify,
         show_progress=True,
         **asdict(_cluster_options(args)),
     )
@@ -125,8 +126,10 @@ def _reprocess(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from pipeline.orchestration.records import unit_states
 
-    ledger, states = unit_states(args.output)
-    counts = {state: 0 for state in ("done", "failed", "pending")}
+    ledger, states = unit_states(args.output, verify=args.verify)
+    counts = {state: 0 for state in ("done", "damaged", "failed", "pending")}
+    if not args.verify:
+        del counts["damaged"]
     for unit in states:
         counts[unit.state] += 1
     last = ledger["status"]
@@ -358,6 +361,11 @@ def _parser() -> argparse.ArgumentParser:
     redo.add_argument(
         "--only-failed", action="store_true", help="retry only the fields that failed last time"
     )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="also recompute done fields whose label or table files changed since their run",
+    )
     run.set_defaults(handler=_run)
 
     crops = commands.add_parser(
@@ -406,6 +414,12 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="done / failed / pending fields of an output, with errors"
     )
     status.add_argument("output", help="OME-Zarr written by pipeline run")
+    status.add_argument(
+        "--verify",
+        action="store_true",
+        help="check that each done field's label and table files are those its run wrote "
+        "(names and sizes); damaged ones are listed, and 'pipeline run --verify' redoes them",
+    )
     status.add_argument(
         "--traceback",
         action="store_true",

@@ -302,6 +302,34 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_goes_on(
     _assert_equal_results(out, clean)
 
 
+def test_damaged_results_are_found_by_verify_and_redone_by_a_verifying_run(
+    clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str, capsys
+) -> None:
+    out = tmp_path / "out.zarr"
+    shutil.copytree(clean, out)
+    assert main(["status", str(out), "--verify"]) == 0
+    chunk = sorted(p for p in (out / "A/1/0/labels/cells/0").rglob("*") if p.is_file())[-1]
+    chunk.write_bytes(chunk.read_bytes()[:10])  # truncated
+    (out / "A/2/1/tables/cells/table.parquet").unlink()  # lost
+    capsys.readouterr()
+
+    assert main(["status", str(out)]) == 0  # a plain status trusts the records
+    assert main(["status", str(out), "--verify"]) == 3
+    shown = capsys.readouterr().out
+    assert "2 done, 2 damaged, 0 failed, 0 pending" in shown
+    damaged = [line.split("\t") for line in shown.splitlines() if "\tdamaged\t" in line]
+    assert [line[0].strip() for line in damaged] == ["A/1/0", "A/2/1"]
+    assert all(line[3].startswith("results changed since the run") for line in damaged)
+
+    assert [
+        f.path for f in run(plate, out, scheduler=shared_scheduler).fields if not f.skipped
+    ] == []
+    summary = run(plate, out, scheduler=shared_scheduler, verify=True)
+    assert sorted(f.path for f in summary.fields if not f.skipped) == ["A/1/0", "A/2/1"]
+    _assert_equal_results(out, clean)
+    assert main(["status", str(out), "--verify"]) == 0
+
+
 def test_an_unexpected_error_is_one_line_with_its_traceback_kept_for_status(
     plate: Path, tmp_path: Path, shared_scheduler: str, monkeypatch, capsys
 ) -> None:

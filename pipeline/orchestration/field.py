@@ -59,7 +59,7 @@ from pipeline.orchestration.layout import (
     scratch_folder,
 )
 from pipeline.orchestration.outcomes import FieldOutcome
-from pipeline.orchestration.records import ATTRIBUTE, Ledger, now
+from pipeline.orchestration.records import ATTRIBUTE, Ledger, now, unit_manifest
 from pipeline.qc.plausibility import segmentation_warnings
 from pipeline.segmentation.cells import grow_cells_dask
 from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
@@ -602,6 +602,7 @@ def process_field(
         "n_tracks": outcome.n_tracks,
         "merge_qc": written.merge_qc,
         "warnings": outcome.warnings,
+        "manifest": unit_manifest(output, fov.path),
     }
     on_frames(field.n_frames)
     return outcome

@@ -21,6 +21,7 @@ from pipeline.orchestration.records import (
     RUN_ATTRIBUTE,
     UNIT_OUTPUT_FOLDERS,
     completion_record,
+    damage,
     output_root,
 )
 
@@ -105,6 +106,7 @@ def plan_run(
     *,
     force: bool = False,
     only_failed: bool = False,
+    verify: bool = False,
 ) -> RunPlan:
     """Decide which units of ``plate`` to compute into ``out``; reads metadata only.
 
@@ -120,6 +122,9 @@ def plan_run(
         Recompute every unit (the old output is replaced).
     only_failed
         Compute only the units the last run recorded as failed.
+    verify
+        Also compute the done units whose files are not those their run wrote
+        (:func:`pipeline.orchestration.records.damage`: a chunk or table lost or truncated).
 
     Returns
     -------
@@ -161,6 +166,8 @@ def plan_run(
         current = record is not None and all(
             record.get(key) == provenance[fov.path][key] for key in _PROVENANCE_KEYS
         )
+        if current and verify and damage(out, fov.path, record) is not None:
+            current = False
         if current:
             done[fov.path] = record
         elif not only_failed or fov.path in failed:

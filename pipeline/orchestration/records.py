@@ -9,6 +9,8 @@ attribute ``pipeline_run`` holds the run's *ledger*: the state of every unit (``
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,8 +29,10 @@ __all__ = [
     "Ledger",
     "UnitState",
     "completion_record",
+    "damage",
     "now",
     "output_root",
+    "unit_manifest",
     "unit_states",
 ]
 
@@ -62,6 +66,40 @@ def completion_record(root: zarr.Group, path: str) -> dict[str, Any] | None:
     if isinstance(record, dict) and record.get("status") == "complete":
         return record
     return None
+
+
+def unit_manifest(out: str | Path, path: str) -> dict[str, Any]:
+    """What a unit's results are on disk: the number, total size and a digest of the names and
+    sizes of the files under its ``labels`` and ``tables`` (stat only, no reading)."""
+    unit = Path(out) / path if path else Path(out)
+    sizes = []
+    for name in UNIT_OUTPUT_FOLDERS:
+        for folder, _, files in os.walk(unit / name):
+            for file in files:
+                location = Path(folder) / file
+                sizes.append((location.relative_to(unit).as_posix(), location.stat().st_size))
+    sizes.sort()
+    listing = "".join(f"{name}\t{size}\n" for name, size in sizes)
+    return {
+        "files": len(sizes),
+        "bytes": sum(size for _, size in sizes),
+        "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+    }
+
+
+def damage(out: str | Path, path: str, record: dict[str, Any]) -> str | None:
+    """How a done unit's results differ from what its completion record lists (files missing,
+    added, truncated or grown); None when they match or the record lists nothing to compare."""
+    expected = record.get("manifest")
+    if not isinstance(expected, dict):
+        return None  # written before records listed their files
+    found = unit_manifest(out, path)
+    if found == expected:
+        return None
+    return (
+        f"results changed since the run: {found['files']} files of {found['bytes']} bytes, "
+        f"the run wrote {expected['files']} of {expected['bytes']}"
+    )
 
 
 class Ledger:
@@ -165,8 +203,9 @@ class UnitState:
     traceback: str | None = None
 
 
-def unit_states(out: str | Path) -> tuple[dict[str, Any], list[UnitState]]:
-    """The run ledger of an output and the state of each unit: done, failed or pending.
+def unit_states(out: str | Path, verify: bool = False) -> tuple[dict[str, Any], list[UnitState]]:
+    """The run ledger of an output and the state of each unit: done, failed or pending, and
+    with ``verify`` *damaged*: done, but its files are not those the run wrote (:func:`damage`).
 
     A unit is *done* only when its completion record is written; one that was running when
     the run was killed is *pending*.
@@ -186,7 +225,10 @@ def unit_states(out: str | Path) -> tuple[dict[str, Any], list[UnitState]]:
     states = []
     for path, unit in ledger["units"].items():
         record = completion_record(root, path)
-        if record is not None:
+        damaged = None if record is None or not verify else damage(out, path, record)
+        if damaged is not None:
+            states.append(UnitState(path, "damaged", damaged, record.get("finished")))
+        elif record is not None:
             states.append(UnitState(path, "done", None, record.get("finished")))
         elif unit["state"] == "failed":
             states.append(

@@ -218,6 +218,7 @@ def _plan(
     force: bool,
     only_failed: bool,
     locks: ExitStack,
+    verify: bool = False,
 ) -> PlateRun:
     """Open the input, take the output's lock (held until ``locks`` closes) and plan."""
     plate = (
@@ -231,7 +232,7 @@ def _plan(
     )
     check_output_location(Path(out), Path(plate.path))  # before the lock file is written
     locks.enter_context(output_lock(out))
-    plan = plan_run(plate, out, config, force=force, only_failed=only_failed)
+    plan = plan_run(plate, out, config, force=force, only_failed=only_failed, verify=verify)
     return PlateRun(plate.path, plate, plan)
 
 
@@ -270,6 +271,7 @@ def run(
     scheduler_host: str = "127.0.0.1",
     force: bool = False,
     only_failed: bool = False,
+    verify: bool = False,
     show_progress: bool = False,
 ) -> RunSummary:
     """Process a plate (or image): segment, measure and track every field not yet done.
@@ -303,6 +305,8 @@ def run(
         Recompute every field.
     only_failed
         Compute only the fields the last run recorded as failed.
+    verify
+        Also recompute done fields whose label or table files are not those their run wrote.
     show_progress
         Print the dashboard link, a progress bar and a summary.
 
@@ -315,7 +319,7 @@ def run(
     if not isinstance(config, RunConfig):
         config = load_config(config)
     with ExitStack() as locks:
-        item = _plan(input_path, out, config, force, only_failed, locks)
+        item = _plan(input_path, out, config, force, only_failed, locks, verify)
         if item.plan.nothing_to_do:
             summary = _summary_of_done(item.plate, item.plan, started)
             if show_progress:
