@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import zarr
 from distributed import Client, LocalCluster
@@ -519,3 +521,62 @@ def test_a_unit_completed_but_killed_before_the_ledger_knew_counts_as_done(tmp_p
     assert units["A/1/0"] == {**killed, "state": "done"}
     root.attrs[RUN_ATTRIBUTE] = {"input": "plate.zarr", "units": {"A/1/0": killed}}
     assert Ledger(out, "plate.zarr", ["A/1/0"]).finish(1.0) == "partial"  # as it was before
+
+
+# --------------------------------------------------------------------------------------------
+# Random faults: the output equals a clean run's whatever is killed, whenever
+# --------------------------------------------------------------------------------------------
+
+FAULT_RUNS = int(os.environ.get("PIPELINE_FAULT_RUNS", "3"))  # 20 or more nightly
+
+
+def _spawned_workers(pid: int) -> list[psutil.Process]:
+    """The Dask worker processes of the run whose main process is ``pid``."""
+    children = psutil.Process(pid).children(recursive=True)
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("attempt", range(FAULT_RUNS))
+def test_a_random_kill_leaves_an_output_equal_to_a_clean_run(
+    attempt: int, clean: Path, plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
+    """Odd attempts kill a random worker process, even ones the whole run (its process group),
+    after a random number of fields (0-3) is done plus a random delay; a killed run is run
+    again. Either way the output must equal the clean run's, field by field."""
+    rng = random.Random(attempt)
+    kill_run = attempt % 2 == 0
+    fields_first, delay = rng.randrange(len(FIELDS)), rng.uniform(0.0, 2.0)
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out)]
+    process = subprocess.Popen(
+        [*command, "--workers", "2"],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            started = (tmp_path / "out.zarr.lock").exists() and out.exists()
+            if started and _records_done(out) >= fields_first and _spawned_workers(process.pid):
+                break
+            time.sleep(0.05)
+        time.sleep(delay)
+        if process.poll() is None:
+            if kill_run:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                rng.choice(_spawned_workers(process.pid)).kill()
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    if kill_run:
+        summary = run(plate, out, scheduler=shared_scheduler)
+        assert not summary.failed
+    else:
+        assert process.returncode == 0, stderr
+    _assert_equal_results(out, clean)
+    assert unit_states(out)[0]["status"] == "complete"
