@@ -168,10 +168,13 @@ class CropsConfig(StrictModel):
 class InputConfig(StrictModel):
     """How the input is read."""
 
-    missing_chunks: Literal["error", "fill"] = Field(
-        "error",
-        description="a chunk absent from the input store fails its field (error) or reads as "
-        "the array's fill value (fill: for writers that skip empty chunks)",
+    missing_chunks: Literal["auto", "error", "fill"] = Field(
+        "auto",
+        description="a chunk absent from the input store: auto: reads as the array's fill value "
+        "where every stored pixel around it has that value (zarr-python skips such chunks), "
+        "else fails its field; error: always fails its field; fill: always reads as the fill "
+        "value (for writers that skip empty chunks); chunks read as fill are listed in the "
+        "field's record",
     )
     non_finite: Literal["error", "zero"] = Field(
         "error",

@@ -496,6 +496,37 @@ def test_nan_pixels_fail_their_field_with_the_chunk_named_or_read_as_zero_when_a
     assert len(_field_table(out, "A/1/0")) > 0
 
 
+def test_chunks_zarr_python_skipped_as_empty_are_read_as_zeros_and_recorded(
+    tmp_path: Path, pipeline_command
+) -> None:
+    from pipeline.synthetic import simulate_field
+
+    frames = simulate_field(n_frames=1, size=520, seed=4).image[:, 0]
+    frames[:, :300, :300] = 0  # the blank corner of a stitched mosaic
+    tifffile.imwrite(tmp_path / "mosaic.tif", frames, metadata={"axes": "TYX"})
+    plate = tmp_path / "mosaic.zarr"
+    assert (
+        pipeline_command("import", tmp_path / "mosaic.tif", "--out", plate, cwd=tmp_path).returncode
+        == 0
+    )
+    array = zarr.open_array(plate / "0", mode="r")
+    dropped = []  # what zarr-python's default (write_empty_chunks=False) leaves out
+    for cell in np.ndindex(*array.cdata_shape):
+        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, array.chunks, strict=True))
+        if not array[region].any():
+            key = array.metadata.encode_chunk_key(cell)
+            (plate / "0" / key).unlink()
+            dropped.append(key)
+    assert len(dropped) == 1  # the corner chunk
+
+    out = tmp_path / "results.zarr"
+    result = pipeline_command("run", plate, "--out", out, "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in _stderr_lines(result) if line.startswith("WARNING")]
+    assert warning.startswith("WARNING image: 1 chunk(s) absent from the input read as the fill")
+    assert sorted(_root_attrs(out)["pipeline"]["filled_chunks"]) == sorted(dropped)
+
+
 def test_track_labels_are_written_and_exported_as_ctc(tmp_path: Path, small_plate: Path) -> None:
     """``tracking.write_track_labels``: labels/tracks holds each cell's track id; the CTC
     export of the field gives the same masks and one track-file line per track."""

@@ -458,6 +458,74 @@ def test_missing_chunk_fails_naming_it_unless_asked_to_fill(tmp_path):
     np.testing.assert_array_equal(filled, expected)
 
 
+def _drop_zero_chunks(array_folder, image: np.ndarray, size: int = 4) -> list[str]:
+    """Delete the stored chunks of ``image`` (t, c, y, x; ``size`` px square chunks) that hold
+    only zeros, as zarr-python does by default; their storage keys."""
+    dropped = []
+    t, c, y, x = image.shape
+    for cell in np.ndindex(t, c, y // size, x // size):
+        block = image[cell[0], cell[1]][
+            cell[2] * size : (cell[2] + 1) * size, cell[3] * size : (cell[3] + 1) * size
+        ]
+        if not block.any():
+            key = "c/" + "/".join(map(str, cell))
+            (array_folder / key).unlink()
+            dropped.append(key)
+    return dropped
+
+
+def test_chunks_skipped_for_being_empty_read_as_zeros_and_lost_ones_still_fail(tmp_path):
+    path = tmp_path / "plate.zarr"
+    image = RNG.integers(1, 1000, size=(1, 1, 20, 16), dtype=np.uint16)
+    image[..., :13, :9] = 0  # a 3 x 2 chunk empty region at a corner (the padding of a mosaic)
+    image[..., 14:, 10:] = 0  # and a dark corner, one chunk of which is empty
+    _one_field_plate(path, image)
+    array = path / "B/3/0/0"
+    dropped = _drop_zero_chunks(array, image)
+    assert len(dropped) == 7
+
+    reader = open_plate(path).fields[0].levels[0].reader
+    np.testing.assert_array_equal(open_plate(path).fields[0].data.values, image)
+    assert sorted(reader.filled_chunks()) == sorted(dropped)
+    with pytest.raises(CorruptChunkError, match="missing"):  # strict: any absent chunk fails
+        open_plate(path, missing_chunks="error").fields[0].data.values  # noqa: B018
+    assert open_plate(path, missing_chunks="error").fields[0].levels[0].reader.filled_chunks() == []
+
+    (array / "c/0/0/1/3").unlink()  # a chunk of signal lost
+    with pytest.raises(CorruptChunkError, match=r"chunk c/0/0/1/3 is missing inside the image"):
+        open_plate(path).fields[0].data.values  # noqa: B018
+    reader = open_plate(path).fields[0].levels[0].reader
+    assert sorted(reader.filled_chunks()) == sorted(dropped)  # the empty ones still are
+    # a lost chunk beside an empty region makes the region suspect: it fails as well
+    (array / "c/0/0/3/0").unlink()
+    with pytest.raises(CorruptChunkError, match="missing inside the image"):
+        open_plate(path).fields[0].data[..., :4, :4].values  # noqa: B018
+
+
+def test_an_empty_region_that_ends_on_a_chunk_border_next_to_signal_is_not_guessed(tmp_path):
+    """Zeros ending exactly where signal starts, on a chunk border: indistinguishable from
+    lost files by the pixels around them, so they fail unless the user says fill."""
+    path = tmp_path / "plate.zarr"
+    image = RNG.integers(1, 1000, size=(1, 1, 8, 8), dtype=np.uint16)
+    image[..., :4, :] = 0
+    _one_field_plate(path, image)
+    _drop_zero_chunks(path / "B/3/0/0", image)
+    with pytest.raises(CorruptChunkError, match="missing inside the image"):
+        open_plate(path).fields[0].data.values  # noqa: B018
+    filled = open_plate(path, missing_chunks="fill").fields[0]
+    np.testing.assert_array_equal(filled.data.values, image)
+    assert filled.levels[0].reader.filled_chunks() == ["c/0/0/0/0", "c/0/0/0/1"]
+
+
+def test_an_image_with_no_chunk_stored_is_not_taken_for_an_empty_one(tmp_path):
+    path = tmp_path / "plate.zarr"
+    image = np.zeros((1, 1, 8, 8), dtype=np.uint16)
+    _one_field_plate(path, image)
+    _drop_zero_chunks(path / "B/3/0/0", image)
+    with pytest.raises(CorruptChunkError, match="missing inside the image"):
+        open_plate(path).fields[0].data.values  # noqa: B018
+
+
 def test_non_finite_pixels_fail_naming_the_chunk_unless_asked_to_read_them_as_zero(tmp_path):
     path = tmp_path / "plate.zarr"
     image = RNG.random((1, 1, 8, 8)).astype(np.float32) + 1

@@ -59,7 +59,7 @@ _DEFAULT_CHUNKS = {"t": 1, "c": 1, "z": 16, "y": 256, "x": 256}
 # Store chunks equal to the fill value too (zarr-python skips them by default), so that a
 # missing chunk in an output is always a loss that readers report, never an empty region.
 _EVERY_CHUNK = {"write_empty_chunks": True}
-MissingChunks = Literal["error", "fill"]
+MissingChunks = Literal["auto", "error", "fill"]
 NonFinite = Literal["error", "zero"]
 
 _SUPPORTED_DTYPES = frozenset(
@@ -167,9 +167,16 @@ class ChunkReader:
     array_path
         Path of the array inside the hierarchy, e.g. "B/3/0/0".
     missing
-        ``"error"``: a chunk absent from the store raises :class:`CorruptChunkError` (a lost
-        file must not read as an empty image); ``"fill"``: it reads as the fill value, as zarr
-        does (for writers that skip empty chunks).
+        A chunk absent from the store: ``"error"``: raises :class:`CorruptChunkError` (a lost
+        file must not read as an empty image); ``"fill"``: reads as the fill value, as zarr
+        does (for writers that skip empty chunks); ``"auto"``: reads as the fill value where
+        it lies in an empty region, else raises. A region of absent chunks (connected along
+        ``spatial_axes``) is empty when it borders at least one stored chunk and every pixel
+        of the stored chunks along its faces equals the fill value: zarr-python, which does not
+        store chunks equal to the fill value, leaves exactly such regions, while a lost file in
+        an image of cells borders on signal.
+    spatial_axes
+        The axes along which absent chunks neighbour each other (``"auto"``).
     non_finite
         Floating-point arrays: ``"error"``: a chunk holding NaN or infinite values raises
         :class:`~pipeline.errors.PipelineInputError` naming it and how many; ``"zero"``: they
@@ -182,11 +189,13 @@ class ChunkReader:
         array_path: str,
         missing: MissingChunks = "fill",
         non_finite: NonFinite = "error",
+        spatial_axes: tuple[int, ...] = (),
     ) -> None:
         self.store_root = store_root
         self.array_path = array_path
         self.missing = missing
         self.non_finite = non_finite
+        self.spatial_axes = spatial_axes
         array = self._array()
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -210,18 +219,21 @@ class ChunkReader:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_cached_array", None)
+        state.pop("_empty_cells", None)
         return state
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        if self.missing == "error":
+        if self.missing != "fill":
             for cell in self._grid_cells(key):
-                chunk_key = self._metadata.encode_chunk_key(cell)
-                if not os.path.exists(os.path.join(self.location, chunk_key)):
-                    raise CorruptChunkError(
-                        f"chunk {chunk_key} is missing (if the writer skips empty chunks, set "
-                        "input.missing_chunks: fill, or missing_chunks='fill' in Python)",
-                        self.location,
-                    )
+                if self._stored(cell) or (self.missing == "auto" and self._in_empty_region(cell)):
+                    continue
+                reason = " inside the image (a lost file?)" if self.missing == "auto" else ""
+                raise CorruptChunkError(
+                    f"chunk {self._metadata.encode_chunk_key(cell)} is missing{reason} (if "
+                    "the writer skips empty chunks, set input.missing_chunks: fill, or "
+                    "missing_chunks='fill' in Python)",
+                    self.location,
+                )
         try:
             values = np.asarray(self._array()[key])
         except Exception as error:
@@ -232,6 +244,64 @@ class ChunkReader:
         if values.dtype.kind == "f":
             values = self._finite(values, key)
         return values
+
+    def filled_chunks(self) -> list[str]:
+        """Storage keys of the absent chunks that read as the fill value (none with
+        ``"error"``; every absent one with ``"fill"``; those in empty regions with ``"auto"``)."""
+        if self.missing == "error":
+            return []
+        grid = [range(-(-n // s)) for n, s in zip(self.shape, self._stored_chunks, strict=True)]
+        absent = [cell for cell in itertools.product(*grid) if not self._stored(cell)]
+        if self.missing == "auto":
+            absent = [cell for cell in absent if self._in_empty_region(cell)]
+        return [self._metadata.encode_chunk_key(cell) for cell in absent]
+
+    def _stored(self, cell: tuple[int, ...]) -> bool:
+        return os.path.exists(os.path.join(self.location, self._metadata.encode_chunk_key(cell)))
+
+    def _in_empty_region(self, cell: tuple[int, ...]) -> bool:
+        """Whether the absent chunk ``cell`` lies in an empty region (see the class notes)."""
+        verdicts = self.__dict__.setdefault("_empty_cells", {})
+        if cell not in verdicts:
+            region, empty = self._absent_region(cell)
+            verdicts.update(dict.fromkeys(region, empty))
+        return verdicts[cell]
+
+    def _absent_region(self, start: tuple[int, ...]) -> tuple[set[tuple[int, ...]], bool]:
+        """The absent chunks connected to ``start`` and whether the stored chunks around them
+        hold only the fill value along the shared faces (and there is at least one)."""
+        fill = self._array().fill_value
+        fill = 0 if fill is None else fill
+        grid = [-(-n // s) for n, s in zip(self.shape, self._stored_chunks, strict=True)]
+        region, queue, bordered = {start}, [start], False
+        while queue:
+            cell = queue.pop()
+            for axis in self.spatial_axes:
+                for step in (-1, 1):
+                    other = cell[axis] + step
+                    if not 0 <= other < grid[axis]:
+                        continue
+                    neighbour = (*cell[:axis], other, *cell[axis + 1 :])
+                    if neighbour in region:
+                        continue
+                    if not self._stored(neighbour):
+                        region.add(neighbour)
+                        queue.append(neighbour)
+                        continue
+                    bordered = True
+                    if np.any(self._face(neighbour, axis, step) != fill):
+                        return region, False
+        return region, bordered
+
+    def _face(self, cell: tuple[int, ...], axis: int, step: int) -> np.ndarray:
+        """The pixels of stored chunk ``cell`` on its face towards ``-step`` along ``axis``."""
+        region = [
+            slice(c * s, min((c + 1) * s, n))
+            for c, s, n in zip(cell, self._stored_chunks, self.shape, strict=True)
+        ]
+        edge = region[axis].start if step > 0 else region[axis].stop - 1
+        region[axis] = slice(edge, edge + 1)
+        return np.asarray(self._array()[tuple(region)])
 
     def _finite(self, values: np.ndarray, key: Any) -> np.ndarray:
         """``values`` checked for NaN and infinities: refused, or those read as 0."""
@@ -284,7 +354,7 @@ class ChunkReader:
 
 
 def open_plate(
-    path: str | Path, *, missing_chunks: MissingChunks = "error", non_finite: NonFinite = "error"
+    path: str | Path, *, missing_chunks: MissingChunks = "auto", non_finite: NonFinite = "error"
 ) -> Plate:
     """Open an OME-Zarr HCS plate, or a lone multiscale image as a one-field plate.
 
@@ -293,10 +363,11 @@ def open_plate(
     path
         Root of an OME-Zarr 0.4 (zarr v2) or 0.5 (zarr v3) plate or image.
     missing_chunks
-        ``"error"``: reading a chunk absent from the store raises
-        :class:`~pipeline.errors.CorruptChunkError` naming it; ``"fill"``: it reads as the
-        fill value (for writers that skip chunks equal to it). The product's own outputs store
-        every chunk.
+        A chunk absent from the store: ``"auto"``: reads as the fill value where it lies in
+        an empty region (every stored pixel around it equals the fill value: zarr-python does
+        not store such chunks), else raises :class:`~pipeline.errors.CorruptChunkError` naming
+        it; ``"error"``: always raises; ``"fill"``: always reads as the fill value (for writers
+        that skip chunks equal to it). The product's own outputs store every chunk.
     non_finite
         Floating-point images: ``"error"``: reading NaN or infinite pixels raises
         :class:`~pipeline.errors.PipelineInputError` naming the chunk; ``"zero"``: they read
@@ -336,7 +407,7 @@ def open_image(
     path: str | Path,
     *,
     image_path: str = "",
-    missing_chunks: MissingChunks = "error",
+    missing_chunks: MissingChunks = "auto",
     non_finite: NonFinite = "error",
 ) -> FieldOfView:
     """Open one OME-Zarr multiscale image.
@@ -534,7 +605,13 @@ def _read_field(
         dataset_path = str(dataset["path"]).strip("/")
         array_path = f"{image_path}/{dataset_path}" if image_path else dataset_path
         try:
-            reader = ChunkReader(root_path, array_path, missing_chunks, non_finite)
+            reader = ChunkReader(
+                root_path,
+                array_path,
+                missing_chunks,
+                non_finite,
+                tuple(i for i, dim in enumerate(dims) if dim in "zyx"),
+            )
         except Exception as error:
             raise PipelineInputError(
                 f"cannot open multiscale level '{dataset_path}' ({type(error).__name__})",

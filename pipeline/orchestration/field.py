@@ -526,6 +526,17 @@ def write_track_labels(
     client.compute(writes, sync=True)
 
 
+def _filled_warning(filled: list[str]) -> list[str]:
+    """The warning of a field some of whose input chunks were absent and read as 0."""
+    if not filled:
+        return []
+    shown = ", ".join(filled[:3]) + (", ..." if len(filled) > 3 else "")
+    return [
+        f"{len(filled)} chunk(s) absent from the input read as the fill value ({shown}; all "
+        "listed in the field's record as filled_chunks)"
+    ]
+
+
 def process_field(
     fov: omezarr.FieldOfView,
     root: zarr.Group,
@@ -589,7 +600,8 @@ def process_field(
         shutil.rmtree(_cell_scratch_path(scratch_path))
     outcome.n_cells = written.n_cells
     outcome.n_tracks = written.n_tracks
-    outcome.warnings = written.warnings
+    filled = fov.levels[0].reader.filled_chunks()
+    outcome.warnings = [*_filled_warning(filled), *written.warnings]
     image_group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
         "status": "complete",
         "version": __version__,
@@ -602,6 +614,7 @@ def process_field(
         "n_tracks": outcome.n_tracks,
         "merge_qc": written.merge_qc,
         "warnings": outcome.warnings,
+        "filled_chunks": filled,
         "manifest": unit_manifest(output, fov.path),
     }
     on_frames(field.n_frames)
