@@ -3,7 +3,8 @@
 Usage:
     python benchmarks/collection_accuracy.py [--data ../shared/data/segmentation/dsb2018]
         [--split pipeline/convnet/recipes/dsb2018_validation.txt] [--model PATH]
-        [--group gray/256x256] [--skip NAME,...] [--limit N] [--json results.json]
+        [--group gray/256x256] [--skip NAME,...] [--limit N] [--params NAME=VALUE,...]
+        [--json results.json]
 
 Whole cells in phase contrast (the shipped whole-cell model on its held-out images):
     python benchmarks/collection_accuracy.py --data ../shared/data/segmentation/phase-cells
@@ -44,6 +45,7 @@ from pipeline.convnet.inference import InferenceSettings, median_diameter
 from pipeline.convnet.training import image_groups, read_name_list
 from pipeline.normalize import colour_to_grey
 from pipeline.qc.metrics import score_segmentation
+from pipeline.segmentation.convnet import ConvNetParameters
 from pipeline.segmentation.diameter import estimate_diameter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +65,23 @@ def _scores(truth: np.ndarray, found: np.ndarray) -> dict:
     return {"ap50": float(score.ap[0]), "map": float(score.mean_ap), "n_pred": int(score.n_pred)}
 
 
-def evaluate_image(image: np.ndarray, truth: np.ndarray, model: str | None) -> dict:
-    """Scores of the four methods on one image, and the diameter estimate."""
+def evaluate_image(
+    image: np.ndarray, truth: np.ndarray, model: str | None, params: ConvNetParameters
+) -> dict:
+    """Scores of the four methods on one image (the conv-net post-processed with ``params``),
+    and the diameter estimate."""
     if image.ndim == 3:
         image = colour_to_grey(image)
     given = median_diameter(truth)
+    chosen = params.model_dump(exclude_defaults=True)
     started = time.perf_counter()
-    estimated = estimate_diameter(image, InferenceSettings(model=model))
-    default = segment(image, model=model, diameter=estimated)
+    estimated = estimate_diameter(image, InferenceSettings(model=model), params)
+    default = segment(image, model=model, diameter=estimated, **chosen)
     seconds = time.perf_counter() - started
     step = CLASSICAL_DIAMETER_UM / given
     found = {
         "convnet": default,
-        "convnet_given": segment(image, model=model, diameter=given),
+        "convnet_given": segment(image, model=model, diameter=given, **chosen),
         "classical": segment(image, "classical"),
         "classical_given": segment(image, "classical", pixel_size={"y": step, "x": step}),
     }
@@ -123,8 +129,13 @@ def main() -> None:
     parser.add_argument("--group", action="append", default=[], help="only these groups")
     parser.add_argument("--skip", default="", help="comma-separated ids left out")
     parser.add_argument("--limit", type=int, help="at most this many images (a smoke test)")
+    parser.add_argument(
+        "--params", default="", help="conv-net post-processing, e.g. seed_threshold=0.3"
+    )
     parser.add_argument("--json", type=Path, help="write per-image results and summaries")
     args = parser.parse_args()
+    pairs = [item.split("=") for item in args.params.split(",") if item]
+    params = ConvNetParameters(**{name: float(value) for name, value in pairs})
 
     groups = defaultdict(lambda: args.data.name, image_groups(args.data))  # no index: one group
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
@@ -140,7 +151,10 @@ def main() -> None:
     for n, image_id in enumerate(ids, start=1):
         image = tifffile.imread(args.data / "images" / f"{image_id}.tif")
         truth = tifffile.imread(args.data / "masks" / f"{image_id}.tif")
-        results[image_id] = {"group": groups[image_id], **evaluate_image(image, truth, args.model)}
+        results[image_id] = {
+            "group": groups[image_id],
+            **evaluate_image(image, truth, args.model, params),
+        }
         r = results[image_id]
         print(
             f"[{n}/{len(ids)}] {image_id} {r['group']}: conv-net AP50 {r['convnet']['ap50']:.3f}"

@@ -59,6 +59,7 @@ from pipeline.orchestration.layout import (
     scratch_folder,
 )
 from pipeline.orchestration.outcomes import FieldOutcome
+from pipeline.orchestration.progress import chunk_progress
 from pipeline.orchestration.records import ATTRIBUTE, Ledger, now, unit_manifest
 from pipeline.qc.plausibility import segmentation_warnings
 from pipeline.segmentation.cells import grow_cells_dask
@@ -222,9 +223,11 @@ def segment_and_measure(
     placement: Placement,
     scratch_path: Path,
     diameter_px: float | None,
+    on_frames: Callable[[float], None],
     halo_um: dict[str, float],
 ) -> Segmented:
-    """Global cell ids to a scratch array, and the cell table, computed on the workers.
+    """Global cell ids to a scratch array, and the cell table, computed on the workers;
+    ``on_frames`` is told of the frames done as their label chunks arrive.
 
     The field's timepoints go through in blocks of ``compute.frames_in_flight``, one after
     the other, so the conv-net maps held on GPU workers are bounded by a block. Ids are those
@@ -258,6 +261,7 @@ def segment_and_measure(
             chunks=tuple(c[0] for c in frames.chunks),
             dtype=label_dtype(field.n_frames * field.frame_pixels + 1),
             fill_value=0,
+            config={"write_empty_chunks": True},  # every chunk a file: counted for progress
         )
 
     scratch = scratch_array(scratch_path)
@@ -267,56 +271,64 @@ def segment_and_measure(
         cell_channel = field.data.data[:, field.cell_channel].rechunk(frames.chunks)
     block_tables, starts = [], []
     step = config.compute.frames_in_flight
-    for start in range(0, field.n_frames, step):
-        stop = min(start + step, field.n_frames)
-        ids = instance_ids(
-            frames[start:stop],
-            config.segmentation,
-            pixel_size=[field.pixel_size[d] for d in dims],
-            halo=halo,
-            diameter_px=diameter_px,
-            compute=config.compute,
-            on_maps=placement.on_gpu_workers,
-        ).astype(scratch.dtype)
-        ids = da.where(ids > 0, ids + start * field.frame_pixels, 0).astype(scratch.dtype)
-        stored = [da.store(ids, scratch, regions=(slice(start, stop),), lock=False, compute=False)]
-        table = measure_dask(
-            ids,
-            field.data.data[start:stop],
-            dims="t" + dims,
-            pixel_size=field.pixel_size,
-            translation=field.translation,
-            channel_names=list(field.fov.channel_names),
-        )
-        if cells_config is not None:
-            cells = grow_cells_dask(
+    n_chunks = math.prod(len(c) for c in frames.chunks)
+    with chunk_progress(scratch_path, n_chunks, field.n_frames, on_frames):
+        for start in range(0, field.n_frames, step):
+            stop = min(start + step, field.n_frames)
+            ids = instance_ids(
+                frames[start:stop],
+                config.segmentation,
+                pixel_size=[field.pixel_size[d] for d in dims],
+                halo=halo,
+                diameter_px=diameter_px,
+                compute=config.compute,
+                on_maps=placement.on_gpu_workers,
+            ).astype(scratch.dtype)
+            ids = da.where(ids > 0, ids + start * field.frame_pixels, 0).astype(scratch.dtype)
+            stored = [
+                da.store(ids, scratch, regions=(slice(start, stop),), lock=False, compute=False)
+            ]
+            table = measure_dask(
                 ids,
-                None if cells_config.method == "expand" else cell_channel[start:stop],
-                cells_config,
-                [field.pixel_size[d] for d in dims],
-                cell_halo,
+                field.data.data[start:stop],
+                dims="t" + dims,
+                pixel_size=field.pixel_size,
+                translation=field.translation,
+                channel_names=list(field.fov.channel_names),
             )
-            stored.append(
-                da.store(
-                    cells, cell_scratch, regions=(slice(start, stop),), lock=False, compute=False
+            if cells_config is not None:
+                cells = grow_cells_dask(
+                    ids,
+                    None if cells_config.method == "expand" else cell_channel[start:stop],
+                    cells_config,
+                    [field.pixel_size[d] for d in dims],
+                    cell_halo,
                 )
-            )
-        if cells_config is not None or config.measurement.features:
-            table = _with_per_cell_tables(
-                table,
-                ids,
-                None if cells_config is None else cells,
-                field,
-                config,
-                start,
-                stop,
-                cell_halo,
-            )
-        futures = placement.client.compute([*stored, table])
-        raise_first_error(futures)
-        block_tables.append(futures[-1])
-        starts.append(start)
-        del ids, stored, table, futures  # releases the block's persisted maps before the next
+                stored.append(
+                    da.store(
+                        cells,
+                        cell_scratch,
+                        regions=(slice(start, stop),),
+                        lock=False,
+                        compute=False,
+                    )
+                )
+            if cells_config is not None or config.measurement.features:
+                table = _with_per_cell_tables(
+                    table,
+                    ids,
+                    None if cells_config is None else cells,
+                    field,
+                    config,
+                    start,
+                    stop,
+                    cell_halo,
+                )
+            futures = placement.client.compute([*stored, table])
+            raise_first_error(futures)
+            block_tables.append(futures[-1])
+            starts.append(start)
+            del ids, stored, table, futures  # releases the block's persisted maps before the next
     return Segmented(scratch, frames.chunks, block_tables, starts, halo_um, cell_scratch)
 
 
@@ -544,11 +556,12 @@ def process_field(
     provenance: dict[str, Any],
     placement: Placement,
     ledger: Ledger,
-    on_frames: Callable[[int], None],
+    on_frames: Callable[[float], None],
 ) -> FieldOutcome:
     """Run every stage of one field into the output ``root``; its completion record last.
 
-    ``on_frames`` is told of the field's timepoints twice: segmented, then written.
+    ``on_frames`` is told of half of each timepoint as it is segmented (block by block), and
+    of the other half once the field is written.
     """
     started = now()
     client = placement.client
@@ -571,12 +584,19 @@ def process_field(
     halo_um = stitching_halo_um(config.tiling.halo_um.model_dump(), diameter_um)
     scratch_path = scratch_folder(output) / (fov.path or "image")
     segmented = with_halo_retries(
-        partial(segment_and_measure, field, config, placement, scratch_path, outcome.diameter_px),
+        partial(
+            segment_and_measure,
+            field,
+            config,
+            placement,
+            scratch_path,
+            outcome.diameter_px,
+            lambda frames: on_frames(frames / 2),
+        ),
         halo_um,
         config.tiling.halo_retries,
     )
     outcome.halo_um = segmented.halo_um
-    on_frames(field.n_frames)
     renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
     ids = client.submit(itemgetter(0), renumbered).result()
     image_group = write_images(field, segmented, ids, root, ledger, client)
@@ -617,5 +637,5 @@ def process_field(
         "filled_chunks": filled,
         "manifest": unit_manifest(output, fov.path),
     }
-    on_frames(field.n_frames)
+    on_frames(field.n_frames / 2)
     return outcome

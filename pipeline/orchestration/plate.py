@@ -68,7 +68,8 @@ def process_plate(
     gpu_workers
         Restrict inference to workers with a ``GPU`` resource.
     progress
-        Called with a number of frame-steps done (each frame counts twice: segmented, written).
+        Called with the frames done, in fractions: half a frame as its labels are segmented
+        (block by block), the other half once the field is written.
 
     Returns
     -------

@@ -149,10 +149,15 @@ def _compute(
     reports = report_folder(plan.output)
     reports.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    total = 2 * sum(fov.data.sizes.get("t", 1) for fov in plan.todo)
+    total = sum(fov.data.sizes.get("t", 1) for fov in plan.todo)
     with (
         performance_report(filename=str(reports / f"dask-performance-{stamp}.html")),
-        tqdm(total=total, unit="frame-step", disable=not show_progress) as bar,
+        tqdm(
+            total=total,
+            unit="frame",
+            bar_format="{l_bar}{bar}| {n:.1f}/{total} frames [{elapsed}<{remaining}]",
+            disable=not show_progress,
+        ) as bar,
     ):
         summary = process_plate(
             plate,
