@@ -14,7 +14,8 @@ For every image of the split (never trained on; see ``pipeline.convnet.training.
 and its expert mask:
 
 - ``convnet``: the default call a new user makes, ``pipeline.segment(image)`` (nucleus
-  diameter estimated, polarity detected); colour images are segmented on their luminance
+  diameter estimated, polarity detected, the model's recommended post-processing, or
+  ``--params``); colour images are segmented on their luminance
   (``pipeline.normalize.colour_to_grey``, what the API does with RGB input);
 - ``convnet_given``: the same with the diameter given (the mask's median equivalent diameter);
 - ``classical``: ``pipeline.segment(image, "classical")`` with its defaults;
@@ -47,6 +48,7 @@ from pipeline.normalize import colour_to_grey
 from pipeline.qc.metrics import score_segmentation
 from pipeline.segmentation.convnet import ConvNetParameters
 from pipeline.segmentation.diameter import estimate_diameter
+from pipeline.segmentation.parameters import SegmentationConfig, with_model_postprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "segmentation" / "dsb2018"
@@ -74,8 +76,11 @@ def evaluate_image(
         image = colour_to_grey(image)
     given = median_diameter(truth)
     chosen = params.model_dump(exclude_defaults=True)
+    resolved = with_model_postprocessing(  # as pipeline.segment resolves them
+        SegmentationConfig(convnet={"model": model, **chosen})
+    ).convnet
     started = time.perf_counter()
-    estimated = estimate_diameter(image, InferenceSettings(model=model), params)
+    estimated = estimate_diameter(image, InferenceSettings(model=model), resolved)
     default = segment(image, model=model, diameter=estimated, **chosen)
     seconds = time.perf_counter() - started
     step = CLASSICAL_DIAMETER_UM / given

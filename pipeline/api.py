@@ -24,6 +24,7 @@ from pipeline.segmentation.cells import (
     grow_cells,
     grow_cells_dask,
 )
+from pipeline.segmentation.parameters import with_model_postprocessing
 from pipeline.segmentation.tiled import (
     raise_first_error,
     relabel_consecutive,
@@ -180,7 +181,9 @@ def segment(
         raise ValueError(f"unknown segmentation method {method!r}; use 'convnet' or 'classical'")
     execution = {k: parameters.pop(k) for k in _EXECUTION_PARAMETERS if k in parameters}
     compute = ConvNetExecution(**execution)
-    segmentation = SegmentationConfig(method=method, **{method: parameters})
+    segmentation = with_model_postprocessing(
+        SegmentationConfig(method=method, **{method: parameters})
+    )
     array, dims, sizes = _image_layout(image, dims, pixel_size)
     if "c" in dims:
         array = _take_channel(array, dims, channel)

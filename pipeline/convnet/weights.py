@@ -34,6 +34,7 @@ __all__ = [
     "ModelInfo",
     "load_model",
     "model_paths",
+    "model_postprocessing",
     "save_model",
     "weights_sha256",
 ]
@@ -69,6 +70,24 @@ def weights_sha256(model: str | Path | None) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
+def model_postprocessing(model: str | Path | None) -> dict[str, float]:
+    """The post-processing settings a model's description recommends (see
+    :attr:`ModelInfo.postprocessing`); read without torch.
+
+    Raises
+    ------
+    PipelineInputError
+        If the description is missing or unreadable.
+    """
+    _, meta = model_paths(model)
+    try:
+        return dict(json.loads(meta.read_text()).get("postprocessing", {}))
+    except FileNotFoundError:
+        raise PipelineInputError("model file not found", meta) from None
+    except (ValueError, TypeError, AttributeError) as error:
+        raise PipelineInputError(f"cannot read model ({type(error).__name__})", meta) from None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What inference must know about a trained model.
@@ -87,6 +106,10 @@ class ModelInfo:
         Measured total stride: tile origins and sizes are multiples of it.
     training
         Free-form record of how the weights were made (data, seed, command, scores).
+    postprocessing
+        The post-processing settings this model is meant to be used with, where they differ
+        from the defaults of :class:`pipeline.segmentation.convnet.ConvNetParameters` (chosen
+        on its training images); a user's own settings take precedence.
     weights_sha256
         Digest of the weights file (filled in by :func:`load_model`).
     """
@@ -97,6 +120,7 @@ class ModelInfo:
     receptive_field_radius_px: int
     stride: int
     training: dict[str, Any] = field(default_factory=dict)
+    postprocessing: dict[str, float] = field(default_factory=dict)
     weights_sha256: str = ""
 
 

@@ -30,6 +30,7 @@ from pipeline.orchestration.cluster import RunCluster, connect
 from pipeline.orchestration.lock import output_lock
 from pipeline.orchestration.outcomes import RunSummary, skipped_outcome
 from pipeline.orchestration.plan import RunPlan, check_output_location, plan_run
+from pipeline.segmentation.parameters import with_model_postprocessing
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -216,6 +217,16 @@ def _write_crops(output: Path, config: RunConfig, running: RunCluster, show_prog
         print(f"crops: {folder}")
 
 
+def _with_model_defaults(config: RunConfig | str | Path | None) -> RunConfig:
+    """The run's configuration (loaded if a path), with the post-processing settings its
+    conv-net recommends where the configuration sets none: the settings digest then holds the
+    values used."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    segmentation = with_model_postprocessing(config.segmentation)
+    return config.model_copy(update={"segmentation": segmentation})
+
+
 def _plan(
     input_path: str | Path | Plate,
     out: str | Path,
@@ -321,8 +332,7 @@ def run(
         Per-field outcomes (computed, skipped, failed), wall time and throughput.
     """
     started = time.perf_counter()
-    if not isinstance(config, RunConfig):
-        config = load_config(config)
+    config = _with_model_defaults(config)
     with ExitStack() as locks:
         item = _plan(input_path, out, config, force, only_failed, locks, verify)
         if item.plan.nothing_to_do:
@@ -393,8 +403,7 @@ def reprocess(
         Per plate: its plan, its summary when something was computed, or its error.
     """
     started = time.perf_counter()
-    if not isinstance(config, RunConfig):
-        config = load_config(config)
+    config = _with_model_defaults(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = []

@@ -14,12 +14,19 @@ from typing import Literal
 from pydantic import Field, PositiveFloat
 
 from pipeline.convnet.settings import ConvNetExecution, ModelSettings
+from pipeline.convnet.weights import model_postprocessing
 from pipeline.segmentation.cells import CellParameters
 from pipeline.segmentation.classical import ClassicalParameters
 from pipeline.segmentation.convnet import ConvNetParameters
 from pipeline.settings import StrictModel
 
-__all__ = ["CellsConfig", "ConvNetConfig", "ConvNetExecution", "SegmentationConfig"]
+__all__ = [
+    "CellsConfig",
+    "ConvNetConfig",
+    "ConvNetExecution",
+    "SegmentationConfig",
+    "with_model_postprocessing",
+]
 
 
 class ConvNetConfig(ConvNetParameters, ModelSettings):
@@ -52,3 +59,20 @@ class SegmentationConfig(StrictModel):
         description="grow whole cells from the nuclei (labels/cells then holds the cells and "
         "labels/nuclei the nuclei; a cell shares its nucleus' id); None: nuclei only",
     )
+
+
+def with_model_postprocessing(segmentation: SegmentationConfig) -> SegmentationConfig:
+    """``segmentation`` with the conv-net's post-processing settings its model recommends
+    (:func:`pipeline.convnet.weights.model_postprocessing`) where the user set none."""
+    if segmentation.method != "convnet":
+        return segmentation
+    convnet = segmentation.convnet
+    recommended = model_postprocessing(convnet.model)
+    unset = {
+        name: value for name, value in recommended.items() if name not in convnet.model_fields_set
+    }
+    if not unset:
+        return segmentation
+    chosen = {name: getattr(convnet, name) for name in convnet.model_fields_set}
+    resolved = type(convnet).model_validate({**chosen, **unset})
+    return segmentation.model_copy(update={"convnet": resolved})
