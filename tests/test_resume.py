@@ -65,6 +65,29 @@ def clean(plate: Path, tmp_path_factory: pytest.TempPathFactory, shared_schedule
     return out
 
 
+def _run_in_background(plate: Path, out: Path, *options: str | Path) -> subprocess.Popen:
+    """``pipeline run PLATE --out OUT OPTIONS`` in its own process group, stderr captured."""
+    command = [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out)]
+    return subprocess.Popen(
+        [*command, *map(str, options)],
+        cwd=out.parent,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_fields(process: subprocess.Popen, out: Path, fields: int) -> None:
+    """Until ``fields`` fields of ``out`` are done; the run must still be running then."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and _records_done(out) >= fields:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be stopped"
+
+
 def _copy_plate(plate: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "plate.zarr"
     shutil.copytree(plate, copy)  # keeps modification times: same input fingerprint
@@ -283,13 +306,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_goes_on(
     clean: Path, plate: Path, tmp_path: Path, pipeline_command
 ) -> None:
     out = tmp_path / "out.zarr"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out), "--workers", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = _run_in_background(plate, out, "--workers", "1")
     lock = tmp_path / "out.zarr.lock"
     deadline = time.monotonic() + 60
     while not lock.exists() and time.monotonic() < deadline:
@@ -405,36 +422,12 @@ def test_killed_run_is_completed_by_a_rerun(
     config = tmp_path / "config.yaml"
     config.write_text("compute: {fields_in_flight: 1}\n")
     out = tmp_path / "out.zarr"
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "run",
-        str(plate),
-        "--out",
-        str(out),
-        "--config",
-        str(config),
-        "--workers",
-        "1",
-    ]
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = _run_in_background(plate, out, "--config", config, "--workers", "1")
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            if out.exists() and _records_done(out) >= 1:
-                break
-            time.sleep(0.1)
-        assert process.poll() is None, "the run finished before it could be killed"
+        _wait_for_fields(process, out, 1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        process.communicate()
     _, states = unit_states(out)
     counts = {state: sum(s.state == state for s in states) for state in ("done", "pending")}
     assert counts["done"] >= 1 and counts["pending"] >= 1
@@ -459,21 +452,8 @@ def test_ctrl_c_stops_the_run_at_once_and_a_rerun_completes_it(
     config = tmp_path / "config.yaml"
     config.write_text("compute: {fields_in_flight: 1}\n")
     out = tmp_path / "out.zarr"
-    command = [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out)]
-    process = subprocess.Popen(
-        [*command, "--config", str(config), "--workers", "1"],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        if out.exists() and _records_done(out) >= 1:
-            break
-        time.sleep(0.1)
-    assert process.poll() is None, "the run finished before it could be interrupted"
+    process = _run_in_background(plate, out, "--config", config, "--workers", "1")
+    _wait_for_fields(process, out, 1)
     interrupted = time.monotonic()
     if target == "process group":
         os.killpg(process.pid, signal.SIGINT)
@@ -547,15 +527,7 @@ def test_a_random_kill_leaves_an_output_equal_to_a_clean_run(
     kill_run = attempt % 2 == 0
     fields_first, delay = rng.randrange(len(FIELDS)), rng.uniform(0.0, 2.0)
     out = tmp_path / "out.zarr"
-    command = [sys.executable, "-m", "pipeline", "run", str(plate), "--out", str(out)]
-    process = subprocess.Popen(
-        [*command, "--workers", "2"],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _run_in_background(plate, out, "--workers", "2")
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None:
