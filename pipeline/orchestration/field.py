@@ -400,7 +400,7 @@ def renumber_cells(
 def write_images(
     field: FieldData,
     segmented: Segmented,
-    ids: np.ndarray,
+    ids: Future,
     root: zarr.Group,
     ledger: Ledger,
     client: Client,
@@ -408,12 +408,13 @@ def write_images(
     """A copy of the image and its renumbered label pyramids, to the output: ``labels/cells``
     (the nuclei, or with ``segmentation.cells`` the whole cells and ``labels/nuclei``).
 
+    ``ids`` (the field's sorted global ids, :func:`renumber_cells`) stay on the workers: a
+    movie of a million cells would otherwise put 8 MB into every graph that uses them.
     Returns the field's image group in the output.
     """
     scratch = segmented.scratch
-    labels = relabel_consecutive(
-        da.from_zarr(scratch, chunks=segmented.chunks), ids.astype(scratch.dtype)
-    )
+    ids = dask.delayed(client.submit(np.asarray, ids, dtype=scratch.dtype))
+    labels = relabel_consecutive(da.from_zarr(scratch, chunks=segmented.chunks), ids)
     fov = field.fov
     parent, name = field_parent(root, fov.path)
     image_group, image_writes = omezarr.write_image(
@@ -433,8 +434,7 @@ def write_images(
     label_images = {CELLS: labels}
     if segmented.cell_scratch is not None:
         cells = relabel_consecutive(
-            da.from_zarr(segmented.cell_scratch, chunks=segmented.chunks),
-            ids.astype(scratch.dtype),
+            da.from_zarr(segmented.cell_scratch, chunks=segmented.chunks), ids
         )
         label_images = {NUCLEI: labels, CELLS: cells.reshape(field.label_shape)}
     label_writes = []
@@ -530,12 +530,19 @@ def write_track_labels(
     track_of_label: np.ndarray,
     client: Client,
 ) -> None:
-    """``labels/tracks``: the cell labels with each cell's track id (as CTC expects)."""
+    """``labels/tracks``: the cell labels with each cell's track id (as CTC expects).
+
+    The lookup (one entry per cell) goes to the workers by itself, not inside the graph."""
     labels = omezarr.open_labels(output, image_path=fov.path, name=CELLS).levels[0].dask_array()
-    lookup = track_of_label.astype(labels.dtype)
-    tracks = da.map_blocks(np.take, lookup, labels, dtype=labels.dtype)
+    lookup = dask.delayed(client.scatter(track_of_label.astype(labels.dtype)))
+    meta = np.empty((0,) * labels.ndim, labels.dtype)  # the lookup is not there to try on
+    tracks = da.map_blocks(_track_ids, labels, lookup, dtype=labels.dtype, meta=meta)
     _, writes = omezarr.write_labels(image_group, TRACKS, tracks, compute=False)
     client.compute(writes, sync=True)
+
+
+def _track_ids(labels: np.ndarray, track_of_label: np.ndarray) -> np.ndarray:
+    return track_of_label[labels]
 
 
 def _filled_warning(filled: list[str]) -> list[str]:
@@ -598,7 +605,7 @@ def process_field(
     )
     outcome.halo_um = segmented.halo_um
     renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
-    ids = client.submit(itemgetter(0), renumbered).result()
+    ids = client.submit(itemgetter(0), renumbered)  # stays on the cluster: one id per cell
     image_group = write_images(field, segmented, ids, root, ledger, client)
     written = client.submit(
         tabulate_field,
