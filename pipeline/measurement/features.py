@@ -51,11 +51,9 @@ import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from skimage.segmentation import relabel_sequential
 
 from pipeline.measurement.neighbours import TOUCHING_COLUMNS, touching
-from pipeline.measurement.owned import owned_cell_table, zero_padded_crop
+from pipeline.measurement.owned import cell_windows, owned_cell_table, zero_padded_crop
 
 __all__ = [
     "FEATURE_SETS",
@@ -227,14 +225,9 @@ def _per_cell(function, masks: np.ndarray, pixels: np.ndarray, *, ids: np.ndarra
     """``function`` applied to each cell alone on its canonical crop: its bounding box grown
     by one pixel, zero outside the array, so the values do not depend on where the cell lies
     in the array measured (cp-measure's Zernike moments do, by up to 1 %)."""
-    sequential, forward, _ = relabel_sequential(masks)  # ids may be large (global raster ids)
-    boxes = ndi.find_objects(sequential)
     results: dict[str, list[float]] = {}
-    for label in ids:
-        box = boxes[forward[label] - 1]
-        origin = [piece.start - 1 for piece in box]
-        shape = [piece.stop - piece.start + 2 for piece in box]
-        crop_mask = zero_padded_crop(masks == label, origin, shape).astype(np.int32)
+    for label, origin, shape in cell_windows(masks, ids, margin=1):
+        crop_mask = (zero_padded_crop(masks, origin, shape) == label).astype(np.int32)
         values = function(crop_mask, zero_padded_crop(pixels, origin, shape))
         for key, value in values.items():
             results.setdefault(key, []).append(float(np.asarray(value)[0]))

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.segmentation import relabel_sequential
 
-from pipeline.measurement.owned import zero_padded_crop
+from pipeline.measurement.owned import cell_windows, zero_padded_crop
 
 __all__ = ["DISTANCE_COLUMNS", "TOUCHING_COLUMNS", "nearest_distances", "touching"]
 
@@ -44,18 +43,13 @@ def touching(cells: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
     from cp_measure.bulk import get_multimask_measurements
 
     adjacent = get_multimask_measurements()["neighbors"]
-    sequential, forward, _ = relabel_sequential(cells)
-    boxes = ndi.find_objects(sequential)
     values = {name: np.zeros(len(ids)) for name in TOUCHING_COLUMNS}
-    for row, label in enumerate(ids):
-        box = boxes[forward[label] - 1]
-        origin = [piece.start - _MARGIN for piece in box]
-        shape = [piece.stop - piece.start + 2 * _MARGIN for piece in box]
-        crop, crop_forward, _ = relabel_sequential(zero_padded_crop(sequential, origin, shape))
+    for row, (label, origin, shape) in enumerate(cell_windows(cells, ids, _MARGIN)):
+        crop, crop_forward, _ = relabel_sequential(zero_padded_crop(cells, origin, shape))
         if crop.max() < 2:  # alone (cp-measure fails on a single object): touches nothing
             continue
         measured = adjacent(crop, crop, distance_method="Adjacent")
-        index = crop_forward[forward[label]] - 1
+        index = crop_forward[label] - 1
         for name in TOUCHING_COLUMNS:
             values[name][row] = float(np.asarray(measured[name])[index])
     return values

@@ -9,7 +9,7 @@ reaches an inner face of its extended region (its halo is too small for the cell
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from operator import itemgetter
 
 import dask
@@ -17,10 +17,12 @@ import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
+from skimage.segmentation import relabel_sequential
 
 from pipeline.errors import HaloTooSmall
 
-__all__ = ["owned_cell_table", "owned_ids", "zero_padded_crop"]
+__all__ = ["cell_windows", "owned_cell_table", "owned_ids", "zero_padded_crop"]
 
 FrameTable = Callable[..., pd.DataFrame]
 
@@ -134,3 +136,18 @@ def zero_padded_crop(array: np.ndarray, origin: Sequence[int], shape: Sequence[i
     target = tuple(slice(s.start - o, s.stop - o) for s, o in zip(source, origin, strict=True))
     out[target] = array[source]
     return out
+
+
+def cell_windows(
+    labels: np.ndarray, ids: np.ndarray, margin: int
+) -> Iterator[tuple[int, list[int], list[int]]]:
+    """Each cell of ``ids`` with the origin and shape of its window: its bounding box in
+    ``labels`` grown by ``margin`` pixels on every side (it may reach beyond the array: cut it
+    with :func:`zero_padded_crop`). A measurement of such a crop does not depend on where the
+    cell lies in the array, or in a block of it."""
+    sequential, forward, _ = relabel_sequential(labels)  # ids may be large (global raster ids)
+    boxes = ndi.find_objects(sequential)
+    for label in ids:
+        box = boxes[forward[label] - 1]
+        origin = [piece.start - margin for piece in box]
+        yield label, origin, [piece.stop - piece.start + 2 * margin for piece in box]
