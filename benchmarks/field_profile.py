@@ -1,0 +1,163 @@
+"""Where one field's time goes: each stage alone in this process, then the whole run.
+
+Usage:
+    python benchmarks/field_profile.py [--size 1024] [--frames 4] [--threads 2] [--workers 2]
+        [--json profile.json]
+
+A simulated field (nuclei ~20 px across: the network works at 1.5x, on 1536 x 1536 for
+``--size 1024``) is written as an OME-Zarr plate of one field. Its stages are then timed one
+after the other in this process, on numpy, with ``--threads`` torch threads:
+
+- read: the whole field from the store (``open_plate(...).fields[0].data.values``);
+- normalise: each frame's percentiles and scaling;
+- diameter: the estimate on the middle frame (segmenting it at the model's scale, repeatedly);
+- rescale: the frames to the model's scale, and the maps back;
+- network: :func:`pipeline.convnet.inference.run_network` on the rescaled frames;
+- post-processing: seeds and watershed on each frame's maps;
+- measurement: the default cell table; tracking: linking the cells over the frames;
+- write: the image copy and the label pyramid to a new OME-Zarr.
+
+Then ``pipeline.run`` on the same plate (a local cluster of ``--workers`` processes, the
+default config) gives the end-to-end wall time of a real run, startup of the cluster
+included. The table gives each stage's seconds and share, and the ratios of the end-to-end
+time to the network's and to the stage sum (what the orchestration adds: cluster start,
+scheduling, tiling halos, the measurement of each block, stitching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pipeline
+from pipeline.convnet.inference import (
+    InferenceSettings,
+    loaded_model,
+    rescale_factor,
+    rescale_planes,
+    run_network,
+    scaled_shape,
+)
+from pipeline.io import omezarr
+from pipeline.normalize import frame_percentiles, normalize
+from pipeline.segmentation.convnet import cells_from_maps
+from pipeline.segmentation.diameter import estimate_diameter
+from pipeline.synthetic import simulate_plate
+
+
+def profile(size: int, frames: int, threads: int, workers: int, folder: Path) -> dict:
+    """Seconds per stage of one field, and of a whole run of it."""
+    plate = simulate_plate(
+        folder / "plate.zarr", rows=1, columns=1, fields=1, n_frames=frames, size=size, seed=0
+    )
+    settings = InferenceSettings(cpu_threads=threads)
+    _, info = loaded_model(settings.model, settings.device)  # loading is not a stage
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, function, *args, **kwargs):
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+        return result
+
+    field = omezarr.open_plate(plate).fields[0]
+    data = timed("read", lambda: field.data.values)
+    raw = data[:, 0]
+    pixel = field.pixel_size["x"]
+
+    def normalised() -> np.ndarray:
+        limits = frame_percentiles(raw, info.percentiles, settings.polarity)
+        return np.stack([normalize(f, lo, hi) for f, (lo, hi) in zip(raw, limits, strict=True)])
+
+    planes = timed("normalise", normalised)
+    diameter = timed("diameter", estimate_diameter, raw[frames // 2], settings)
+    shape = scaled_shape(raw.shape[-2:], rescale_factor(info, diameter))
+    scaled = timed("rescale", rescale_planes, planes, shape)
+    maps = timed("network", run_network, scaled, settings)
+    maps = timed("rescale", rescale_planes, maps, raw.shape[-2:])
+    labels = timed(
+        "post-processing",
+        lambda: np.stack([cells_from_maps(m, diameter) for m in maps]).astype(np.int32),
+    )
+    table = timed(
+        "measurement",
+        pipeline.measure,
+        labels,
+        data,
+        dims="tyx",
+        pixel_size={"y": pixel, "x": pixel},
+    )
+    timed("tracking", pipeline.track, table, max_distance=15.0)
+
+    def write() -> None:
+        root = omezarr.create_root(folder / "written.zarr")
+        group = omezarr.write_image(
+            root,
+            "image",
+            [level.dask_array() for level in field.levels],
+            field.data.dims,
+            field.levels[0].scale,
+            channel_names=list(field.channel_names),
+            level_shapes=[level.shape for level in field.levels],
+        )
+        omezarr.write_labels(group, "cells", labels)
+
+    timed("write", write)
+    started = time.perf_counter()
+    summary = pipeline.run(plate, folder / "run.zarr", workers=workers)
+    run_seconds = time.perf_counter() - started
+    assert not summary.failed, summary.failed
+    return {
+        "size": size,
+        "frames": frames,
+        "threads": threads,
+        "workers": workers,
+        "diameter_px": diameter,
+        "network_px": list(shape),
+        "cells": len(table),
+        "stages_s": seconds,
+        "run_s": run_seconds,
+        "run_reported_s": summary.wall_seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the stages")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of the run")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        result = profile(args.size, args.frames, args.threads, args.workers, Path(folder))
+    stages = result["stages_s"]
+    total = sum(stages.values())
+    print(
+        f"{args.frames} frames of {args.size} x {args.size}, nuclei {result['diameter_px']:.1f}"
+        f" px (network on {result['network_px'][0]} x {result['network_px'][1]}), "
+        f"{result['cells']} cells\n"
+    )
+    print("| stage | seconds | share of the stages |\n|---|---|---|")
+    for stage, value in stages.items():
+        print(f"| {stage} | {value:.2f} | {value / total:.0%} |")
+    print(f"| **sum of the stages** | {total:.2f} | 100% |")
+    network = stages["network"]
+    print(
+        f"\nwhole run (`pipeline.run`, {args.workers} workers, cluster start included): "
+        f"{result['run_s']:.1f} s ({result['run_reported_s']:.1f} s reported by the run)\n"
+        f"end-to-end / network: {result['run_s'] / network:.2f}; "
+        f"stage sum / network: {total / network:.2f}; end-to-end / stage sum: "
+        f"{result['run_s'] / total:.2f}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
