@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -201,21 +202,22 @@ def _demo(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from pipeline.io.tiff import import_tiffs
 
-    pixel_size = {
-        key: value
-        for key, value in (("x", args.pixel_size), ("y", args.pixel_size), ("z", args.z_step))
-        if value is not None
-    }
-    path = import_tiffs(
-        args.tiffs,
-        args.out,
-        axes=args.axes,
-        pixel_size=pixel_size or None,
-        stack_axis=args.stack_axis,
-        channel_names=args.channels.split(",") if args.channels else None,
-        plate=args.plate,
-        overwrite=args.overwrite,
-    )
+    steps = (("x", args.pixel_size), ("y", args.pixel_size), ("z", args.z_step))
+    pixel_size = {key: value for key, value in (*steps, ("t", args.time_step)) if value is not None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = import_tiffs(
+            args.tiffs,
+            args.out,
+            axes=args.axes,
+            pixel_size=pixel_size or None,
+            stack_axis=args.stack_axis,
+            channel_names=args.channels.split(",") if args.channels else None,
+            plate=args.plate,
+            overwrite=args.overwrite,
+        )
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(f"OME-Zarr 0.5 written to {path}")
     return 0
 
@@ -463,10 +465,12 @@ def _parser() -> argparse.ArgumentParser:
     tiff.add_argument("--pixel-size", type=float, help="xy pixel size in micrometres")
     tiff.add_argument("--z-step", type=float, help="z step in micrometres")
     tiff.add_argument(
+        "--time-step", type=float, help="frame interval in seconds (overrides the file's)"
+    )
+    tiff.add_argument(
         "--stack-axis",
-        default="t",
         choices=["t", "z", "c"],
-        help="axis along which several files are stacked",
+        help="axis along which several files are stacked (default t, with a warning)",
     )
     tiff.add_argument("--channels", help="comma-separated channel names")
     tiff.add_argument(

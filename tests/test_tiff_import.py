@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import tifffile
@@ -303,3 +305,41 @@ def test_bilevel_mask_is_read_as_uint8(tmp_path):
     image = read_tiff(path)
     assert image.data.dtype == np.uint8
     np.testing.assert_array_equal(image.data.compute(), mask.astype(np.uint8))
+
+
+def test_every_calibration_the_files_lack_is_warned_about_once(tmp_path, capsys):
+    """Plain TIFFs say nothing of their pixel size or frame interval: the import writes 1.0
+    and says so, once per missing step; given on the command line, nothing is said and the
+    steps reach the output (a frame interval of 10 min, pixels of 0.65 um)."""
+    from pipeline.cli import main
+
+    for name in ("A01_f0.tif", "A02_f0.tif"):
+        tifffile.imwrite(tmp_path / name, _random((3, 16, 16)), photometric="minisblack")
+    tiffs = [tmp_path / "A01_f0.tif", tmp_path / "A02_f0.tif"]
+    command = ["import", *map(str, tiffs), "--plate", "--axes", "tyx", "--out"]
+    assert main([*command, str(tmp_path / "bare.zarr")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert warned == [
+        f"warning: no x/y calibration in {tiffs[0]} (and 1 more files): pixel size 1.0 um "
+        "written (give --pixel-size, or pixel_size={'x': ..., 'y': ...})",
+        f"warning: no t calibration in {tiffs[0]} (and 1 more files): frame interval 1 s "
+        "written (give --time-step, or pixel_size={'t': ...}, in seconds)",
+    ]
+    given = ["--pixel-size", "0.65", "--time-step", "600"]
+    assert main([*command, str(tmp_path / "given.zarr"), *given]) == 0
+    assert capsys.readouterr().err == ""
+    field = open_plate(tmp_path / "given.zarr").fields[0]
+    assert field.pixel_size == pytest.approx({"y": 0.65, "x": 0.65})
+    np.testing.assert_allclose(field.data["t"].values, [0.0, 600.0, 1200.0])
+
+
+def test_files_stacked_without_a_stack_axis_are_warned_about(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"frame_{i}.tif")
+        tifffile.imwrite(paths[-1], _random((8, 8), seed=i), photometric="minisblack")
+    with pytest.warns(UserWarning, match="2 files stacked as the frames of a time series"):
+        assert read_tiff(paths, pixel_size={"x": 1, "y": 1, "t": 1}).dims == "tyx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said explicitly: nothing to warn about
+        assert read_tiff(paths, stack_axis="t", pixel_size={"x": 1, "y": 1, "t": 1}).dims == "tyx"

@@ -108,6 +108,9 @@ class TiffImage:
         One name per channel, or None when unknown.
     source
         The file (or first file of a stack) the image was read from.
+    calibrated
+        The dims of ``scale`` whose step the file's metadata or the user gave (the others are
+        the default 1.0).
     """
 
     data: da.Array
@@ -115,6 +118,7 @@ class TiffImage:
     scale: dict[str, float]
     channel_names: tuple[str, ...] | None
     source: str
+    calibrated: frozenset[str] = frozenset()
 
 
 def read_tiff(
@@ -122,7 +126,7 @@ def read_tiff(
     *,
     axes: str | None = None,
     pixel_size: Mapping[str, float] | None = None,
-    stack_axis: str = "t",
+    stack_axis: str | None = None,
     channel_names: Sequence[str] | None = None,
 ) -> TiffImage:
     """Read a TIFF file, or a stack of equally shaped TIFF files, lazily.
@@ -140,7 +144,8 @@ def read_tiff(
         Step per axis (``t`` in seconds, ``z``, ``y``, ``x`` in micrometres); overrides the
         file's metadata key by key.
     stack_axis
-        New axis (``"t"``, ``"z"`` or ``"c"``) along which several files are stacked.
+        New axis (``"t"``, ``"z"`` or ``"c"``) along which several files are stacked; None:
+        ``"t"``, with a warning (a time series is a guess).
     channel_names
         One name per channel; overrides names from OME metadata.
 
@@ -158,10 +163,18 @@ def read_tiff(
     files = _expand_paths(paths)
     user_axes = None if axes is None else _parse_user_axes(axes, files[0])
     images = [_read_one(path, user_axes) for path in files]
-    image = images[0] if len(images) == 1 else _stack(images, stack_axis.lower())
+    if len(images) > 1 and stack_axis is None:
+        warnings.warn(
+            f"{len(images)} files stacked as the frames of a time series, in natural-sort order "
+            "(say so with --stack-axis t, or stack_axis='t'; z and c stack them otherwise; "
+            "--plate makes one field of each)",
+            stacklevel=2,
+        )
+    image = images[0] if len(images) == 1 else _stack(images, (stack_axis or "t").lower())
     scale = _apply_pixel_size(image, pixel_size)
     names = _apply_channel_names(image, channel_names)
-    return TiffImage(image.data, image.dims, scale, names, image.source)
+    calibrated = image.calibrated | {key.lower() for key in pixel_size or {}}
+    return TiffImage(image.data, image.dims, scale, names, image.source, frozenset(calibrated))
 
 
 def default_n_levels(shape_yx: tuple[int, int], max_size: int = 512) -> int:
@@ -189,7 +202,7 @@ def import_tiffs(
     *,
     axes: str | None = None,
     pixel_size: Mapping[str, float] | None = None,
-    stack_axis: str = "t",
+    stack_axis: str | None = None,
     channel_names: Sequence[str] | None = None,
     plate: bool = False,
     pattern: str = DEFAULT_WELL_PATTERN,
@@ -221,6 +234,12 @@ def import_tiffs(
     -------
     Path
         ``out``.
+
+    Warns
+    -----
+    UserWarning
+        For each step neither the files nor ``pixel_size`` give (1.0 is written), and when
+        several files are stacked along a guessed axis.
     """
     if not plate:
         image = read_tiff(
@@ -230,6 +249,7 @@ def import_tiffs(
             stack_axis=stack_axis,
             channel_names=channel_names,
         )
+        _warn_uncalibrated([image])
         root = create_root(out, overwrite=overwrite)
         _write_field(root, "", image, n_levels)
         return Path(out)
@@ -241,6 +261,7 @@ def import_tiffs(
         ]
         for well, files in wells.items()
     }
+    _warn_uncalibrated([image for fields in images.values() for image in fields])
     root = create_root(out, overwrite=overwrite)
     write_plate_metadata(
         root,
@@ -255,6 +276,30 @@ def import_tiffs(
         for index, image in enumerate(fields):
             _write_field(well, str(index), image, n_levels)
     return Path(out)
+
+
+_DEFAULT_STEP = {
+    "x": "pixel size 1.0 um written (give --pixel-size, or pixel_size={'x': ..., 'y': ...})",
+    "z": "z step 1.0 um written (give --z-step, or pixel_size={'z': ...})",
+    "t": "frame interval 1 s written (give --time-step, or pixel_size={'t': ...}, in seconds)",
+}
+
+
+def _warn_uncalibrated(images: list[TiffImage]) -> None:
+    """One warning per step that some of ``images`` lack, naming the first such file."""
+    for dims in (("x", "y"), ("z",), ("t",)):
+        lacking = [
+            image
+            for image in images
+            if any(d in image.scale and d not in image.calibrated for d in dims)
+        ]
+        if lacking:
+            more = f" (and {len(lacking) - 1} more files)" if len(lacking) > 1 else ""
+            warnings.warn(
+                f"no {'/'.join(dims)} calibration in {lacking[0].source}{more}: "
+                f"{_DEFAULT_STEP[dims[0]]}",
+                stacklevel=3,
+            )
 
 
 def _write_field(parent: zarr.Group, name: str, image: TiffImage, n_levels: int | None) -> None:
@@ -399,7 +444,8 @@ def _read_one(path: Path, user_axes: str | None) -> TiffImage:
     scale = {d: metadata_scale.get(d, 1.0) for d in dims if d in SCALED_DIMS}
     n_channels = data.shape[dims.index("c")] if "c" in dims else 0
     names = metadata_names if metadata_names and len(metadata_names) == n_channels else None
-    return TiffImage(data, dims, scale, names, str(path))
+    calibrated = frozenset(d for d in scale if d in metadata_scale)
+    return TiffImage(data, dims, scale, names, str(path), calibrated)
 
 
 def _lazy_series(path: str, series: tifffile.TiffPageSeries) -> da.Array:
@@ -559,7 +605,7 @@ def _stack(images: list[TiffImage], stack_axis: str) -> TiffImage:
     data = da.stack([image.data for image in images], axis=dims.index(stack_axis))
     scale = {d: first.scale.get(d, 1.0) for d in dims if d in SCALED_DIMS}
     names = None if stack_axis == "c" else first.channel_names
-    return TiffImage(data, dims, scale, names, first.source)
+    return TiffImage(data, dims, scale, names, first.source, first.calibrated)
 
 
 def _apply_pixel_size(image: TiffImage, pixel_size: Mapping[str, float] | None) -> dict[str, float]:
