@@ -222,6 +222,13 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_anndata(args: argparse.Namespace) -> int:
+    from pipeline.io.anndata import export_anndata
+
+    print(f"AnnData written to {export_anndata(args.results, args.out)}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.qc.evaluate import evaluate
 
@@ -411,6 +418,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_arguments(again)
     again.add_argument("--force", action="store_true", help="recompute every field")
     again.set_defaults(handler=_reprocess)
+
+    export = commands.add_parser(
+        "export-anndata",
+        help="the cells of a run's output as an AnnData table (.h5ad or .zarr) for scverse",
+    )
+    export.add_argument("results", help="output of pipeline run")
+    export.add_argument("--out", required=True, help="the AnnData file to write (.h5ad or .zarr)")
+    export.set_defaults(handler=_export_anndata)
 
     status = commands.add_parser(
         "status", help="done / failed / pending fields of an output, with errors"

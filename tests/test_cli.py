@@ -598,6 +598,34 @@ def test_an_input_unlike_nuclei_is_flagged_not_passed_silently(tmp_path: Path, c
     assert "warning: cells cover" in report
 
 
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_anndata_export_holds_every_cell_of_the_plate_table(
+    plate_run: PlateRun, tmp_path: Path, suffix: str
+) -> None:
+    import anndata
+
+    out = tmp_path / f"cells{suffix}"
+    assert main(["export-anndata", str(plate_run.out), "--out", str(out)]) == 0
+    exported = anndata.read_h5ad(out) if suffix == ".h5ad" else anndata.read_zarr(out)
+    plate = pd.read_parquet(plate_run.out / "tables" / "cells")  # the plate-wide dataset
+    plate = plate.astype({"well": str, "field": str})
+    plate = plate.sort_values(["well", "field", "t", "label"], ignore_index=True)
+    obs = exported.obs.reset_index(drop=True)
+    assert len(obs) == len(plate) > 0
+    for column in ("well", "field"):
+        assert obs[column].astype(str).tolist() == plate[column].tolist()
+    assert exported.obs_names[0] == f"A1/0/t{plate['t'][0]}/{plate['label'][0]}"
+    for column in ("t", "label", "track_id", "y", "x"):
+        np.testing.assert_array_equal(obs[column], plate[column])
+    assert "area" in exported.var_names and "y" not in exported.var_names
+    for column in ("area", "intensity_mean_nuclei", "growth_rate"):
+        got = exported[:, column].X.ravel()
+        np.testing.assert_allclose(got, plate[column].astype(np.float32), equal_nan=True)
+    assert exported.var.loc["area", "unit"] == "um^2"
+    assert exported.var.loc["growth_rate", "unit"] == "1/s"
+    assert exported.uns["pipeline"]["output"] == str(plate_run.out)
+
+
 def test_crops_command_cuts_every_cell_of_a_run(plate_run: PlateRun, tmp_path: Path) -> None:
     from pipeline.classification.crops import cut_crops
     from pipeline.classification.store import read_crops

@@ -27,7 +27,7 @@ from pipeline.errors import PipelineInputError
 from pipeline.io import tables
 from pipeline.io.omezarr import FieldOfView, Plate, open_image, open_labels, open_plate
 
-__all__ = ["CropSettings", "field_cells", "plan_crops", "read_crops", "write_crops"]
+__all__ = ["CropSettings", "plan_crops", "read_crops", "write_crops"]
 
 CROPS = "crops"
 INDEX_FILE = "index.parquet"
@@ -52,28 +52,6 @@ class CropSettings:
             )
 
 
-def field_cells(
-    results: Path, field: FieldOfView, columns: Sequence[str] | None = None
-) -> pd.DataFrame:
-    """A field's cells table (all columns, or ``columns`` where present), with ``well`` and
-    ``field`` first, sorted by ``t`` and ``label``.
-
-    Raises
-    ------
-    PipelineInputError
-        The field has no cells table.
-    """
-    root = zarr.open_group(str(results), mode="r")
-    try:
-        cells = tables.read_table(root[field.path] if field.path else root, "cells")
-    except (KeyError, FileNotFoundError):
-        raise PipelineInputError("field has no cells table", str(results / field.path)) from None
-    if columns is not None:
-        cells = cells[[column for column in columns if column in cells.columns]]
-    cells = cells.sort_values(["t", "label"], ignore_index=True)
-    return cells.assign(well=field.well or "", field=field.path)[["well", "field", *cells.columns]]
-
-
 def plan_crops(results: str | Path, plate: Plate | None = None) -> pd.DataFrame:
     """One row per cell of every field and frame of a run's output, in plate order.
 
@@ -84,7 +62,9 @@ def plan_crops(results: str | Path, plate: Plate | None = None) -> pd.DataFrame:
     """
     results = Path(results)
     plate = plate or open_plate(results)
-    parts = [field_cells(results, field, ["t", "label", "track_id"]) for field in plate.fields]
+    parts = [
+        tables.field_cells(results, field, ["t", "label", "track_id"]) for field in plate.fields
+    ]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_KEYS)
 
 

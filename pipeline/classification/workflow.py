@@ -19,8 +19,9 @@ import zarr
 from pipeline.classification.classifier import CellClassifier
 from pipeline.classification.evaluation import CrossValidation, cross_validate, write_roc_figure
 from pipeline.classification.marker import label_by_marker
-from pipeline.classification.store import field_cells, read_crops
+from pipeline.classification.store import read_crops
 from pipeline.errors import PipelineInputError
+from pipeline.io import tables
 from pipeline.io.omezarr import open_plate
 
 __all__ = ["TrainingSet", "train_classifier", "training_set"]
@@ -98,7 +99,7 @@ def training_set(
             str(results / "crops"),
         )
     if marker is not None:
-        every_field = [field_cells(results, field) for field in open_plate(results).fields]
+        every_field = [tables.field_cells(results, field) for field in open_plate(results).fields]
         cells = index[_KEYS].merge(pd.concat(every_field), on=_KEYS, how="left")
         found = label_by_marker(cells, f"intensity_mean_{marker}", min_posterior=min_posterior)
         classes = found.labels.astype(object).where(~found.left_out, None).to_numpy()

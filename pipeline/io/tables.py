@@ -9,12 +9,22 @@ A plate-wide dataset holds the same rows for every field, partitioned by well (H
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import zarr
 
-__all__ = ["read_plate_table", "read_table", "write_plate_table_part", "write_table"]
+from pipeline.errors import PipelineInputError
+from pipeline.io.omezarr import FieldOfView
+
+__all__ = [
+    "field_cells",
+    "read_plate_table",
+    "read_table",
+    "write_plate_table_part",
+    "write_table",
+]
 
 TABLE_FILE = "table.parquet"
 
@@ -95,3 +105,25 @@ def read_plate_table(dataset: Path, columns: list[str] | None = None) -> pd.Data
     """Read the plate-wide dataset (only ``columns`` if given, ``well`` included); the
     ``well`` column comes from the partition names."""
     return pd.read_parquet(Path(dataset), partitioning="hive", columns=columns)
+
+
+def field_cells(
+    results: Path, field: FieldOfView, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """A field's cells table (all columns, or ``columns`` where present), with ``well`` and
+    ``field`` first, sorted by ``t`` and ``label``.
+
+    Raises
+    ------
+    PipelineInputError
+        The field has no cells table.
+    """
+    root = zarr.open_group(str(results), mode="r")
+    try:
+        cells = read_table(root[field.path] if field.path else root, "cells")
+    except (KeyError, FileNotFoundError):
+        raise PipelineInputError("field has no cells table", str(results / field.path)) from None
+    if columns is not None:
+        cells = cells[[column for column in columns if column in cells.columns]]
+    cells = cells.sort_values(["t", "label"], ignore_index=True)
+    return cells.assign(well=field.well or "", field=field.path)[["well", "field", *cells.columns]]
