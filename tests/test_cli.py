@@ -598,6 +598,29 @@ def test_an_input_unlike_nuclei_is_flagged_not_passed_silently(tmp_path: Path, c
     assert "warning: cells cover" in report
 
 
+def test_ngio_reads_the_plate_its_images_labels_and_every_table(plate_run: PlateRun) -> None:
+    """ngio (Fractal's OME-Zarr library) opens the output with its own readers: the plate's
+    fields, each field's label image, and the cells (a feature table indexed by label) and
+    tracks tables, row for row as the run wrote them."""
+    import ngio
+
+    plate = ngio.open_ome_zarr_plate(plate_run.out)
+    assert sorted(plate.images_paths()) == sorted(FIELDS.values())
+    for path in FIELDS.values():
+        container = ngio.open_ome_zarr_container(plate_run.out / path)
+        assert "cells" in container.list_labels()
+        assert set(container.list_tables()) >= {"cells", "tracks"}
+        cells = container.get_table("cells")
+        assert isinstance(cells, ngio.FeatureTable)
+        written = _field_table(plate_run.out, path).set_index("label")
+        pd.testing.assert_frame_equal(
+            cells.dataframe.sort_index()[written.columns], written.sort_index(), check_dtype=False
+        )
+        tracks = container.get_table("tracks").dataframe
+        expected = pd.read_parquet(plate_run.out / path / "tables" / "tracks" / "table.parquet")
+        assert len(tracks) == len(expected) > 0
+
+
 @pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
 def test_anndata_export_holds_every_cell_of_the_plate_table(
     plate_run: PlateRun, tmp_path: Path, suffix: str
