@@ -4,6 +4,8 @@ for every column, and clear errors."""
 
 from __future__ import annotations
 
+import math
+
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -105,8 +107,16 @@ def test_features_equal_cp_measure_on_the_whole_frame(field):
         alone = (padded_labels[box] == label).astype(np.int32)
         want = core["zernike"](alone, padded[box])["Zernike_2_0"][0]
         assert table.loc[label, "AreaShape_Zernike_2_0"] == pytest.approx(want, rel=1e-12)
-        # granularity: cp-measure on the same box, the pixels outside the cell set to 0
-        alone_pixels = np.where(alone > 0, padded[box], 0.0)
+        # granularity: cp-measure on the box grown (centred) to at least 24 px, the pixels
+        # outside the cell set to 0
+        big = np.pad(padded_labels, 24)
+        grown = []
+        for piece in box:
+            extra = max(24 - (piece.stop - piece.start), 0)
+            start = piece.start + 24 - extra // 2
+            grown.append(slice(start, start + max(piece.stop - piece.start, 24)))
+        alone = (big[tuple(grown)] == label).astype(np.int32)
+        alone_pixels = np.where(alone > 0, np.pad(padded, 24)[tuple(grown)], 0.0)
         spectrum = core["granularity"](alone, alone_pixels, subsample_size=0.5)
         for step in (1, 2, 5):
             assert table.loc[label, f"Granularity_{step}_dna"] == pytest.approx(
@@ -135,6 +145,50 @@ def test_granularity_puts_fine_granules_in_the_first_steps_and_a_plain_cell_in_l
     assert uniform[0] < 3  # the disc's outline, resampled
     assert np.argmax(uniform) == np.argmax(granular[1:]) + 1 == 12
     np.testing.assert_allclose(spectrum.sum(axis=1), 100, atol=1)  # all gone in the end
+
+
+def _small_squares() -> np.ndarray:
+    """Squares 10-17 px wide, one per size: the cells whose bounding box grown by a pixel gives
+    a 1/8-scale background image 2 px across, where scipy's reflect-mode filters read outside
+    the array (with a footprint that much larger; scipy 1.17)."""
+    labels = np.zeros((40, 8 * 40), np.int32)
+    for k, width in enumerate(range(10, 18)):
+        labels[5 : 5 + width, 40 * k + 5 : 40 * k + 5 + width] = k + 1
+    return labels
+
+
+def test_granularity_of_small_uniform_cells_has_no_fine_texture():
+    """Nothing of a uniform cell is fine texture: step 1 takes at most its resampled outline,
+    and all of it is gone by the last step."""
+    labels = _small_squares()
+    image = np.where(labels > 0, 0.5, 0.0)[None]
+    table = pipeline.measure(labels, image, dims="yx", features=["granularity"])
+    spectrum = table[[f"Granularity_{k}_0" for k in range(1, 17)]].to_numpy()
+    assert (spectrum[:, 0] < 50).all()
+    np.testing.assert_allclose(spectrum.sum(axis=1), 100, atol=1)
+
+
+def test_granularity_never_gets_a_crop_whose_background_image_is_2_px(monkeypatch):
+    """The crops of small cells are grown to 24 px, so the background image (1/2 x 1/4 of the
+    crop) has at least 3 px per axis and scipy never reads outside it (a random spectrum,
+    about one run in ten, before)."""
+    import cp_measure.bulk
+
+    real = cp_measure.bulk.get_core_measurements()
+    shapes = []
+
+    def recording(mask, pixels, **options):
+        shapes.append(mask.shape)
+        return real["granularity"](mask, pixels, **options)
+
+    monkeypatch.setattr(
+        cp_measure.bulk, "get_core_measurements", lambda: {**real, "granularity": recording}
+    )
+    labels = _small_squares()
+    pipeline.measure(labels, labels[None] * 0.01, dims="yx", features=["granularity"])
+    assert len(shapes) == 8
+    background = [math.ceil(int(n * 0.5) * 0.25) for shape in shapes for n in shape]
+    assert min(background) >= 3
 
 
 @pytest.mark.parametrize("objects", ["nuclei", "touching cells"])

@@ -86,8 +86,11 @@ _SETS_3D = frozenset({"sizeshape", "intensity", "texture"})
 _POSITION = re.compile(r"^(Center_|BoundingBoxM(inimum|aximum)_|Location_)")
 # cp-measure's Zernike moments change (by up to 1 %) with where the cell lies in the array, and
 # its granularity with the whole image: these sets are measured per cell on a canonical crop
-# (:func:`_per_cell`).
-_PER_CELL = frozenset({"zernike", "radial_zernikes", "granularity"})
+# (:func:`_per_cell`), of at least this many pixels per axis. Granularity's background step
+# works on 1/8 of its crop with a radius-10 disc, and scipy's reflect-mode min/max filters
+# (1.17) read memory outside an axis of 2 pixels when the footprint is that much larger: a
+# crop of 10-17 pixels gave a random spectrum. 24 pixels leave the background image 3.
+_PER_CELL = {"zernike": 0, "radial_zernikes": 0, "granularity": 24}
 # Granularity per cell: subsampled by 1/2 (CellProfiler's 1/4 suits whole images), 16 steps.
 GRANULARITY_SUBSAMPLE = 0.5
 GRANULARITY_STEPS = 16
@@ -211,7 +214,7 @@ def feature_table(
             continue
         measure = functions[feature_set]
         if feature_set in _PER_CELL:
-            measure = partial(_per_cell, measure, ids=ids)
+            measure = partial(_per_cell, measure, ids=ids, min_size=_PER_CELL[feature_set])
         for suffix, indices in _channel_groups(feature_set, channel_names):
             pixels = [scaled[index] for index in indices]
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -221,12 +224,18 @@ def feature_table(
     return pd.DataFrame(columns)[["label", *names]]
 
 
-def _per_cell(function, masks: np.ndarray, pixels: np.ndarray, *, ids: np.ndarray) -> dict:
+def _per_cell(
+    function, masks: np.ndarray, pixels: np.ndarray, *, ids: np.ndarray, min_size: int = 0
+) -> dict:
     """``function`` applied to each cell alone on its canonical crop: its bounding box grown
-    by one pixel, zero outside the array, so the values do not depend on where the cell lies
-    in the array measured (cp-measure's Zernike moments do, by up to 1 %)."""
+    by one pixel, then to ``min_size`` pixels per axis (centred), zero outside the array, so
+    the values do not depend on where the cell lies in the array measured (cp-measure's
+    Zernike moments do, by up to 1 %)."""
     results: dict[str, list[float]] = {}
     for label, origin, shape in cell_windows(masks, ids, margin=1):
+        grow = [max(min_size - n, 0) for n in shape]
+        origin = [o - g // 2 for o, g in zip(origin, grow, strict=True)]
+        shape = [n + g for n, g in zip(shape, grow, strict=True)]
         crop_mask = (zero_padded_crop(masks, origin, shape) == label).astype(np.int32)
         values = function(crop_mask, zero_padded_crop(pixels, origin, shape))
         for key, value in values.items():
