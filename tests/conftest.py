@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -53,9 +54,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+# Dask's scheduler warns when a key comes back with other dependencies while the first is
+# still known ("Detected different `run_spec`", dask/dask#9888): two graphs sharing a name for
+# different work, which can deadlock or give one graph the other's result. Seen once on a run
+# of a real movie (issue 17); every test and every command run by the tests must be free of it.
+KEY_COLLISION = "Detected different `run_spec`"
+
+
+class _KeyCollisions(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if KEY_COLLISION in record.getMessage():
+            self.messages.append(record.getMessage()[:400])
+
+
+@pytest.fixture(autouse=True)
+def no_key_collisions_in_the_scheduler() -> Iterator[None]:
+    """Fail a test during which an in-process scheduler (a test's own cluster, or
+    :func:`shared_scheduler`) saw one key submitted with two different tasks."""
+    handler = _KeyCollisions()
+    logger = logging.getLogger("distributed.scheduler")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, handler.messages[0]
+
+
 def run_pipeline(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m pipeline ARGS`` in a subprocess, as a user would."""
-    return subprocess.run(
+    """Run ``python -m pipeline ARGS`` in a subprocess, as a user would; its stderr must not
+    hold the scheduler's key-collision warning."""
+    completed = subprocess.run(
         [sys.executable, "-m", "pipeline", *map(str, args)],
         capture_output=True,
         text=True,
@@ -63,6 +96,8 @@ def run_pipeline(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
         timeout=300,
         check=False,
     )
+    assert KEY_COLLISION not in completed.stderr, completed.stderr[-2000:]
+    return completed
 
 
 @pytest.fixture(scope="session")
