@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import PipelineInputError
+from pipeline.errors import InputWarning, PipelineInputError
 
 __all__ = ["main"]
 
@@ -200,13 +200,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from pipeline.io.tiff import import_tiffs
+    from pipeline.io.importing import import_images
 
     steps = (("x", args.pixel_size), ("y", args.pixel_size), ("z", args.z_step))
     pixel_size = {key: value for key, value in (*steps, ("t", args.time_step)) if value is not None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = import_tiffs(
+        path = import_images(
             args.tiffs,
             args.out,
             axes=args.axes,
@@ -216,8 +216,9 @@ def _import(args: argparse.Namespace) -> int:
             plate=args.plate,
             overwrite=args.overwrite,
         )
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    for warning in caught:  # the guesses made on the input; not the readers' own warnings
+        if issubclass(warning.category, InputWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
     print(f"OME-Zarr 0.5 written to {path}")
     return 0
 
@@ -473,8 +474,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(handler=_demo)
 
-    tiff = commands.add_parser("import", help="convert TIFF files to OME-Zarr 0.5")
-    tiff.add_argument("tiffs", nargs="+", help="TIFF or OME-TIFF files")
+    tiff = commands.add_parser(
+        "import", help="convert TIFF, OME-TIFF, ND2, CZI or LIF files to OME-Zarr 0.5"
+    )
+    tiff.add_argument(
+        "tiffs", nargs="+", help="image files (TIFF, OME-TIFF, ND2, CZI, LIF) or folders"
+    )
     tiff.add_argument("--out", required=True)
     tiff.add_argument("--axes", help="axes of each file, e.g. ZYX or TCYX (default: from metadata)")
     tiff.add_argument("--pixel-size", type=float, help="xy pixel size in micrometres")
@@ -491,7 +496,8 @@ def _parser() -> argparse.ArgumentParser:
     tiff.add_argument(
         "--plate",
         action="store_true",
-        help="one field per file; well and field from names like A01_f0.tif",
+        help="one well per file, named like A01_f0.tif or B3.nd2; a file's scenes are its fields "
+        "(without --plate, one file of several scenes becomes well A/1)",
     )
     tiff.add_argument("--overwrite", action="store_true")
     tiff.set_defaults(handler=_import)

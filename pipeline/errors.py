@@ -26,6 +26,12 @@ class PipelineInputError(Exception):
         return (type(self), (self.problem, self.path))
 
 
+class InputWarning(UserWarning):
+    """The input was read with a guess the user should know of (a default calibration, an
+    assumed axis): shown as a ``warning:`` line by the command line, unlike the warnings of
+    the libraries that read it."""
+
+
 class CorruptChunkError(PipelineInputError):
     """A chunk of an input array cannot be read or decoded."""
 

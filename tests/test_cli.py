@@ -574,13 +574,13 @@ def test_an_input_unlike_nuclei_is_flagged_not_passed_silently(tmp_path: Path, c
     """Dark nuclei on a bright background given to the classical recipe (which looks for
     bright objects): the background becomes "cells". The run finishes, but its summary, the
     field's completion record and the QC report say that the result does not look like nuclei."""
-    from pipeline.io.tiff import import_tiffs
+    from pipeline.io.importing import import_images
     from pipeline.synthetic import simulate_field
 
     field = simulate_field(n_frames=2, size=128, seed=4)
     inverted = (field.image[:, 0].max() - field.image[:, 0]).astype(np.uint16)
     tifffile.imwrite(tmp_path / "stack.tif", inverted, photometric="minisblack")
-    plate = import_tiffs(
+    plate = import_images(
         [tmp_path / "stack.tif"],
         tmp_path / "dark.zarr",
         axes="tyx",

@@ -9,8 +9,9 @@ import pytest
 import tifffile
 
 from pipeline.errors import PipelineInputError
+from pipeline.io.importing import default_n_levels, import_images
 from pipeline.io.omezarr import open_plate
-from pipeline.io.tiff import default_n_levels, import_tiffs, read_tiff
+from pipeline.io.tiff import read_tiff
 
 
 def _random(shape: tuple[int, ...], dtype: str = "uint16", seed: int = 0) -> np.ndarray:
@@ -197,7 +198,7 @@ def test_default_n_levels():
 
 def test_import_ome_tiff_round_trips_through_open_plate(ome_tczyx, tmp_path):
     path, pixels = ome_tczyx
-    out = import_tiffs(path, tmp_path / "image.ome.zarr", n_levels=2)
+    out = import_images(path, tmp_path / "image.ome.zarr", n_levels=2)
     plate = open_plate(out)
     assert not plate.is_plate
     (field,) = plate.fields
@@ -217,14 +218,14 @@ def test_import_time_series_stack_as_image(tmp_path):
     for i, frame in enumerate(frames):
         paths.append(tmp_path / f"frame_{i}.tif")
         tifffile.imwrite(paths[-1], frame, photometric="minisblack")
-    out = import_tiffs(paths, tmp_path / "series.zarr", axes="yx", pixel_size={"x": 0.5, "y": 0.5})
+    out = import_images(paths, tmp_path / "series.zarr", axes="yx", pixel_size={"x": 0.5, "y": 0.5})
     (field,) = open_plate(out).fields
     assert field.data.dims == ("t", "y", "x")
     assert field.pixel_size == {"y": 0.5, "x": 0.5}
     np.testing.assert_array_equal(field.data.values, np.stack(frames))
     with pytest.raises(PipelineInputError, match="already exists"):
-        import_tiffs(paths, out, axes="yx")
-    import_tiffs(paths[:1], out, axes="yx", overwrite=True)
+        import_images(paths, out, axes="yx")
+    import_images(paths[:1], out, axes="yx", overwrite=True)
     assert open_plate(out).fields[0].data.dims == ("y", "x")
 
 
@@ -236,7 +237,7 @@ def test_import_plate_wells_and_fields_from_file_names(tmp_path):
     for name, image in pixels.items():
         tifffile.imwrite(sources / name, image, photometric="minisblack")
     out = tmp_path / "plate.zarr"
-    import_tiffs(sources, out, plate=True, pixel_size={"x": 0.3, "y": 0.3})
+    import_images(sources, out, plate=True, pixel_size={"x": 0.3, "y": 0.3})
     plate = open_plate(out)
     assert plate.is_plate
     assert plate.rows == ("A", "B")
@@ -255,7 +256,7 @@ def test_import_plate_wells_and_fields_from_file_names(tmp_path):
 def test_default_well_pattern_variants_and_plate_errors(tmp_path):
     for name in ("B3.tif", "C12_s2.ome.tif", "c12_s10.ome.tif"):
         tifffile.imwrite(tmp_path / name, _random((8, 8)), photometric="minisblack")
-    plate = open_plate(import_tiffs(tmp_path, tmp_path / "p.zarr", plate=True))
+    plate = open_plate(import_images(tmp_path, tmp_path / "p.zarr", plate=True))
     assert [(f.row, f.column, f.field) for f in plate.fields] == [
         ("B", "3", "0"),
         ("C", "12", "0"),
@@ -263,10 +264,10 @@ def test_default_well_pattern_variants_and_plate_errors(tmp_path):
     ]
     tifffile.imwrite(tmp_path / "notes.tif", _random((8, 8)), photometric="minisblack")
     with pytest.raises(PipelineInputError, match="does not match the well pattern") as error:
-        import_tiffs(tmp_path, tmp_path / "q.zarr", plate=True)
+        import_images(tmp_path, tmp_path / "q.zarr", plate=True)
     assert error.value.path == str(tmp_path / "notes.tif")
     with pytest.raises(PipelineInputError, match="same field"):
-        import_tiffs(
+        import_images(
             [tmp_path / "C12_s2.ome.tif", tmp_path / "c12_s10.ome.tif"],
             tmp_path / "r.zarr",
             plate=True,

@@ -1,4 +1,5 @@
-"""Reading and writing: OME-Zarr, TIFF import, Parquet tables, Cell Tracking Challenge folders."""
+"""Reading and writing: OME-Zarr, image import (TIFF, ND2, CZI, LIF), Parquet tables, Cell Tracking
+Challenge folders."""
 
 from pipeline.io.ctc import export_ctc, read_ctc, write_ctc
 

@@ -1,4 +1,5 @@
-"""Import TIFF files and stacks (plain, ImageJ, OME-TIFF) into OME-Zarr 0.5 images or plates.
+"""Read TIFF files and stacks (plain, ImageJ, OME-TIFF) as :class:`SourceImage` for the import
+(:mod:`pipeline.io.importing`).
 
 Axes come from OME or ImageJ metadata (as tifffile reports them) or from the user; pixel sizes
 from OME ``PhysicalSize*``/``TimeIncrement`` or ImageJ resolution, ``spacing`` and
@@ -7,7 +8,6 @@ from OME ``PhysicalSize*``/``TimeIncrement`` or ImageJ resolution, ``spacing`` a
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 import warnings
@@ -19,33 +19,26 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import tifffile
-import zarr
 
-from pipeline.errors import PipelineInputError
+from pipeline.errors import InputWarning, PipelineInputError
 from pipeline.io.omezarr import (
     _SUPPORTED_DTYPES,
-    create_root,
-    write_image,
-    write_plate_metadata,
-    write_well,
 )
 
 __all__ = [
-    "DEFAULT_WELL_PATTERN",
-    "TiffImage",
-    "default_n_levels",
-    "import_tiffs",
+    "IMAGE_SUFFIXES",
+    "SourceImage",
+    "expand_paths",
+    "natural_key",
     "read_tiff",
+    "with_overrides",
 ]
 
 CANONICAL_DIMS = "tczyx"
 SCALED_DIMS = "tzyx"
-TIFF_SUFFIXES = (".tif", ".tiff")
+# Files a folder given to the import contributes: TIFF and the vendor formats bioio reads.
+IMAGE_SUFFIXES = (".tif", ".tiff", ".nd2", ".czi", ".lif")
 
-#: File names such as ``A01_f0.tif``, ``B3.tif``, ``C12_s2.ome.tif`` (case-insensitive).
-DEFAULT_WELL_PATTERN = (
-    r"^(?P<row>[A-Za-z]{1,2})(?P<column>\d{1,3})(?:[_-][fs](?P<field>\d+))?(?:\.ome)?\.tiff?$"
-)
 
 # tifffile axis letters with an unambiguous meaning; 'S' (samples, e.g. RGB) is a channel axis.
 _TIFFFILE_AXES = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x"}
@@ -92,7 +85,7 @@ _BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
-class TiffImage:
+class SourceImage:
     """Pixels and physical metadata of a TIFF file or stack.
 
     Attributes
@@ -128,7 +121,7 @@ def read_tiff(
     pixel_size: Mapping[str, float] | None = None,
     stack_axis: str | None = None,
     channel_names: Sequence[str] | None = None,
-) -> TiffImage:
+) -> SourceImage:
     """Read a TIFF file, or a stack of equally shaped TIFF files, lazily.
 
     Parameters
@@ -151,7 +144,7 @@ def read_tiff(
 
     Returns
     -------
-    TiffImage
+    SourceImage
         The image with dims in canonical ``tczyx`` order.
 
     Raises
@@ -160,7 +153,7 @@ def read_tiff(
         Missing or non-TIFF file, bad axes, files of different shapes, unsupported dtype,
         bad pixel sizes or channel names.
     """
-    files = _expand_paths(paths)
+    files = expand_paths(paths)
     user_axes = None if axes is None else _parse_user_axes(axes, files[0])
     images = [_read_one(path, user_axes) for path in files]
     if len(images) > 1 and stack_axis is None:
@@ -168,209 +161,51 @@ def read_tiff(
             f"{len(images)} files stacked as the frames of a time series, in natural-sort order "
             "(say so with --stack-axis t, or stack_axis='t'; z and c stack them otherwise; "
             "--plate makes one field of each)",
+            InputWarning,
             stacklevel=2,
         )
     image = images[0] if len(images) == 1 else _stack(images, (stack_axis or "t").lower())
+    return with_overrides(image, pixel_size, channel_names)
+
+
+def with_overrides(
+    image: SourceImage,
+    pixel_size: Mapping[str, float] | None,
+    channel_names: Sequence[str] | None,
+) -> SourceImage:
+    """``image`` with the user's pixel sizes (per axis, overriding the file's) and channel
+    names, checked against its axes and channels."""
     scale = _apply_pixel_size(image, pixel_size)
     names = _apply_channel_names(image, channel_names)
     calibrated = image.calibrated | {key.lower() for key in pixel_size or {}}
-    return TiffImage(image.data, image.dims, scale, names, image.source, frozenset(calibrated))
+    return SourceImage(image.data, image.dims, scale, names, image.source, frozenset(calibrated))
 
 
-def default_n_levels(shape_yx: tuple[int, int], max_size: int = 512) -> int:
-    """Number of pyramid levels (halving y and x) that brings both under ``max_size``.
-
-    Parameters
-    ----------
-    shape_yx
-        Size of the full-resolution image in y and x.
-    max_size
-        Largest y or x size wanted at the coarsest level.
-
-    Returns
-    -------
-    int
-        At least 1.
-    """
-    largest = max(shape_yx)
-    return 1 + max(0, math.ceil(math.log2(largest / max_size)))
-
-
-def import_tiffs(
-    paths: str | Path | Sequence[str | Path],
-    out: str | Path,
-    *,
-    axes: str | None = None,
-    pixel_size: Mapping[str, float] | None = None,
-    stack_axis: str | None = None,
-    channel_names: Sequence[str] | None = None,
-    plate: bool = False,
-    pattern: str = DEFAULT_WELL_PATTERN,
-    n_levels: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write TIFF files as one OME-Zarr 0.5 image, or as an HCS plate of one field per file.
-
-    Parameters
-    ----------
-    paths
-        Files or a folder of TIFF files (see `read_tiff`).
-    out
-        The OME-Zarr to create.
-    axes, pixel_size, stack_axis, channel_names
-        As in `read_tiff`; for a plate they apply to every file.
-    plate
-        If True, each file is one field of one well, parsed from the file name with
-        ``pattern``; otherwise all files make one image.
-    pattern
-        Regular expression with named groups ``row``, ``column`` and optionally ``field``,
-        searched in each file name.
-    n_levels
-        Pyramid levels; default `default_n_levels` of the image.
-    overwrite
-        Replace an existing ``out``.
-
-    Returns
-    -------
-    Path
-        ``out``.
-
-    Warns
-    -----
-    UserWarning
-        For each step neither the files nor ``pixel_size`` give (1.0 is written), and when
-        several files are stacked along a guessed axis.
-    """
-    if not plate:
-        image = read_tiff(
-            paths,
-            axes=axes,
-            pixel_size=pixel_size,
-            stack_axis=stack_axis,
-            channel_names=channel_names,
-        )
-        _warn_uncalibrated([image])
-        root = create_root(out, overwrite=overwrite)
-        _write_field(root, "", image, n_levels)
-        return Path(out)
-    wells = _files_by_well(_expand_paths(paths), pattern)
-    images = {
-        well: [
-            read_tiff(path, axes=axes, pixel_size=pixel_size, channel_names=channel_names)
-            for path in files
-        ]
-        for well, files in wells.items()
-    }
-    _warn_uncalibrated([image for fields in images.values() for image in fields])
-    root = create_root(out, overwrite=overwrite)
-    write_plate_metadata(
-        root,
-        name=Path(out).name.removesuffix(".zarr").removesuffix(".ome"),
-        rows=sorted({row for row, _ in wells}, key=_row_order),
-        columns=sorted({column for _, column in wells}, key=_natural_key),
-        wells=list(wells),
-        field_count=max(len(fields) for fields in images.values()),
-    )
-    for (row, column), fields in images.items():
-        well = write_well(root, row, column, [str(i) for i in range(len(fields))])
-        for index, image in enumerate(fields):
-            _write_field(well, str(index), image, n_levels)
-    return Path(out)
-
-
-_DEFAULT_STEP = {
-    "x": "pixel size 1.0 um written (give --pixel-size, or pixel_size={'x': ..., 'y': ...})",
-    "z": "z step 1.0 um written (give --z-step, or pixel_size={'z': ...})",
-    "t": "frame interval 1 s written (give --time-step, or pixel_size={'t': ...}, in seconds)",
-}
-
-
-def _warn_uncalibrated(images: list[TiffImage]) -> None:
-    """One warning per step that some of ``images`` lack, naming the first such file."""
-    for dims in (("x", "y"), ("z",), ("t",)):
-        lacking = [
-            image
-            for image in images
-            if any(d in image.scale and d not in image.calibrated for d in dims)
-        ]
-        if lacking:
-            more = f" (and {len(lacking) - 1} more files)" if len(lacking) > 1 else ""
-            warnings.warn(
-                f"no {'/'.join(dims)} calibration in {lacking[0].source}{more}: "
-                f"{_DEFAULT_STEP[dims[0]]}",
-                stacklevel=3,
-            )
-
-
-def _write_field(parent: zarr.Group, name: str, image: TiffImage, n_levels: int | None) -> None:
-    levels = default_n_levels(image.data.shape[-2:]) if n_levels is None else n_levels
-    write_image(
-        parent,
-        name,
-        image.data,
-        image.dims,
-        image.scale,
-        channel_names=image.channel_names,
-        n_levels=levels,
-    )
-
-
-def _row_order(row: str) -> tuple[int, str]:
-    """Plate row order: A..Z, then AA..AF."""
-    return len(row), row
-
-
-def _files_by_well(files: list[Path], pattern: str) -> dict[tuple[str, str], list[Path]]:
-    """Files per well (row, column), wells in plate order, fields in field-number order."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as error:
-        raise PipelineInputError(f"invalid well pattern {pattern!r} ({error})") from error
-    if not {"row", "column"} <= set(regex.groupindex):
-        raise PipelineInputError(f"well pattern {pattern!r} needs groups 'row' and 'column'")
-    fields: dict[tuple[str, str], list[tuple[list[int | str], Path]]] = {}
-    for path in files:
-        match = regex.search(path.name)
-        if match is None:
-            raise PipelineInputError(f"file name does not match the well pattern {pattern!r}", path)
-        column = match["column"]
-        well = (match["row"].upper(), str(int(column)) if column.isdigit() else column)
-        field = match.groupdict().get("field") or ""
-        fields.setdefault(well, []).append((_natural_key(field), path))
-    by_well = {}
-    for well in sorted(fields, key=lambda w: (_row_order(w[0]), _natural_key(w[1]))):
-        numbered = sorted(fields[well], key=lambda item: (item[0], _natural_key(item[1].name)))
-        if any(a[0] == b[0] for a, b in itertools.pairwise(numbered)):
-            raise PipelineInputError(
-                f"well {well[0]}{well[1]} has two files for the same field "
-                f"({', '.join(path.name for _, path in numbered)})",
-                numbered[0][1].parent,
-            )
-        by_well[well] = [path for _, path in numbered]
-    return by_well
-
-
-def _natural_key(text: str) -> list[int | str]:
+def natural_key(text: str) -> list[int | str]:
+    """Sort key of natural order: ``t2`` before ``t10``."""
     """Sort key that orders digit runs by value: "t2" before "t10"."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def _expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+def expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files given, a folder standing for its image files, in natural order."""
     given = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
     if not given:
-        raise PipelineInputError("no TIFF files given")
+        raise PipelineInputError("no image files given")
     files: list[Path] = []
     for path in given:
         if path.is_dir():
-            inside = [p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES]
+            inside = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
             if not inside:
-                raise PipelineInputError("folder holds no .tif or .tiff files", path)
+                raise PipelineInputError(
+                    f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})", path
+                )
             files.extend(inside)
         elif path.is_file():
             files.append(path)
         else:
-            raise PipelineInputError("TIFF file not found", path)
-    return sorted(files, key=lambda path: _natural_key(path.name))
+            raise PipelineInputError("file not found", path)
+    return sorted(files, key=lambda path: natural_key(path.name))
 
 
 def _parse_user_axes(axes: str, path: Path) -> str:
@@ -413,7 +248,7 @@ def _map_tifffile_axes(
     return dims, tuple(i for i in range(len(shape)) if i not in keep)
 
 
-def _read_one(path: Path, user_axes: str | None) -> TiffImage:
+def _read_one(path: Path, user_axes: str | None) -> SourceImage:
     try:
         tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, OSError) as error:
@@ -445,7 +280,7 @@ def _read_one(path: Path, user_axes: str | None) -> TiffImage:
     n_channels = data.shape[dims.index("c")] if "c" in dims else 0
     names = metadata_names if metadata_names and len(metadata_names) == n_channels else None
     calibrated = frozenset(d for d in scale if d in metadata_scale)
-    return TiffImage(data, dims, scale, names, str(path), calibrated)
+    return SourceImage(data, dims, scale, names, str(path), calibrated)
 
 
 def _lazy_series(path: str, series: tifffile.TiffPageSeries) -> da.Array:
@@ -572,6 +407,7 @@ def _set_scale(
         warnings.warn(
             f"{path}: cannot read {key}={value!r} {unit}; the {dim} step is left at 1.0, "
             "give the pixel size explicitly",
+            InputWarning,
             stacklevel=2,
         )
         return
@@ -579,7 +415,7 @@ def _set_scale(
         scale[dim] = step
 
 
-def _stack(images: list[TiffImage], stack_axis: str) -> TiffImage:
+def _stack(images: list[SourceImage], stack_axis: str) -> SourceImage:
     first = images[0]
     if stack_axis not in "tzc" or len(stack_axis) != 1:
         raise PipelineInputError(f"stack axis must be t, z or c, not {stack_axis!r}", first.source)
@@ -605,10 +441,12 @@ def _stack(images: list[TiffImage], stack_axis: str) -> TiffImage:
     data = da.stack([image.data for image in images], axis=dims.index(stack_axis))
     scale = {d: first.scale.get(d, 1.0) for d in dims if d in SCALED_DIMS}
     names = None if stack_axis == "c" else first.channel_names
-    return TiffImage(data, dims, scale, names, first.source, first.calibrated)
+    return SourceImage(data, dims, scale, names, first.source, first.calibrated)
 
 
-def _apply_pixel_size(image: TiffImage, pixel_size: Mapping[str, float] | None) -> dict[str, float]:
+def _apply_pixel_size(
+    image: SourceImage, pixel_size: Mapping[str, float] | None
+) -> dict[str, float]:
     scale = dict(image.scale)
     for key, value in (pixel_size or {}).items():
         dim = key.lower()
@@ -627,7 +465,7 @@ def _apply_pixel_size(image: TiffImage, pixel_size: Mapping[str, float] | None) 
 
 
 def _apply_channel_names(
-    image: TiffImage, channel_names: Sequence[str] | None
+    image: SourceImage, channel_names: Sequence[str] | None
 ) -> tuple[str, ...] | None:
     if channel_names is None:
         return image.channel_names
