@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 import re
 import shutil
 from pathlib import Path
@@ -249,3 +250,48 @@ def test_a_failing_report_does_not_fail_the_run(
     summary = run(plate, tmp_path / "out.zarr", scheduler=shared_scheduler)
     assert not summary.failed and len(summary.fields) == 2
     assert "warning: no QC report (RuntimeError: no fonts)" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+# Where the browser test leaves its screenshot of the report (CI keeps the folder).
+ARTIFACTS = Path(os.environ.get("PIPELINE_TEST_ARTIFACTS", Path(__file__).parents[1] / "artifacts"))
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Chromium and its driver (Debian: chromium, chromium-driver; "
+    ".ci/install-chromium.sh installs them)",
+)
+def test_the_report_opens_in_a_real_browser_with_every_picture_and_no_console_error(outputs):
+    """The plate report in headless Chromium: every <img> decoded at its full size, no error
+    in the console, and a screenshot that is not blank (kept in ARTIFACTS)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    index = write_qc_report(outputs["plate"], outputs["plate"].parent / "browser-qc")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(index.as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map("
+            "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]);"
+        )
+        console = driver.get_log("browser")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        screenshot = ARTIFACTS / "qc-report.png"
+        assert driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
+    assert sorted(src for src, *_ in images) == sorted(set(_links(index)))
+    for src, complete, width, height in images:
+        assert complete and min(width, height) >= 100, src
+    assert not [entry for entry in console if entry["level"] in ("SEVERE", "WARNING")], console
+    picture = matplotlib.image.imread(screenshot)
+    assert picture[..., :3].std() > 0.05  # text and figures, not an empty page
