@@ -190,7 +190,7 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run(plate, out, workers=args.workers, show_progress=True)
     print(
         "\nOpen the results:\n"
-        f"  labels + image (napari with napari-ome-zarr): napari {out}\n"
+        f"  image, labels and tracks of a field in napari: napari {out}/A/1/0\n"
         "  per-cell table of a field: pandas.read_parquet("
         f"'{out}/A/1/0/tables/cells/table.parquet')\n"
         f"  plate-wide table: pandas.read_parquet('{out}/tables/cells')\n"
