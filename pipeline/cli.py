@@ -234,7 +234,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.qc.evaluate import evaluate
 
     options = {} if args.thresholds is None else {"thresholds": args.thresholds}
-    report = evaluate(args.prediction, args.ground_truth, min_size=args.min_size, **options)
+    report = evaluate(
+        args.prediction,
+        args.ground_truth,
+        min_size=args.min_size,
+        axes=args.axes,
+        truth_axes=args.truth_axes,
+        **options,
+    )
     print(report.format())
     if args.json:
         path = report.to_json(args.json)
@@ -517,6 +524,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="drop objects with fewer pixels from both sides first (default: 0, keep all)",
     )
+    score.add_argument(
+        "--axes",
+        help="axes of the prediction's TIFF files in file order, e.g. tyx: each timepoint of a "
+        "t axis is one image (default: one image per file)",
+    )
+    score.add_argument("--truth-axes", help="the same for the ground truth's TIFF files")
     score.add_argument("--json", help="also write the report as JSON to this file")
     score.add_argument(
         "--thresholds",

@@ -171,6 +171,38 @@ def test_omezarr_frames_pair_with_sorted_tiffs(tmp_path: Path) -> None:
     assert report.scores[1].ap.tolist() == [1.0] * 10
 
 
+def test_a_tyx_tiff_is_a_time_series_with_axes_and_pairs_with_frames(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--axes tyx: each timepoint of one TIFF is an image, scored as the same frames saved
+    one per file (the hand-scored 6x6 case, then an empty frame), and as OME-Zarr labels."""
+    truth, prediction = _six_by_six()
+    movie = tmp_path / "pred.tif"
+    tifffile.imwrite(movie, np.stack([prediction, np.zeros_like(truth)]))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    tifffile.imwrite(gt / "man_seg000.tif", truth)
+    tifffile.imwrite(gt / "man_seg001.tif", np.zeros_like(truth))
+    report = evaluate(movie, gt, axes="tyx")
+    assert report.names == ("man_seg000.tif | pred.tif t0", "man_seg001.tif | pred.tif t1")
+    assert report.sources[1][0].endswith("pred.tif [t=1]")
+    np.testing.assert_allclose(report.scores[0].ap, [0.5] * 3 + [0.2] * 7)
+    assert report.scores[1].ap.tolist() == [1.0] * 10
+    as_zarr = evaluate(_label_zarr(tmp_path / "p.zarr", np.stack([prediction, truth * 0])), gt)
+    assert report.summary == as_zarr.summary
+    args = ["evaluate", str(movie), str(gt)]  # --axes: the prediction's
+    assert main([*args, "--axes", "TYX"]) == 0
+    assert "pred.tif t1" in capsys.readouterr().out
+    assert main(args) == 2  # without axes: one 3-D image against two
+    assert "has 1 image(s) but the ground truth" in capsys.readouterr().err
+    assert main([*args, "--axes", "tzyx"]) == 2
+    assert "have 4 letters but the file has 3 dimensions" in capsys.readouterr().err
+    assert main([*args, "--axes", "tcx"]) == 2
+    assert "distinct letters of tzyx including y and x" in capsys.readouterr().err
+    assert main(["evaluate", str(gt / "man_seg000.tif"), str(movie), "--truth-axes", "tyx"]) == 2
+    assert "has 1 image(s) but the ground truth" in capsys.readouterr().err  # 1 against 2
+
+
 def test_omezarr_04_labels_with_a_channel_axis(tmp_path: Path) -> None:
     truth, prediction = _six_by_six()
     group = zarr.open_group(tmp_path / "labels.zarr", mode="w", zarr_format=2)

@@ -2,8 +2,10 @@
 
 Each side of :func:`evaluate` is one of
 
-- a single TIFF file: one image (2D, or 3D for a z-stack);
-- a folder of TIFF files (``.tif``/``.tiff``, other files ignored): one image per file;
+- a single TIFF file: one image (2D, or 3D for a z-stack), or, with ``axes`` holding a ``t``
+  (e.g. ``tyx``, ``tzyx``), a time series whose every timepoint is one image;
+- a folder of TIFF files (``.tif``/``.tiff``, other files ignored): one image per file (or per
+  timepoint of each file, with a ``t`` in ``axes``);
 - an OME-Zarr label image, e.g. ``out.zarr/A/1/0/labels/cells`` (OME-Zarr 0.4 or 0.5): its
   full-resolution level (the first dataset of its multiscales metadata) with axes from the
   metadata; every timepoint of a ``t`` axis is one image, a ``c`` axis must have size 1.
@@ -205,6 +207,8 @@ def evaluate(
     *,
     min_size: int = 0,
     thresholds: Sequence[float] | np.ndarray = DEFAULT_IOU_THRESHOLDS,
+    axes: str | None = None,
+    truth_axes: str | None = None,
 ) -> EvaluationReport:
     """Score predicted label images against ground-truth label images.
 
@@ -217,6 +221,10 @@ def evaluate(
         When > 0, objects with fewer pixels are removed from both sides before scoring.
     thresholds
         IoU thresholds in (0, 1]; default 0.5, 0.55, ..., 0.95.
+    axes, truth_axes
+        Axes of the prediction's and the ground truth's TIFF files, letters of ``tzyx`` in
+        file order (e.g. ``tyx``); a ``t`` makes each timepoint one image. None: one image per
+        file. OME-Zarr labels carry their own.
 
     Returns
     -------
@@ -231,8 +239,8 @@ def evaluate(
     thresholds = check_thresholds(thresholds)
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
-    predicted = read_label_images(prediction)
-    truth = read_label_images(ground_truth)
+    predicted = read_label_images(prediction, axes=axes)
+    truth = read_label_images(ground_truth, axes=truth_axes)
     pairs = _pair(predicted, truth, prediction, ground_truth)
     for pred, true in pairs:
         _check_pair(pred, true)
@@ -255,10 +263,11 @@ def evaluate(
     )
 
 
-def read_label_images(path: str | Path) -> list[LabelImage]:
+def read_label_images(path: str | Path, *, axes: str | None = None) -> list[LabelImage]:
     """The label images at ``path``: a TIFF file, a folder of TIFFs or an OME-Zarr label image.
 
-    Pixels are read only when a :class:`LabelImage`'s ``read`` is called.
+    Pixels are read only when a :class:`LabelImage`'s ``read`` is called. ``axes`` (TIFF
+    files only) as in :func:`evaluate`.
 
     Raises
     ------
@@ -283,15 +292,20 @@ def read_label_images(path: str | Path) -> list[LabelImage]:
                 "folder holds no TIFF files (.tif, .tiff) and is not an OME-Zarr label image",
                 location,
             )
-        return [_tiff_label_image(os.path.join(location, name)) for name in files]
+        return [
+            image
+            for name in files
+            for image in _tiff_label_images(os.path.join(location, name), axes)
+        ]
     if location.lower().endswith(TIFF_SUFFIXES):
-        return [_tiff_label_image(location)]
+        return _tiff_label_images(location, axes)
     raise PipelineInputError(
         "not a TIFF file, a folder of TIFF files or an OME-Zarr label image", location
     )
 
 
-def _tiff_label_image(location: str) -> LabelImage:
+def _tiff_label_images(location: str, axes: str | None) -> list[LabelImage]:
+    """The image of a TIFF file, or one per timepoint when ``axes`` has a ``t``."""
     try:
         with tifffile.TiffFile(location) as tiff:
             series = tiff.series[0]
@@ -300,16 +314,48 @@ def _tiff_label_image(location: str) -> LabelImage:
         raise PipelineInputError(
             f"cannot read TIFF ({type(error).__name__}: {error})", location
         ) from error
+    name = os.path.basename(location)
+    time_axis = None if axes is None else _time_axis(axes, shape, location)
 
-    def read() -> np.ndarray:
-        try:
-            return np.asarray(tifffile.imread(location))
-        except Exception as error:
-            raise PipelineInputError(
-                f"cannot read TIFF ({type(error).__name__}: {error})", location
-            ) from error
+    def reader(t: int | None) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            try:
+                pixels = np.asarray(tifffile.imread(location))
+            except Exception as error:
+                raise PipelineInputError(
+                    f"cannot read TIFF ({type(error).__name__}: {error})", location
+                ) from error
+            return pixels if t is None else np.take(pixels, t, axis=time_axis)
 
-    return LabelImage(os.path.basename(location), location, shape, dtype, read)
+        return read
+
+    if time_axis is None:
+        return [LabelImage(name, location, shape, dtype, reader(None))]
+    image_shape = shape[:time_axis] + shape[time_axis + 1 :]
+    return [
+        LabelImage(f"{name} t{t}", f"{location} [t={t}]", image_shape, dtype, reader(t))
+        for t in range(shape[time_axis])
+    ]
+
+
+def _time_axis(axes: str, shape: tuple[int, ...], location: str) -> int | None:
+    """Position of ``t`` in ``axes`` (None without one), once ``axes`` fits the file."""
+    letters = axes.lower()
+    if (
+        len(set(letters)) != len(letters)
+        or not set(letters) <= set("tzyx")
+        or not {"y", "x"} <= set(letters)
+    ):
+        raise PipelineInputError(
+            f"axes {axes!r} must be distinct letters of tzyx including y and x", location
+        )
+    if len(letters) != len(shape):
+        raise PipelineInputError(
+            f"axes {axes!r} have {len(letters)} letters but the file has {len(shape)} "
+            f"dimensions (shape {shape})",
+            location,
+        )
+    return letters.index("t") if "t" in letters else None
 
 
 def _zarr_label_images(location: str) -> list[LabelImage]:
