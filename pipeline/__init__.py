@@ -1,7 +1,8 @@
 """Distributed batch processing of OME-Zarr microscopy plates.
 
 The public API: :func:`open_plate`, :func:`segment`, :func:`measure`, :func:`track`, :func:`run`,
-and for cell classification :class:`CellClassifier` and :func:`label_by_marker`.
+:func:`read_cells` (a run's cells as one table), and for cell classification
+:class:`CellClassifier` and :func:`label_by_marker`.
 They are imported on first use, so that ``import pipeline.<submodule>`` (the command line, the
 training loop on a GPU node) loads only what that submodule needs.
 """
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from pipeline.api import open_plate, run, segment
     from pipeline.classification.classifier import CellClassifier
     from pipeline.classification.marker import label_by_marker
+    from pipeline.io.tables import read_cells
     from pipeline.measurement.cells import measure
     from pipeline.tracking import track
 
@@ -27,6 +29,7 @@ _PUBLIC_HOMES = {
     "run": "pipeline.api",
     "segment": "pipeline.api",
     "measure": "pipeline.measurement.cells",
+    "read_cells": "pipeline.io.tables",
     "track": "pipeline.tracking",
 }
 
@@ -36,6 +39,7 @@ __all__ = [
     "label_by_marker",
     "measure",
     "open_plate",
+    "read_cells",
     "run",
     "segment",
     "track",

@@ -649,6 +649,29 @@ def test_anndata_export_holds_every_cell_of_the_plate_table(
     assert exported.uns["pipeline"]["output"] == str(plate_run.out)
 
 
+@pytest.mark.cluster
+def test_a_lone_image_and_a_plate_give_the_same_cells_table(
+    plate_run: PlateRun, small_plate: Path, tmp_path: Path, shared_scheduler: str
+) -> None:
+    """pipeline.read_cells: a plate's cells are its plate-wide dataset's rows; the same field
+    run as a lone image gives the same rows in the same layout, with an empty well and field."""
+    import pipeline
+
+    plate = pipeline.read_cells(plate_run.out)
+    dataset = pd.read_parquet(plate_run.out / "tables" / "cells").astype({"well": str})
+    dataset = dataset.sort_values(["well", "field", "t", "label"], ignore_index=True)
+    assert plate["well"].tolist() == dataset["well"].tolist()
+    pd.testing.assert_frame_equal(
+        plate.drop(columns=["well", "field"]), dataset[plate.columns[2:]], check_dtype=False
+    )
+    pipeline.run(small_plate / "A" / "1" / "0", tmp_path / "lone.zarr", scheduler=shared_scheduler)
+    lone = pipeline.read_cells(tmp_path / "lone.zarr")
+    assert list(lone.columns) == list(plate.columns)
+    assert set(lone["well"]) == {""} and set(lone["field"]) == {""}
+    first_well = plate[plate["well"] == "A1"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(lone.iloc[:, 2:], first_well.iloc[:, 2:])
+
+
 def test_crops_command_cuts_every_cell_of_a_run(plate_run: PlateRun, tmp_path: Path) -> None:
     from pipeline.classification.crops import cut_crops
     from pipeline.classification.store import read_crops

@@ -27,8 +27,7 @@ import pandas as pd
 
 from pipeline._version import __version__
 from pipeline.errors import PipelineInputError
-from pipeline.io.omezarr import open_plate
-from pipeline.io.tables import field_cells
+from pipeline.io.tables import read_cells
 
 __all__ = ["OBS_COLUMNS", "cells_anndata", "export_anndata", "unit_of"]
 
@@ -82,14 +81,7 @@ def cells_anndata(results: str | Path):
     """
     import anndata
 
-    results = Path(results)
-    parts = [
-        field_cells(results, fov).assign(
-            well=(fov.row or "") + (fov.column or ""), field=fov.field or ""
-        )
-        for fov in open_plate(results).fields
-    ]
-    table = pd.concat(parts, ignore_index=True)
+    table = read_cells(results)
     numeric = [
         c for c in table.columns if c not in OBS_COLUMNS and pd.api.types.is_numeric_dtype(table[c])
     ]

@@ -16,10 +16,11 @@ import pandas as pd
 import zarr
 
 from pipeline.errors import PipelineInputError
-from pipeline.io.omezarr import FieldOfView
+from pipeline.io.omezarr import FieldOfView, open_plate
 
 __all__ = [
     "field_cells",
+    "read_cells",
     "read_plate_table",
     "read_table",
     "write_plate_table_part",
@@ -127,3 +128,25 @@ def field_cells(
         cells = cells[[column for column in columns if column in cells.columns]]
     cells = cells.sort_values(["t", "label"], ignore_index=True)
     return cells.assign(well=field.well or "", field=field.path)[["well", "field", *cells.columns]]
+
+
+def read_cells(results: str | Path) -> pd.DataFrame:
+    """Every cell of a run's output as one table, the same for a plate and a lone image:
+    ``well`` (e.g. ``A1``; empty for a lone image) and ``field`` (``0``; empty) first, then
+    the cells table's columns, in plate order and by ``t`` and ``label`` within a field.
+
+    Raises
+    ------
+    PipelineInputError
+        ``results`` is not an output of ``pipeline run``, or a field has no cells table.
+    """
+    results = Path(results)
+    return pd.concat(
+        [
+            field_cells(results, fov).assign(
+                well=(fov.row or "") + (fov.column or ""), field=fov.field or ""
+            )
+            for fov in open_plate(results).fields
+        ],
+        ignore_index=True,
+    )
