@@ -164,3 +164,7 @@ def test_a_multi_position_file_runs_end_to_end_with_its_calibration_in_the_table
             moving["mean_speed"],
             moving["path_length"] / ((moving["end_t"] - moving["start_t"]) * 300.0),
         )
+        cell_units = zarr.open_group(tables / "cells", mode="r").attrs["units"]
+        track_units = zarr.open_group(tables / "tracks", mode="r").attrs["units"]
+        assert (cell_units["x"], cell_units["area"], cell_units["t"]) == ("um", "um^2", "frame")
+        assert (track_units["mean_speed"], track_units["path_length"]) == ("um/s", "um")

@@ -556,3 +556,30 @@ def test_written_images_store_empty_chunks(tmp_path):
     assert len(chunk_files) == 4
     stored = open_image(tmp_path / "out.zarr", image_path="img").data.values
     np.testing.assert_array_equal(stored, image)
+
+
+def test_lengths_and_times_in_other_units_are_read_in_micrometres_and_seconds(tmp_path):
+    """An image whose axes say nanometer and minute (scale 650 nm, 5 min, translation 1300 nm)
+    reads as 0.65 um pixels, 300 s frames and a 1.3 um offset, in micrometer and second."""
+    root = create_root(tmp_path / "nm.zarr")
+    write_image(
+        root,
+        "",
+        np.zeros((2, 1, 8, 8), np.uint16),
+        "tcyx",
+        {"t": 5.0, "y": 650.0, "x": 650.0},
+        translation={"y": 1300.0, "x": 0.0},
+    )
+    group = zarr.open_group(tmp_path / "nm.zarr", mode="r+")
+    ome = group.attrs["ome"]
+    for axis in ome["multiscales"][0]["axes"]:
+        axis["unit"] = {"t": "minute", "y": "nanometer", "x": "nanometer"}.get(axis["name"])
+        if axis["unit"] is None:
+            del axis["unit"]
+    group.attrs["ome"] = ome
+    image = open_image(tmp_path / "nm.zarr")
+    assert image.pixel_size == pytest.approx({"y": 0.65, "x": 0.65})
+    assert image.levels[0].scale["t"] == pytest.approx(300.0)
+    assert image.levels[0].translation["y"] == pytest.approx(1.3)
+    assert image.data.attrs["units"] == {"t": "second", "y": "micrometer", "x": "micrometer"}
+    np.testing.assert_allclose(image.data["y"].values[:2], [1.3, 1.95])

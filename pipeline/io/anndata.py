@@ -8,9 +8,9 @@ One row (observation) per cell per frame, in plate order (well, field, ``t``, ``
   its index ``WELL/FIELD/tT/LABEL`` (``image/tT/LABEL`` for a lone image);
 - ``X`` (float32): every other numeric column: size, intensities, compartments and ratios,
   CellProfiler features, growth rate, class probabilities;
-- ``var["unit"]``: the unit of each measurement (``um^2``, ``1/s``, ``px``, ``intensity`` for
-  the image's own grey values, ``1`` for ratios and fractions; empty where the name does not
-  say);
+- ``var["unit"]``: the unit of each measurement (:func:`pipeline.io.tables.unit_of`: ``um^2``,
+  ``1/s``, ``px``, ``intensity`` for the image's own grey values, ``1`` for ratios and
+  fractions; empty where the name does not say);
 - ``uns["pipeline"]``: the output it came from and the package version.
 
 A plate and a lone image give the same layout. ``.h5ad`` files are written with
@@ -19,7 +19,6 @@ A plate and a lone image give the same layout. ``.h5ad`` files are written with
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ import pandas as pd
 
 from pipeline._version import __version__
 from pipeline.errors import PipelineInputError
-from pipeline.io.tables import read_cells
+from pipeline.io.tables import read_cells, unit_of
 
-__all__ = ["OBS_COLUMNS", "cells_anndata", "export_anndata", "unit_of"]
+__all__ = ["OBS_COLUMNS", "cells_anndata", "export_anndata"]
 
 #: Columns that say where a cell is and which it is (the rest of the numbers are measurements).
 OBS_COLUMNS = (
@@ -52,23 +51,6 @@ OBS_COLUMNS = (
     "bbox_max_y",
     "bbox_max_x",
 )
-_UNITS = (
-    (r"^area$", "um^2"),
-    (r"^volume$", "um^3"),
-    (r"^n_pixels$", "px"),
-    (r"^growth_rate$", "1/s"),
-    (r"^(ratio_|class_probability_)", "1"),
-    (r"^intensity_", "intensity"),
-    (r"^AreaShape_(Area|Perimeter|.*Diameter|.*Radius|.*AxisLength|.*Feret.*)$", "px"),
-    (r"^Neighbors_.*Distance_um$", "um"),
-    (r"^Neighbors_PercentTouching", "%"),
-    (r"^Granularity_", "%"),
-)
-
-
-def unit_of(column: str) -> str:
-    """The unit of a measurement column of the cells table, from its name ('' if unknown)."""
-    return next((unit for pattern, unit in _UNITS if re.search(pattern, column)), "")
 
 
 def cells_anndata(results: str | Path):

@@ -55,6 +55,24 @@ __all__ = [
 AXIS_ORDER = ("t", "c", "z", "y", "x")
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 _AXIS_UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
+# OME-NGFF axis units (UDUNITS-2 names) in the units the product works in (_AXIS_UNITS): an
+# image in nanometres or minutes is read in micrometres and seconds; other units stay as given.
+_TO_WORKING_UNIT = {
+    "angstrom": 1e-4,
+    "picometer": 1e-6,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+    "nanosecond": 1e-9,
+    "microsecond": 1e-6,
+    "millisecond": 1e-3,
+    "second": 1.0,
+    "minute": 60.0,
+    "hour": 3600.0,
+    "day": 86400.0,
+}
 _DEFAULT_CHUNKS = {"t": 1, "c": 1, "z": 16, "y": 256, "x": 256}
 # Store chunks equal to the fill value too (zarr-python skips them by default), so that a
 # missing chunk in an output is always a loss that readers report, never an empty region.
@@ -106,8 +124,10 @@ class FieldOfView:
     """One image (a field of a well, or a lone image) with its full-resolution data.
 
     ``data`` has dims a subset of (t, c, z, y, x) in that order, coordinate ``c`` holds the
-    channel names and t/z/y/x hold physical coordinates; ``data.attrs["units"]`` maps dims to
-    units. An image without a ``c`` axis has one channel, named by omero metadata or "c0".
+    channel names and t/z/y/x hold physical coordinates, in micrometres and seconds wherever
+    the file names a length or time unit (nanometres, minutes, ... are converted);
+    ``data.attrs["units"]`` maps dims to units. An image without a ``c`` axis has one channel,
+    named by omero metadata or "c0".
     """
 
     dataset_path: str
@@ -598,6 +618,10 @@ def _read_field(
         for axis in multiscale.get("axes", [])
         if isinstance(axis, dict) and axis.get("unit")
     }
+    factors = [_TO_WORKING_UNIT.get(units.get(dim, ""), 1.0) for dim in dims]
+    for dim in dims:
+        if units.get(dim) in _TO_WORKING_UNIT and dim in _AXIS_UNITS:
+            units[dim] = _AXIS_UNITS[dim]
     global_transforms = multiscale.get("coordinateTransformations") or []
 
     levels = []
@@ -632,6 +656,8 @@ def _read_field(
             len(dims),
             location,
         )
+        scale = [value * factor for value, factor in zip(scale, factors, strict=True)]
+        translation = [value * factor for value, factor in zip(translation, factors, strict=True)]
         levels.append(
             PyramidLevel(
                 path=dataset_path,

@@ -9,6 +9,7 @@ A plate-wide dataset holds the same rows for every field, partitioned by well (H
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,11 +24,36 @@ __all__ = [
     "read_cells",
     "read_plate_table",
     "read_table",
+    "unit_of",
     "write_plate_table_part",
     "write_table",
 ]
 
 TABLE_FILE = "table.parquet"
+
+# Units of the table columns, from their names. Positions and sizes are in micrometres and times
+# in seconds because images are read in those units (pipeline.io.omezarr); t counts frames.
+_UNITS = (
+    (r"^(t|start_t|end_t|n_frames|length|n_gaps)$", "frame"),
+    (r"^[zyx]$", "um"),
+    (r"^(displacement|path_length)$", "um"),
+    (r"^mean_speed$", "um/s"),
+    (r"^area$", "um^2"),
+    (r"^volume$", "um^3"),
+    (r"^(n_pixels|centroid_[zyx]_px|bbox_(min|max)_[zyx])$", "px"),
+    (r"^growth_rate$", "1/s"),
+    (r"^(ratio_|class_probability_|straightness$)", "1"),
+    (r"^intensity_", "intensity"),
+    (r"^AreaShape_(Area|Perimeter|.*Diameter|.*Radius|.*AxisLength|.*Feret.*)$", "px"),
+    (r"^Neighbors_.*Distance_um$", "um"),
+    (r"^Neighbors_PercentTouching", "%"),
+    (r"^Granularity_", "%"),
+)
+
+
+def unit_of(column: str) -> str:
+    """The unit of a column of the cells or tracks table, from its name ('' if unknown)."""
+    return next((unit for pattern, unit in _UNITS if re.search(pattern, column)), "")
 
 
 def _group_directory(group: zarr.Group) -> Path:
@@ -47,7 +73,9 @@ def write_table(
     region: str | None = None,
     instance_key: str | None = None,
 ) -> Path:
-    """Write ``table`` as ``IMAGE/tables/NAME`` (Parquet), replacing an existing table of that name.
+    """Write ``table`` as ``IMAGE/tables/NAME`` (Parquet), replacing an existing table of that name;
+    the group's attribute ``units`` gives the unit of each column whose name says it
+    (:func:`unit_of`).
 
     Parameters
     ----------
@@ -79,6 +107,7 @@ def write_table(
     if instance_key is not None:
         attrs["instance_key"] = instance_key
         attrs["index_key"] = instance_key
+    attrs["units"] = {column: unit_of(column) for column in table.columns if unit_of(column)}
     group.attrs.update(attrs)
     path = _group_directory(group) / TABLE_FILE
     table.to_parquet(path, index=False)
