@@ -583,3 +583,28 @@ def test_lengths_and_times_in_other_units_are_read_in_micrometres_and_seconds(tm
     assert image.levels[0].translation["y"] == pytest.approx(1.3)
     assert image.data.attrs["units"] == {"t": "second", "y": "micrometer", "x": "micrometer"}
     np.testing.assert_allclose(image.data["y"].values[:2], [1.3, 1.95])
+
+
+@pytest.mark.parametrize(
+    ("shape", "written", "refused"),
+    [
+        ((1, 1, 404, 404), 110, False),  # 10,201 chunks, over 1 % stored
+        ((1, 1, 404, 404), 50, True),  # 10,201 chunks, under 1 % stored
+        ((1, 1, 40, 40), 1, False),  # 100 chunks: too few to be checked
+    ],
+)
+def test_arrays_declaring_far_more_than_they_store_are_refused(tmp_path, shape, written, refused):
+    from pipeline.io.omezarr import ChunkReader
+
+    array = zarr.create_array(
+        tmp_path / "a.zarr", shape=shape, chunks=(1, 1, 4, 4), dtype="uint8", fill_value=0
+    )
+    for k in range(written):  # chunks along the first rows of the grid
+        row, column = divmod(k, shape[-1] // 4)
+        array[0, 0, 4 * row : 4 * row + 4, 4 * column : 4 * column + 4] = 1
+    reader = ChunkReader(str(tmp_path / "a.zarr"), "")
+    if refused:
+        with pytest.raises(PipelineInputError, match=f"stores only {written} of them"):
+            reader.check_extent()
+    else:
+        reader.check_extent()

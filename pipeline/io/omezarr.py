@@ -80,6 +80,10 @@ _EVERY_CHUNK = {"write_empty_chunks": True}
 MissingChunks = Literal["auto", "error", "fill"]
 NonFinite = Literal["error", "zero"]
 
+#: Arrays of more chunks than this are checked for how many they store (ChunkReader.check_extent).
+SPARSE_CHECK_CHUNKS = 10_000
+#: ... and refused when fewer than this fraction of their chunks exist.
+SPARSE_STORED_FRACTION = 0.01
 _SUPPORTED_DTYPES = frozenset(
     np.dtype(name)
     for name in "uint8 uint16 uint32 uint64 int8 int16 int32 int64 float32 float64".split()
@@ -264,6 +268,30 @@ class ChunkReader:
         if values.dtype.kind == "f":
             values = self._finite(values, key)
         return values
+
+    def check_extent(self) -> None:
+        """Refuse an array that declares far more than it stores, before any graph of it is
+        built: more than :data:`SPARSE_CHECK_CHUNKS` chunks of which under
+        :data:`SPARSE_STORED_FRACTION` exist. Planning such a field (a truncated write, or a
+        huge declared canvas with data in one corner) takes the client minutes and gigabytes.
+
+        Raises
+        ------
+        PipelineInputError
+            Naming the declared shape, the chunks stored and what to do.
+        """
+        array = self._array()
+        declared = array.nchunks
+        if declared <= SPARSE_CHECK_CHUNKS:
+            return
+        stored = array.nchunks_initialized
+        if stored < SPARSE_STORED_FRACTION * declared:
+            raise PipelineInputError(
+                f"the image declares shape {self.shape} in {declared:,} chunks but stores only "
+                f"{stored:,} of them ({100 * stored / declared:.2g} %): a truncated write, or a "
+                "canvas far larger than its data; crop it to where the data is",
+                self.location,
+            )
 
     def filled_chunks(self) -> list[str]:
         """Storage keys of the absent chunks that read as the fill value (none with

@@ -583,6 +583,7 @@ def process_field(
         n_frames=field.n_frames,
         n_pixels=field.n_frames * field.frame_pixels,
     )
+    fov.levels[0].reader.check_extent()  # in seconds, before any graph of the field
     clear_unit(root, fov.path)
     outcome.diameter_px = field_diameter(field, config, placement)
     diameter_um = (
