@@ -35,6 +35,7 @@ __all__ = [
     "ConvNetConfig",
     "HaloConfig",
     "MeasurementConfig",
+    "OutputConfig",
     "RunConfig",
     "SegmentationConfig",
     "TilingConfig",
@@ -183,8 +184,20 @@ class InputConfig(StrictModel):
     )
 
 
+class OutputConfig(StrictModel):
+    """How the output arrays are stored (not what they hold: left out of the results digest)."""
+
+    shard_px: PositiveInt | None = Field(
+        2048,
+        description="Zarr v3 shards of the image copy and label images: one file holds the "
+        "chunks of up to this many pixels in y and x of one timepoint, channel and z chunk "
+        "(2048 with 256-pixel chunks: 64 chunks per file); null: one file per chunk",
+    )
+
+
 class RunConfig(StrictModel):
-    """A run's settings; all but ``compute`` and ``crops`` decide its results (and are hashed)."""
+    """A run's settings; all but ``compute``, ``output`` and ``crops`` decide its results (and
+    are hashed)."""
 
     input: InputConfig = InputConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
@@ -194,17 +207,18 @@ class RunConfig(StrictModel):
     classification: ClassificationConfig | None = None
     crops: CropsConfig | None = None
     compute: ComputeConfig = ComputeConfig()
+    output: OutputConfig = OutputConfig()
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the settings that decide results (not ``compute``,
-        not ``crops``).
+        ``output`` or ``crops``).
 
         A unit of work whose recorded digest differs from this one is recomputed on resume.
         Sections added later (``segmentation.cells``, ``measurement``, ``classification``)
         enter it only when set, so results made before they existed stay valid; a classifier
         enters by the digest of its file.
         """
-        settings = self.model_dump(mode="json", exclude={"compute", "crops"})
+        settings = self.model_dump(mode="json", exclude={"compute", "crops", "output"})
         if self.segmentation.cells is None:
             del settings["segmentation"]["cells"]
         if self.measurement == MeasurementConfig():

@@ -799,6 +799,7 @@ def write_image(
     channel_names: Sequence[str] | None = None,
     n_levels: int = 1,
     chunks: Mapping[str, int] | None = None,
+    shard_px: int | None = None,
     level_shapes: Sequence[tuple[int, ...]] | None = None,
     compute: bool = True,
 ) -> zarr.Group | tuple[zarr.Group, list]:
@@ -827,6 +828,10 @@ def write_image(
         dtype), z and the rest are kept.
     chunks
         Zarr chunk size per dim; defaults t=1, c=1, z=16, y=256, x=256, clipped to the shape.
+    shard_px
+        Zarr v3 sharding: each file (shard) holds the chunks of up to this many pixels in y
+        and x (a multiple of the chunk size; one chunk in t, c and z), so a plane of 2048 x
+        2048 in 256 x 256 chunks is one file instead of 64. None: one file per chunk.
     level_shapes
         Exact shape of every level. With a single array, each level must halve y/x of the
         level above (rounded up or down) or keep them; it overrides ``n_levels``. With a
@@ -859,18 +864,20 @@ def write_image(
         level_chunks = tuple(
             max(1, min(chunk_sizes[dim], size)) for dim, size in zip(dims, level.shape, strict=True)
         )
+        level_shards = _shards(level.shape, level_chunks, dims, shard_px)
         targets.append(
             group.create_array(
                 str(index),
                 shape=level.shape,
                 dtype=level.dtype,
                 chunks=level_chunks,
+                shards=level_shards,
                 dimension_names=dims,
                 fill_value=0,
                 config=_EVERY_CHUNK,
             )
         )
-        sources.append(level.rechunk(level_chunks))
+        sources.append(level.rechunk(level_shards or level_chunks))  # a task writes whole files
         transforms = _transforms(level_scale, dims, translation)
         datasets.append({"path": str(index), "coordinateTransformations": transforms})
     metadata: dict[str, Any] = {
@@ -933,15 +940,18 @@ def write_labels(
     for dataset, image_array in zip(multiscale["datasets"], image_arrays, strict=True):
         shape = tuple(image_array.shape[axis] for axis in keep)
         level_chunks = tuple(image_array.chunks[axis] for axis in keep)
+        level_shards = image_array.shards and tuple(image_array.shards[axis] for axis in keep)
         level_scale = _scale_of(dataset, len(dims), keep)
         factors = [s / s0 for s, s0 in zip(level_scale, base_scale, strict=True)]
-        sources.append(_nearest_level(full, shape, factors).rechunk(level_chunks))
+        level = _nearest_level(full, shape, factors)
+        sources.append(level.rechunk(level_shards or level_chunks))
         targets.append(
             label_group.create_array(
                 dataset["path"],
                 shape=shape,
                 dtype=full.dtype,
                 chunks=level_chunks,
+                shards=level_shards,
                 dimension_names=label_dims,
                 fill_value=0,
                 config=_EVERY_CHUNK,
@@ -1182,6 +1192,20 @@ def _nearest_level(full: da.Array, shape: tuple[int, ...], factors: Sequence[flo
         index = np.minimum(np.floor(np.arange(size) * factor + 1e-9).astype(np.intp), full_size - 1)
         level = da.take(level, index, axis=axis)
     return level
+
+
+def _shards(
+    shape: tuple[int, ...], chunks: tuple[int, ...], dims: Sequence[str], shard_px: int | None
+) -> tuple[int, ...] | None:
+    """Shard shape: whole chunks up to ``shard_px`` pixels (at most the array) in y and x, one
+    chunk along the other axes; None without sharding or where a shard would be one chunk."""
+    if shard_px is None:
+        return None
+    shards = tuple(
+        chunk * max(1, min(shard_px // chunk, -(-size // chunk))) if dim in "yx" else chunk
+        for dim, size, chunk in zip(dims, shape, chunks, strict=True)
+    )
+    return None if shards == tuple(chunks) else shards
 
 
 def _store(

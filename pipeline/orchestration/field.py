@@ -404,9 +404,11 @@ def write_images(
     root: zarr.Group,
     ledger: Ledger,
     client: Client,
+    shard_px: int | None,
 ) -> zarr.Group:
     """A copy of the image and its renumbered label pyramids, to the output: ``labels/cells``
-    (the nuclei, or with ``segmentation.cells`` the whole cells and ``labels/nuclei``).
+    (the nuclei, or with ``segmentation.cells`` the whole cells and ``labels/nuclei``), in
+    shards of ``shard_px`` (``output.shard_px``).
 
     ``ids`` (the field's sorted global ids, :func:`renumber_cells`) stay on the workers: a
     movie of a million cells would otherwise put 8 MB into every graph that uses them.
@@ -425,6 +427,7 @@ def write_images(
         fov.levels[0].scale,
         translation=fov.levels[0].translation or None,
         channel_names=list(fov.channel_names),
+        shard_px=shard_px,
         level_shapes=[level.shape for level in fov.levels],
         compute=False,
     )
@@ -607,7 +610,7 @@ def process_field(
     outcome.halo_um = segmented.halo_um
     renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
     ids = client.submit(itemgetter(0), renumbered)  # stays on the cluster: one id per cell
-    image_group = write_images(field, segmented, ids, root, ledger, client)
+    image_group = write_images(field, segmented, ids, root, ledger, client, config.output.shard_px)
     written = client.submit(
         tabulate_field,
         client.submit(itemgetter(1), renumbered),
