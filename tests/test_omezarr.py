@@ -608,3 +608,50 @@ def test_arrays_declaring_far_more_than_they_store_are_refused(tmp_path, shape, 
             reader.check_extent()
     else:
         reader.check_extent()
+
+
+def test_sharded_images_and_labels_hold_the_same_pixels_in_fewer_files_for_every_reader(
+    tmp_path,
+):
+    """shard_px=128 with 64 px chunks: a 2 x 200 x 200 image is 2 x 2 files a level instead of
+    2 x 4 x 4 (level 0); the labels follow the image's shards; our reader, ome-zarr-py and ngio
+    read back exactly what was written."""
+    import ngio
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 4000, (2, 200, 200), dtype=np.uint16)
+    labels = rng.integers(0, 50, (200, 200), dtype=np.uint32)
+    written = {}
+    for shard_px in (None, 128):
+        path = tmp_path / f"shards-{shard_px}.zarr"
+        group = write_image(
+            create_root(path),
+            "",
+            image,
+            "cyx",
+            {"y": 0.5, "x": 0.5},
+            n_levels=2,
+            chunks={"y": 64, "x": 64},
+            shard_px=shard_px,
+        )
+        write_labels(group, "cells", labels)
+        written[shard_px] = path
+    plain, sharded = written[None], written[128]
+    array = zarr.open_array(sharded / "0", mode="r")
+    assert (array.chunks, array.shards) == ((1, 64, 64), (1, 128, 128))
+    assert zarr.open_array(sharded / "labels/cells/0", mode="r").shards == (128, 128)
+    assert zarr.open_array(plain / "0", mode="r").shards is None
+    files = {
+        key: sum(1 for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+        for key, path in written.items()
+    }
+    assert files == {None: 2 * 16 + 2 * 4 + 16 + 4, 128: 2 * 4 + 2 * 1 + 4 + 1}
+    np.testing.assert_array_equal(open_image(sharded).data.values, image)
+    np.testing.assert_array_equal(open_labels(sharded, name="cells").data.values, labels)
+    nodes = list(Reader(parse_url(str(sharded)))())
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), image)
+    container = ngio.open_ome_zarr_container(sharded)
+    np.testing.assert_array_equal(np.asarray(container.get_label("cells").get_array()), labels)
+    assert _validate(sharded).returncode == 0
