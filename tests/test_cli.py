@@ -120,6 +120,7 @@ def test_run_succeeds_with_dashboard_link_and_cells_per_well(plate_run: PlateRun
     result = plate_run.result
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    assert "still alive" not in result.stderr  # no worker is killed at the end of a good run
     # simulated nuclei look like nuclei: no plausibility warning in the summary
     assert not re.search(r"^WARNING ", result.stderr, flags=re.MULTILINE)
     assert re.search(r"https?://\S+/status", result.stdout)
