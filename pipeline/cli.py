@@ -190,11 +190,12 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run(plate, out, workers=args.workers, show_progress=True)
     print(
         "\nOpen the results:\n"
-        f"  image, labels and tracks of a field in napari: napari {out}/A/1/0\n"
+        f"  image, labels and tracks of a field in napari (pip install napari[all]): "
+        f"napari {out}/A/1/0\n"
         "  per-cell table of a field: pandas.read_parquet("
         f"'{out}/A/1/0/tables/cells/table.parquet')\n"
         f"  plate-wide table: pandas.read_parquet('{out}/tables/cells')\n"
-        f"  in Python: pipeline.open_plate('{out}')"
+        f"  in Python: pipeline.read_cells('{out}'), pipeline.open_plate('{out}')"
     )
     return EXIT_PARTIAL if summary.failed else 0
 
