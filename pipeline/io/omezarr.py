@@ -34,6 +34,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from dask.base import tokenize
+from zarr.core.sync import sync
 
 from pipeline.errors import CorruptChunkError, PipelineInputError
 
@@ -43,6 +44,7 @@ __all__ = [
     "Plate",
     "PyramidLevel",
     "create_root",
+    "is_url",
     "open_image",
     "open_labels",
     "open_plate",
@@ -80,6 +82,8 @@ _EVERY_CHUNK = {"write_empty_chunks": True}
 MissingChunks = Literal["auto", "error", "fill"]
 NonFinite = Literal["error", "zero"]
 
+# URL schemes read through fsspec (read-only input over HTTP).
+_URL_SCHEMES = frozenset({"http", "https"})
 #: Arrays of more chunks than this are checked for how many they store (ChunkReader.check_extent).
 SPARSE_CHECK_CHUNKS = 10_000
 #: ... and refused when fewer than this fraction of their chunks exist.
@@ -230,7 +234,7 @@ class ChunkReader:
 
     @property
     def location(self) -> str:
-        """Filesystem path of the array."""
+        """Filesystem path (or URL) of the array."""
         return os.path.join(self.store_root, self.array_path)
 
     def _array(self) -> zarr.Array:
@@ -305,7 +309,11 @@ class ChunkReader:
         return [self._metadata.encode_chunk_key(cell) for cell in absent]
 
     def _stored(self, cell: tuple[int, ...]) -> bool:
-        return os.path.exists(os.path.join(self.location, self._metadata.encode_chunk_key(cell)))
+        key = self._metadata.encode_chunk_key(cell)
+        if is_url(self.store_root):  # one request to the store (HTTP: a HEAD)
+            store_key = f"{self.array_path}/{key}" if self.array_path else key
+            return bool(sync(self._array().store.exists(store_key)))
+        return os.path.exists(os.path.join(self.location, key))
 
     def _in_empty_region(self, cell: tuple[int, ...]) -> bool:
         """Whether the absent chunk ``cell`` lies in an empty region (see the class notes)."""
@@ -525,7 +533,21 @@ def open_labels(
     return _read_field(root_path, root, label_path, missing_chunks=missing_chunks)
 
 
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` is a URL zarr reads through fsspec (``http://``, ``https://``)
+    rather than a local path."""
+    return isinstance(path, str) and path.split("://", 1)[0] in _URL_SCHEMES and "://" in path
+
+
 def _open_root(path: str | Path) -> tuple[str, zarr.Group]:
+    if is_url(path):
+        root_path = path.rstrip("/")
+        try:
+            return root_path, zarr.open_group(root_path, mode="r")
+        except Exception as error:
+            raise PipelineInputError(
+                f"cannot open a zarr group here ({type(error).__name__}: {error})", root_path
+            ) from error
     root_path = os.path.abspath(os.fspath(path))
     if not os.path.exists(root_path):
         raise PipelineInputError("path does not exist", root_path)

@@ -23,6 +23,7 @@ typed values, so a reader (or a test) can follow one field's data:
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,13 +173,13 @@ def _channel_index(fov: omezarr.FieldOfView, channel: str | int) -> int:
         if not 0 <= channel < len(names):
             raise PipelineInputError(
                 f"segmentation channel {channel} does not exist ({len(names)} channels)",
-                Path(fov.dataset_path) / fov.path,
+                os.path.join(fov.dataset_path, fov.path),
             )
         return channel
     if channel not in names:
         raise PipelineInputError(
             f"segmentation channel '{channel}' not found (channels: {', '.join(names)})",
-            Path(fov.dataset_path) / fov.path,
+            os.path.join(fov.dataset_path, fov.path),
         )
     return names.index(channel)
 

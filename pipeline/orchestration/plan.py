@@ -8,10 +8,13 @@ weights' sha256 and a fingerprint of its input files. The others are computed (f
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import zarr
 
 from pipeline.config import RunConfig
 from pipeline.convnet.weights import weights_sha256
@@ -31,6 +34,7 @@ __all__ = [
     "input_fingerprint",
     "plan_run",
     "run_provenance",
+    "same_input",
 ]
 
 _PROVENANCE_KEYS = ("config_sha256", "model_sha256", "input_fingerprint")
@@ -43,6 +47,8 @@ def input_fingerprint(fov: omezarr.FieldOfView) -> str:
     (one ``stat`` per stored chunk), so it is cheap enough to check on every run; a chunk
     rewritten in place, or the data copied without keeping times, counts as changed.
     """
+    if omezarr.is_url(fov.dataset_path):
+        return _remote_fingerprint(fov)
     image = Path(fov.dataset_path) / fov.path
     digest = hashlib.sha256()
     for folder, subfolders, files in os.walk(image):
@@ -55,6 +61,26 @@ def input_fingerprint(fov: omezarr.FieldOfView) -> str:
             relative = path.relative_to(image).as_posix()
             digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def _remote_fingerprint(fov: omezarr.FieldOfView) -> str:
+    """sha256 of a remote image's metadata: its group's attributes and each level's array
+    metadata. A web server lists no files, and a request per chunk would cost more than the
+    run's planning should: chunks rewritten in place on the server are not noticed."""
+    group = zarr.open_group(fov.dataset_path, path=fov.path, mode="r")
+    documents = [group.attrs.asdict()]
+    for level in fov.levels:
+        array = zarr.open_array(fov.dataset_path, path=level.reader.array_path, mode="r")
+        documents.append(array.metadata.to_dict())
+    text = json.dumps(documents, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def same_input(recorded: str, given: str) -> bool:
+    """Whether an output's recorded input is ``given`` (the same URL, or the same folder)."""
+    if omezarr.is_url(recorded) or omezarr.is_url(given):
+        return recorded.rstrip("/") == given.rstrip("/")
+    return Path(recorded).resolve() == Path(given).resolve()
 
 
 def run_provenance(config: RunConfig) -> dict[str, Any]:
@@ -80,10 +106,16 @@ class RunPlan:
         return not self.todo
 
 
-def check_output_location(out: Path, input_path: Path) -> None:
+def check_output_location(out: Path, input_path: str) -> None:
     """Refuse an output that is, lies inside or holds the input (the input is never
     modified), or whose folder cannot be written: before any cluster starts."""
-    where, source = out.resolve(), input_path.resolve()
+    where = out.resolve()
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineInputError(f"cannot write here ({existing} is not writable)", out)
+    if omezarr.is_url(input_path):  # a remote input cannot hold a local output
+        return
+    source = Path(input_path).resolve()
     if where == source:
         raise PipelineInputError("output must differ from the input", out)
     if where.is_relative_to(source):
@@ -94,9 +126,6 @@ def check_output_location(out: Path, input_path: Path) -> None:
         )
     if source.is_relative_to(where):
         raise PipelineInputError(f"output would hold the input {input_path}", out)
-    existing = next(p for p in (where, *where.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PipelineInputError(f"cannot write here ({existing} is not writable)", out)
 
 
 def plan_run(
@@ -138,7 +167,7 @@ def plan_run(
         ``force``), or ``only_failed`` is asked of an output that does not exist.
     """
     out = Path(out)
-    check_output_location(out, Path(plate.path))
+    check_output_location(out, plate.path)
     common = run_provenance(config)
     provenance = {
         fov.path: {**common, "input_fingerprint": input_fingerprint(fov)} for fov in plate.fields
@@ -151,7 +180,7 @@ def plan_run(
     ledger = root.attrs.get(RUN_ATTRIBUTE)
     if not isinstance(ledger, dict) or "input" not in ledger:
         raise PipelineInputError("output exists but was not written by pipeline run", out)
-    if Path(ledger["input"]).resolve() != Path(plate.path).resolve() and not force:
+    if not same_input(ledger["input"], plate.path) and not force:
         raise PipelineInputError(
             f"output was made from {ledger['input']}, not this input; choose another output "
             "or use --force to replace it",

@@ -246,7 +246,7 @@ def _plan(
             non_finite=config.input.non_finite,
         )
     )
-    check_output_location(Path(out), Path(plate.path))  # before the lock file is written
+    check_output_location(Path(out), plate.path)  # before the lock file is written
     locks.enter_context(output_lock(out))
     plan = plan_run(plate, out, config, force=force, only_failed=only_failed, verify=verify)
     return PlateRun(plate.path, plate, plan)
