@@ -58,26 +58,79 @@ def test_a_plate_is_opened_over_http_as_on_disk(served):
         open_plate(url.replace("plate.zarr", "absent.zarr"))
 
 
-@pytest.mark.cluster
-def test_a_plate_read_over_http_gives_the_labels_and_tables_of_the_plate_on_disk(
-    served, tmp_path, shared_scheduler
-):
-    plate, url = served
-    config = RunConfig.model_validate({"segmentation": {"method": "classical"}})
-    summaries = {
-        name: run(source, tmp_path / f"{name}.zarr", config=config, scheduler=shared_scheduler)
-        for name, source in (("local", plate), ("http", url))
-    }
-    assert not summaries["http"].failed and not summaries["local"].failed
+CLASSICAL = RunConfig.model_validate({"segmentation": {"method": "classical"}})
+
+
+@pytest.fixture(scope="module")
+def local_result(served, tmp_path_factory: pytest.TempPathFactory, shared_scheduler) -> Path:
+    """The served plate run from disk: what every remote run must equal."""
+    out = tmp_path_factory.mktemp("local") / "local.zarr"
+    assert not run(served[0], out, config=CLASSICAL, scheduler=shared_scheduler).failed
+    return out
+
+
+def _assert_same_results(output: Path, expected: Path) -> None:
+    """Every field's label image (all levels) and cells and tracks tables are equal."""
     for field in ("A/1/0", "A/2/0"):
-        near = zarr.open_group(tmp_path / "local.zarr" / field / "labels/cells", mode="r")
-        far = zarr.open_group(tmp_path / "http.zarr" / field / "labels/cells", mode="r")
-        assert sorted(far.array_keys()) == sorted(near.array_keys()) == ["0"]
-        np.testing.assert_array_equal(far["0"][:], near["0"][:])
+        near = zarr.open_group(expected / field / "labels/cells", mode="r")
+        far = zarr.open_group(output / field / "labels/cells", mode="r")
+        assert sorted(far.array_keys()) == sorted(near.array_keys())
+        for level in near.array_keys():
+            np.testing.assert_array_equal(far[level][:], near[level][:])
         for table in ("cells", "tracks"):
-            near = pd.read_parquet(tmp_path / "local.zarr" / field / "tables" / table / TABLE)
-            far = pd.read_parquet(tmp_path / "http.zarr" / field / "tables" / table / TABLE)
+            near = pd.read_parquet(expected / field / "tables" / table / TABLE)
+            far = pd.read_parquet(output / field / "tables" / table / TABLE)
             assert len(near) > 0
             pd.testing.assert_frame_equal(far, near)
-    again = run(url, tmp_path / "http.zarr", config=config, scheduler=shared_scheduler)
+
+
+@pytest.mark.cluster
+def test_a_plate_read_over_http_gives_the_labels_and_tables_of_the_plate_on_disk(
+    served, local_result, tmp_path, shared_scheduler
+):
+    _, url = served
+    summary = run(url, tmp_path / "http.zarr", config=CLASSICAL, scheduler=shared_scheduler)
+    assert not summary.failed
+    _assert_same_results(tmp_path / "http.zarr", local_result)
+    again = run(url, tmp_path / "http.zarr", config=CLASSICAL, scheduler=shared_scheduler)
     assert len(again.skipped) == 2  # resumes: the remote metadata is unchanged
+
+
+@pytest.fixture
+def bucket(served, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The served plate uploaded to a bucket of moto's S3 server on the loopback; the AWS
+    environment points at it (credentials and endpoint, as a user's would point at theirs)."""
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
+    ):
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    filesystem = s3fs.S3FileSystem()
+    filesystem.mkdir("plates")
+    filesystem.put(str(served[0]), "plates/plate.zarr", recursive=True)
+    try:
+        yield "s3://plates/plate.zarr"
+    finally:
+        server.stop()
+
+
+@pytest.mark.cluster
+def test_a_plate_read_from_a_bucket_gives_the_labels_of_the_plate_on_disk(
+    bucket, local_result, tmp_path
+):
+    """The run's own cluster (started after the environment names the endpoint) reads the
+    plate from the bucket."""
+    remote = run(bucket, tmp_path / "s3.zarr", config=CLASSICAL, workers=1)
+    assert not remote.failed
+    _assert_same_results(tmp_path / "s3.zarr", local_result)

@@ -82,8 +82,8 @@ _EVERY_CHUNK = {"write_empty_chunks": True}
 MissingChunks = Literal["auto", "error", "fill"]
 NonFinite = Literal["error", "zero"]
 
-# URL schemes read through fsspec (read-only input over HTTP).
-_URL_SCHEMES = frozenset({"http", "https"})
+# URL schemes read through fsspec (read-only input over HTTP, or from an S3 bucket).
+_URL_SCHEMES = frozenset({"http", "https", "s3"})
 #: Arrays of more chunks than this are checked for how many they store (ChunkReader.check_extent).
 SPARSE_CHECK_CHUNKS = 10_000
 #: ... and refused when fewer than this fraction of their chunks exist.
@@ -534,8 +534,9 @@ def open_labels(
 
 
 def is_url(path: str | Path) -> bool:
-    """Whether ``path`` is a URL zarr reads through fsspec (``http://``, ``https://``)
-    rather than a local path."""
+    """Whether ``path`` is a URL zarr reads through fsspec (``http://``, ``https://``,
+    ``s3://``: credentials and endpoint from the usual AWS environment or files) rather than a
+    local path."""
     return isinstance(path, str) and path.split("://", 1)[0] in _URL_SCHEMES and "://" in path
 
 
