@@ -99,10 +99,15 @@ def test_a_plate_read_over_http_gives_the_labels_and_tables_of_the_plate_on_disk
 @pytest.fixture
 def bucket(served, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The served plate uploaded to a bucket of moto's S3 server on the loopback; the AWS
-    environment points at it (credentials and endpoint, as a user's would point at theirs)."""
+    environment points at it (credentials and endpoint, as a user's would point at theirs).
+
+    moto is not among the test extras (with them, pip's resolver backtracks for many minutes
+    over boto3/botocore, aiobotocore and torch): ``pip install "moto[server]"`` to run it."""
     import logging
 
-    moto_server = pytest.importorskip("moto.server")
+    moto_server = pytest.importorskip(
+        "moto.server", reason='needs moto\'s S3 server: pip install "moto[server]"'
+    )
     s3fs = pytest.importorskip("s3fs")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
