@@ -104,9 +104,10 @@ def import_images(
     """
     files = expand_paths(paths)
     overrides = {"pixel_size": pixel_size, "channel_names": channel_names}
+    by_scene = {path for path in files if _has_scenes(path)}  # each file opened once for this
 
     def images_of(path: Path) -> list[SourceImage]:
-        if not _has_scenes(path):
+        if path not in by_scene:
             return [read_tiff(path, axes=axes, **overrides)]
         if axes is not None:
             raise PipelineInputError("--axes applies to plain TIFF files only", path)
@@ -118,7 +119,7 @@ def import_images(
             for well, well_files in _files_by_well(files, pattern).items()
         }
     else:
-        if not any(_has_scenes(path) for path in files):
+        if not by_scene:
             images = [read_tiff(files, axes=axes, stack_axis=stack_axis, **overrides)]
         elif len(files) == 1:
             images = images_of(files[0])

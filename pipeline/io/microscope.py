@@ -18,7 +18,7 @@ import dask.array as da
 
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import _SUPPORTED_DTYPES
-from pipeline.io.tiff import SourceImage, with_overrides
+from pipeline.io.tiff import TIME_TO_SECOND, SourceImage, with_overrides
 
 __all__ = ["VENDOR_SUFFIXES", "read_scenes"]
 
@@ -27,8 +27,6 @@ __all__ = ["VENDOR_SUFFIXES", "read_scenes"]
 VENDOR_SUFFIXES = (".nd2", ".czi", ".lif")
 
 _PLUGINS = {".nd2": "bioio-nd2", ".czi": "bioio-czi", ".lif": "bioio-lif"}
-# OME's time units (ome-types ``UnitsTime`` values) in seconds.
-_SECONDS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def read_scenes(
@@ -115,7 +113,7 @@ def _frame_interval(image: Any, index: int) -> float | None:
     if pixels.time_increment is None:
         return None
     unit = getattr(pixels.time_increment_unit, "value", "s")
-    return float(pixels.time_increment) * _SECONDS.get(unit, math.nan)
+    return float(pixels.time_increment) * TIME_TO_SECOND.get(unit, math.nan)
 
 
 def _is_step(value: float | None) -> bool:

@@ -278,6 +278,7 @@ class ChunkReader:
         built: more than :data:`SPARSE_CHECK_CHUNKS` chunks of which under
         :data:`SPARSE_STORED_FRACTION` exist. Planning such a field (a truncated write, or a
         huge declared canvas with data in one corner) takes the client minutes and gigabytes.
+        Not checked over HTTP, where the stored chunks cannot be listed.
 
         Raises
         ------
@@ -286,7 +287,7 @@ class ChunkReader:
         """
         array = self._array()
         declared = array.nchunks
-        if declared <= SPARSE_CHECK_CHUNKS:
+        if declared <= SPARSE_CHECK_CHUNKS or _unlistable(self.store_root):
             return
         stored = array.nchunks_initialized
         if stored < SPARSE_STORED_FRACTION * declared:
@@ -538,6 +539,11 @@ def is_url(path: str | Path) -> bool:
     ``s3://``: credentials and endpoint from the usual AWS environment or files) rather than a
     local path."""
     return isinstance(path, str) and path.split("://", 1)[0] in _URL_SCHEMES and "://" in path
+
+
+def _unlistable(store_root: str) -> bool:
+    """A web server: it cannot be asked which chunks it stores (an S3 bucket or a folder can)."""
+    return is_url(store_root) and store_root.startswith(("http://", "https://"))
 
 
 def _open_root(path: str | Path) -> tuple[str, zarr.Group]:

@@ -107,7 +107,7 @@ def write_table(
     if instance_key is not None:
         attrs["instance_key"] = instance_key
         attrs["index_key"] = instance_key
-    attrs["units"] = {column: unit_of(column) for column in table.columns if unit_of(column)}
+    attrs["units"] = {column: unit for column in table.columns if (unit := unit_of(column))}
     group.attrs.update(attrs)
     path = _group_directory(group) / TABLE_FILE
     table.to_parquet(path, index=False)

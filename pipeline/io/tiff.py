@@ -27,6 +27,7 @@ from pipeline.io.omezarr import (
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "TIME_TO_SECOND",
     "SourceImage",
     "expand_paths",
     "natural_key",
@@ -61,7 +62,8 @@ _LENGTH_TO_MICROMETRE = {
     "inch": 25400.0,
     "in": 25400.0,
 }
-_TIME_TO_SECOND = {
+#: Time units of OME and ImageJ metadata, in seconds.
+TIME_TO_SECOND = {
     "s": 1.0,
     "sec": 1.0,
     "second": 1.0,
@@ -366,7 +368,7 @@ def _ome_metadata(xml: str, path: Path) -> tuple[dict[str, float], tuple[str, ..
     if "TimeIncrement" in pixels.attrib:
         unit = pixels.get("TimeIncrementUnit", "s")
         value = pixels.get("TimeIncrement")
-        _set_scale(scale, "t", value, unit, _TIME_TO_SECOND, "TimeIncrement", path)
+        _set_scale(scale, "t", value, unit, TIME_TO_SECOND, "TimeIncrement", path)
     channels = [e for e in pixels if e.tag.rsplit("}", 1)[-1] == "Channel"]
     names = tuple(c.get("Name", "") for c in channels)
     return scale, names if names and all(names) else None
@@ -384,7 +386,7 @@ def _imagej_metadata(metadata: dict, page: tifffile.TiffPage, path: Path) -> dic
     if "finterval" in metadata:
         time_unit = str(metadata.get("tunit", "s"))
         value = metadata["finterval"]
-        _set_scale(scale, "t", value, time_unit, _TIME_TO_SECOND, "finterval", path)
+        _set_scale(scale, "t", value, time_unit, TIME_TO_SECOND, "finterval", path)
     return scale
 
 
