@@ -4,7 +4,7 @@ Usage:
     python benchmarks/collection_accuracy.py [--data ../shared/data/segmentation/dsb2018]
         [--split pipeline/convnet/recipes/dsb2018_validation.txt] [--model PATH]
         [--group gray/256x256] [--skip NAME,...] [--limit N] [--params NAME=VALUE,...]
-        [--json results.json]
+        [--tta] [--json results.json]
 
 Whole cells in phase contrast (the shipped whole-cell model on its held-out images):
     python benchmarks/collection_accuracy.py --data ../shared/data/segmentation/phase-cells
@@ -68,19 +68,23 @@ def _scores(truth: np.ndarray, found: np.ndarray) -> dict:
 
 
 def evaluate_image(
-    image: np.ndarray, truth: np.ndarray, model: str | None, params: ConvNetParameters
+    image: np.ndarray,
+    truth: np.ndarray,
+    model: str | None,
+    params: ConvNetParameters,
+    tta: bool = False,
 ) -> dict:
     """Scores of the four methods on one image (the conv-net post-processed with ``params``),
     and the diameter estimate."""
     if image.ndim == 3:
         image = colour_to_grey(image)
     given = median_diameter(truth)
-    chosen = params.model_dump(exclude_defaults=True)
+    chosen = params.model_dump(exclude_defaults=True) | ({"tta": True} if tta else {})
     resolved = with_model_postprocessing(  # as pipeline.segment resolves them
         SegmentationConfig(convnet={"model": model, **chosen})
     ).convnet
     started = time.perf_counter()
-    estimated = estimate_diameter(image, InferenceSettings(model=model), resolved)
+    estimated = estimate_diameter(image, InferenceSettings(model=model, tta=tta), resolved)
     default = segment(image, model=model, diameter=estimated, **chosen)
     seconds = time.perf_counter() - started
     step = CLASSICAL_DIAMETER_UM / given
@@ -137,6 +141,9 @@ def main() -> None:
     parser.add_argument(
         "--params", default="", help="conv-net post-processing, e.g. seed_threshold=0.3"
     )
+    parser.add_argument(
+        "--tta", action="store_true", help="the conv-net averages the 8 rotations/reflections"
+    )
     parser.add_argument("--json", type=Path, help="write per-image results and summaries")
     args = parser.parse_args()
     pairs = [item.split("=") for item in args.params.split(",") if item]
@@ -158,7 +165,7 @@ def main() -> None:
         truth = tifffile.imread(args.data / "masks" / f"{image_id}.tif")
         results[image_id] = {
             "group": groups[image_id],
-            **evaluate_image(image, truth, args.model, params),
+            **evaluate_image(image, truth, args.model, params, args.tta),
         }
         r = results[image_id]
         print(

@@ -1,10 +1,18 @@
-"""Plates read over HTTP (issue 18, first piece): a plate served by a web server on the loopback
-interface runs to the same labels and tables as the same plate on disk, and resumes."""
+"""Plates on object storage and over HTTP (issue 18): a plate served by a web server on the
+loopback interface, or kept in a bucket of an S3 server there (moto's), runs to the same labels
+and tables as the same plate on disk, into a local folder or a bucket; a run on a bucket
+resumes after it was killed, and ``status`` and the QC report work there as on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,10 +25,11 @@ import zarr
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
 from pipeline.io.omezarr import open_plate
+from pipeline.io.tables import read_cells, read_table
+from pipeline.orchestration.plan import input_fingerprint
+from pipeline.orchestration.records import unit_states
 from pipeline.orchestration.runner import run
 from pipeline.synthetic import simulate_plate
-
-TABLE = "table.parquet"
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -69,19 +78,21 @@ def local_result(served, tmp_path_factory: pytest.TempPathFactory, shared_schedu
     return out
 
 
-def _assert_same_results(output: Path, expected: Path) -> None:
-    """Every field's label image (all levels) and cells and tracks tables are equal."""
+def _assert_same_results(output: str | Path, expected: Path) -> None:
+    """Every field's label image (all levels), cells and tracks tables, and the plate-wide
+    table are equal; ``output`` may be a bucket's URL."""
     for field in ("A/1/0", "A/2/0"):
-        near = zarr.open_group(expected / field / "labels/cells", mode="r")
-        far = zarr.open_group(output / field / "labels/cells", mode="r")
-        assert sorted(far.array_keys()) == sorted(near.array_keys())
-        for level in near.array_keys():
-            np.testing.assert_array_equal(far[level][:], near[level][:])
+        near = zarr.open_group(str(expected / field), mode="r")
+        far = zarr.open_group(f"{output}/{field}", mode="r")
+        assert sorted(far["labels/cells"].array_keys()) == sorted(near["labels/cells"].array_keys())
+        for level in near["labels/cells"].array_keys():
+            np.testing.assert_array_equal(
+                far[f"labels/cells/{level}"][:], near[f"labels/cells/{level}"][:]
+            )
         for table in ("cells", "tracks"):
-            near = pd.read_parquet(expected / field / "tables" / table / TABLE)
-            far = pd.read_parquet(output / field / "tables" / table / TABLE)
-            assert len(near) > 0
-            pd.testing.assert_frame_equal(far, near)
+            assert len(read_table(near, table)) > 0
+            pd.testing.assert_frame_equal(read_table(far, table), read_table(near, table))
+    pd.testing.assert_frame_equal(read_cells(output), read_cells(expected))
 
 
 @pytest.mark.cluster
@@ -96,13 +107,11 @@ def test_a_plate_read_over_http_gives_the_labels_and_tables_of_the_plate_on_disk
     assert len(again.skipped) == 2  # resumes: the remote metadata is unchanged
 
 
-@pytest.fixture
-def bucket(served, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The served plate uploaded to a bucket of moto's S3 server on the loopback; the AWS
-    environment points at it (credentials and endpoint, as a user's would point at theirs).
-
-    moto is not among the test extras (with them, pip's resolver backtracks for many minutes
-    over boto3/botocore, aiobotocore and torch): ``pip install "moto[server]"`` to run it."""
+@pytest.fixture(scope="module")
+def s3(served) -> Iterator[object]:
+    """moto's S3 server on the loopback, the AWS environment pointing at it (credentials and
+    endpoint, as a user's would point at theirs), the served plate uploaded to the bucket
+    ``plates`` and an empty bucket ``results``; yields an s3fs file system of the server."""
     import logging
 
     moto_server = pytest.importorskip(
@@ -113,29 +122,118 @@ def bucket(served, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
-    ):
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    filesystem = s3fs.S3FileSystem()
-    filesystem.mkdir("plates")
-    filesystem.put(str(served[0]), "plates/plate.zarr", recursive=True)
-    try:
-        yield "s3://plates/plate.zarr"
-    finally:
-        server.stop()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
+        ):
+            patch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        filesystem = s3fs.S3FileSystem()
+        filesystem.mkdir("plates")
+        filesystem.mkdir("results")
+        filesystem.put(str(served[0]), "plates/plate.zarr", recursive=True)
+        try:
+            yield filesystem
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_scheduler(s3) -> Iterator[str]:
+    """A local cluster started once the environment names the S3 server (its workers
+    inherit it)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
 
 
 @pytest.mark.cluster
-def test_a_plate_read_from_a_bucket_gives_the_labels_of_the_plate_on_disk(
-    bucket, local_result, tmp_path
+def test_plates_over_http_and_in_a_bucket_written_to_a_bucket_equal_the_run_on_disk(
+    served, s3, s3_scheduler, local_result
 ):
-    """The run's own cluster (started after the environment names the endpoint) reads the
-    plate from the bucket."""
-    remote = run(bucket, tmp_path / "s3.zarr", config=CLASSICAL, workers=1)
-    assert not remote.failed
-    _assert_same_results(tmp_path / "s3.zarr", local_result)
+    """HTTP -> bucket and bucket -> bucket give the labels and tables of disk -> disk; the
+    bucket's outputs have their ledger (``status``), QC report and lock released, and a rerun
+    from the bucket skips every field (its fingerprint from the bucket's listing)."""
+    for source, out in (
+        (served[1], "s3://results/http.zarr"),
+        ("s3://plates/plate.zarr", "s3://results/s3.zarr"),
+    ):
+        summary = run(source, out, config=CLASSICAL, scheduler=s3_scheduler)
+        assert not summary.failed
+        _assert_same_results(out, local_result)
+        ledger, states = unit_states(out, verify=True)
+        assert ledger["status"] == "complete"
+        assert [unit.state for unit in states] == ["done", "done"]
+        name = out.removeprefix("s3://").removesuffix(".zarr")
+        assert s3.exists(f"{name}.report/index.html")
+        assert not s3.exists(f"{name}.zarr.lock")
+        assert not s3.exists(f"results/.{name.split('/')[1]}.zarr.scratch")
+    again = run(
+        "s3://plates/plate.zarr", "s3://results/s3.zarr", config=CLASSICAL, scheduler=s3_scheduler
+    )
+    assert len(again.skipped) == 2
+
+
+def test_a_changed_object_in_the_bucket_changes_the_fingerprint(s3):
+    """The bucket's fingerprint is the listing's names, sizes and ETags: rewriting one chunk
+    with other bytes of the same size changes it; nothing else does."""
+    fov = open_plate("s3://plates/plate.zarr").fields[0]
+    before = input_fingerprint(fov)
+    assert input_fingerprint(open_plate("s3://plates/plate.zarr").fields[0]) == before
+    chunk = next(key for key in s3.find(f"plates/plate.zarr/{fov.path}/0/c"))
+    data = s3.cat(chunk)
+    try:
+        s3.pipe(chunk, bytes(reversed(data)))
+        assert input_fingerprint(open_plate("s3://plates/plate.zarr").fields[0]) != before
+    finally:
+        s3.pipe(chunk, data)
+    assert input_fingerprint(open_plate("s3://plates/plate.zarr").fields[0]) == before
+
+
+@pytest.mark.cluster
+def test_a_run_killed_on_a_bucket_resumes_to_the_results_of_the_plate_on_disk(
+    s3, s3_scheduler, local_result, tmp_path
+):
+    """``pipeline run`` from the bucket to the bucket, killed (its process group) once the
+    first field is done: its lock is stale and taken over, the rerun computes only the other
+    field, and the results equal the plate's on disk."""
+    out = "s3://results/killed.zarr"
+    config = tmp_path / "classical.yaml"
+    config.write_text("segmentation:\n  method: classical\n")
+    command = [sys.executable, "-m", "pipeline", "run", "s3://plates/plate.zarr"]
+    process = subprocess.Popen(
+        [*command, "--out", out, "--config", str(config), "--workers", "1"],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None and _done(out) < 1:
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()[1]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert s3.exists("results/killed.zarr.lock")  # left by the killed run
+    summary = run("s3://plates/plate.zarr", out, config=CLASSICAL, scheduler=s3_scheduler)
+    assert not summary.failed
+    assert len(summary.skipped) == 1
+    _assert_same_results(out, local_result)
+    assert unit_states(out, verify=True)[0]["status"] == "complete"
+
+
+def _done(out: str) -> int:
+    try:
+        return sum(unit.state == "done" for unit in unit_states(out)[1])
+    except PipelineInputError:  # the output is being created: no ledger yet
+        return 0

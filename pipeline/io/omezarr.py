@@ -37,6 +37,7 @@ from dask.base import tokenize
 from zarr.core.sync import sync
 
 from pipeline.errors import CorruptChunkError, PipelineInputError
+from pipeline.io.location import is_remote, is_url, location, remove_tree
 
 __all__ = [
     "ChunkReader",
@@ -44,7 +45,6 @@ __all__ = [
     "Plate",
     "PyramidLevel",
     "create_root",
-    "is_url",
     "open_image",
     "open_labels",
     "open_plate",
@@ -83,7 +83,6 @@ MissingChunks = Literal["auto", "error", "fill"]
 NonFinite = Literal["error", "zero"]
 
 # URL schemes read through fsspec (read-only input over HTTP, or from an S3 bucket).
-_URL_SCHEMES = frozenset({"http", "https", "s3"})
 #: Arrays of more chunks than this are checked for how many they store (ChunkReader.check_extent).
 SPARSE_CHECK_CHUNKS = 10_000
 #: ... and refused when fewer than this fraction of their chunks exist.
@@ -534,21 +533,14 @@ def open_labels(
     return _read_field(root_path, root, label_path, missing_chunks=missing_chunks)
 
 
-def is_url(path: str | Path) -> bool:
-    """Whether ``path`` is a URL zarr reads through fsspec (``http://``, ``https://``,
-    ``s3://``: credentials and endpoint from the usual AWS environment or files) rather than a
-    local path."""
-    return isinstance(path, str) and path.split("://", 1)[0] in _URL_SCHEMES and "://" in path
-
-
 def _unlistable(store_root: str) -> bool:
     """A web server: it cannot be asked which chunks it stores (an S3 bucket or a folder can)."""
     return is_url(store_root) and store_root.startswith(("http://", "https://"))
 
 
-def _open_root(path: str | Path) -> tuple[str, zarr.Group]:
+def _open_root(path: str | os.PathLike) -> tuple[str, zarr.Group]:
     if is_url(path):
-        root_path = path.rstrip("/")
+        root_path = str(path).rstrip("/")
         try:
             return root_path, zarr.open_group(root_path, mode="r")
         except Exception as error:
@@ -811,10 +803,12 @@ def create_root(path: str | Path, *, overwrite: bool = False) -> zarr.Group:
     zarr.Group
         The new, empty group.
     """
-    location = os.path.abspath(os.fspath(path))
-    if os.path.exists(location) and not overwrite:
-        raise PipelineInputError("output already exists", location)
-    return zarr.open_group(location, mode="w", zarr_format=3)
+    where = location(path)
+    if not overwrite and where.exists():
+        raise PipelineInputError("output already exists", str(where))
+    if overwrite and is_remote(where):  # zarr's "w" on a bucket leaves the old keys
+        remove_tree(where)
+    return zarr.open_group(str(where), mode="w", zarr_format=3)
 
 
 def write_image(

@@ -9,14 +9,16 @@ A plate-wide dataset holds the same rows for every field, partitioned by well (H
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 import zarr
+from upath import UPath
 
 from pipeline.errors import PipelineInputError
+from pipeline.io.location import is_remote, location, store_location
 from pipeline.io.omezarr import FieldOfView, open_plate
 
 __all__ = [
@@ -56,14 +58,6 @@ def unit_of(column: str) -> str:
     return next((unit for pattern, unit in _UNITS if re.search(pattern, column)), "")
 
 
-def _group_directory(group: zarr.Group) -> Path:
-    """Filesystem folder of a zarr group stored in a local directory store."""
-    root = getattr(group.store, "root", None)
-    if root is None:
-        raise ValueError(f"tables need a local directory store, not {type(group.store).__name__}")
-    return Path(root) / group.path
-
-
 def write_table(
     image_group: zarr.Group,
     name: str,
@@ -72,7 +66,7 @@ def write_table(
     table_type: str,
     region: str | None = None,
     instance_key: str | None = None,
-) -> Path:
+) -> UPath:
     """Write ``table`` as ``IMAGE/tables/NAME`` (Parquet), replacing an existing table of that name;
     the group's attribute ``units`` gives the unit of each column whose name says it
     (:func:`unit_of`).
@@ -95,8 +89,8 @@ def write_table(
 
     Returns
     -------
-    Path
-        The Parquet file written.
+    UPath
+        The Parquet file written (in a local folder or a bucket).
     """
     tables = image_group.require_group("tables")
     listed = list(tables.attrs.get("tables", []))
@@ -109,8 +103,8 @@ def write_table(
         attrs["index_key"] = instance_key
     attrs["units"] = {column: unit for column in table.columns if (unit := unit_of(column))}
     group.attrs.update(attrs)
-    path = _group_directory(group) / TABLE_FILE
-    table.to_parquet(path, index=False)
+    path = store_location(group) / TABLE_FILE
+    _write_parquet(table, path)
     if name not in listed:
         tables.attrs["tables"] = [*listed, name]
     return path
@@ -118,27 +112,36 @@ def write_table(
 
 def read_table(image_group: zarr.Group, name: str) -> pd.DataFrame:
     """Read the table ``NAME`` written by :func:`write_table`."""
-    path = _group_directory(image_group) / "tables" / name / TABLE_FILE
-    return pd.read_parquet(path)
+    path = store_location(image_group) / "tables" / name / TABLE_FILE
+    with path.open("rb") as handle:
+        return pd.read_parquet(handle)
 
 
-def write_plate_table_part(dataset: Path, well: str, field: str, table: pd.DataFrame) -> Path:
+def _write_parquet(table: pd.DataFrame, path: UPath) -> None:
+    if not is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        table.to_parquet(handle, index=False)
+
+
+def write_plate_table_part(dataset: UPath, well: str, field: str, table: pd.DataFrame) -> UPath:
     """Write one field's rows into the plate-wide dataset at ``dataset/well=WELL/FIELD.parquet``."""
-    folder = Path(dataset) / f"well={well}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"field_{field}.parquet"
-    table.drop(columns=["well"], errors="ignore").to_parquet(path, index=False)
+    path = location(dataset) / f"well={well}" / f"field_{field}.parquet"
+    _write_parquet(table.drop(columns=["well"], errors="ignore"), path)
     return path
 
 
-def read_plate_table(dataset: Path, columns: list[str] | None = None) -> pd.DataFrame:
+def read_plate_table(dataset: UPath, columns: list[str] | None = None) -> pd.DataFrame:
     """Read the plate-wide dataset (only ``columns`` if given, ``well`` included); the
     ``well`` column comes from the partition names."""
-    return pd.read_parquet(Path(dataset), partitioning="hive", columns=columns)
+    dataset = location(dataset)
+    return pd.read_parquet(
+        dataset.path, filesystem=dataset.fs, partitioning="hive", columns=columns
+    )
 
 
 def field_cells(
-    results: Path, field: FieldOfView, columns: Sequence[str] | None = None
+    results: str | os.PathLike, field: FieldOfView, columns: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """A field's cells table (all columns, or ``columns`` where present), with ``well`` and
     ``field`` first, sorted by ``t`` and ``label``.
@@ -152,14 +155,16 @@ def field_cells(
     try:
         cells = read_table(root[field.path] if field.path else root, "cells")
     except (KeyError, FileNotFoundError):
-        raise PipelineInputError("field has no cells table", str(results / field.path)) from None
+        raise PipelineInputError(
+            "field has no cells table", str(location(results) / field.path)
+        ) from None
     if columns is not None:
         cells = cells[[column for column in columns if column in cells.columns]]
     cells = cells.sort_values(["t", "label"], ignore_index=True)
     return cells.assign(well=field.well or "", field=field.path)[["well", "field", *cells.columns]]
 
 
-def read_cells(results: str | Path) -> pd.DataFrame:
+def read_cells(results: str | os.PathLike) -> pd.DataFrame:
     """Every cell of a run's output as one table, the same for a plate and a lone image:
     ``well`` (e.g. ``A1``; empty for a lone image) and ``field`` (``0``; empty) first, then
     the cells table's columns, in plate order and by ``t`` and ``label`` within a field.
@@ -169,13 +174,13 @@ def read_cells(results: str | Path) -> pd.DataFrame:
     PipelineInputError
         ``results`` is not an output of ``pipeline run``, or a field has no cells table.
     """
-    results = Path(results)
+    results = location(results)
     return pd.concat(
         [
             field_cells(results, fov).assign(
                 well=(fov.row or "") + (fov.column or ""), field=fov.field or ""
             )
-            for fov in open_plate(results).fields
+            for fov in open_plate(str(results)).fields
         ],
         ignore_index=True,
     )

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -39,12 +37,14 @@ import pandas as pd
 import xarray as xr
 import zarr
 from distributed import Client, Future
+from upath import UPath
 
 from pipeline._version import __version__
 from pipeline.classification.apply import classify_cells
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
+from pipeline.io.location import remove_tree
 from pipeline.measurement.cells import measure_dask
 from pipeline.measurement.compartments import Geometry, compartment_table_dask
 from pipeline.measurement.features import feature_table_dask
@@ -222,7 +222,7 @@ def segment_and_measure(
     field: FieldData,
     config: RunConfig,
     placement: Placement,
-    scratch_path: Path,
+    scratch_path: UPath,
     diameter_px: float | None,
     on_frames: Callable[[float], None],
     halo_um: dict[str, float],
@@ -254,9 +254,9 @@ def segment_and_measure(
     spatial_chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], cell_halo, min_block)
     frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
 
-    def scratch_array(path: Path) -> zarr.Array:
+    def scratch_array(path: UPath) -> zarr.Array:
         return zarr.open_array(
-            path,
+            str(path),
             mode="w",
             shape=frames.shape,
             chunks=tuple(c[0] for c in frames.chunks),
@@ -333,7 +333,7 @@ def segment_and_measure(
     return Segmented(scratch, frames.chunks, block_tables, starts, halo_um, cell_scratch)
 
 
-def _cell_scratch_path(scratch_path: Path) -> Path:
+def _cell_scratch_path(scratch_path: UPath) -> UPath:
     return scratch_path.with_name(scratch_path.name + "-cells")
 
 
@@ -562,6 +562,7 @@ def _filled_warning(filled: list[str]) -> list[str]:
 
 def process_field(
     fov: omezarr.FieldOfView,
+    output: UPath,
     root: zarr.Group,
     config: RunConfig,
     provenance: dict[str, Any],
@@ -569,14 +570,14 @@ def process_field(
     ledger: Ledger,
     on_frames: Callable[[float], None],
 ) -> FieldOutcome:
-    """Run every stage of one field into the output ``root``; its completion record last.
+    """Run every stage of one field into the output ``output`` (opened: ``root``); its
+    completion record last.
 
     ``on_frames`` is told of half of each timepoint as it is segmented (block by block), and
     of the other half once the field is written.
     """
     started = now()
     client = placement.client
-    output = str(root.store.root)
     cells_config = config.segmentation.cells
     field = FieldData.open(
         fov, config.segmentation.channel, None if cells_config is None else cells_config.channel
@@ -588,7 +589,7 @@ def process_field(
         n_pixels=field.n_frames * field.frame_pixels,
     )
     fov.levels[0].reader.check_extent()  # in seconds, before any graph of the field
-    clear_unit(root, fov.path)
+    clear_unit(output, fov.path)
     outcome.diameter_px = field_diameter(field, config, placement)
     diameter_um = (
         None if outcome.diameter_px is None else outcome.diameter_px * field.pixel_size["x"]
@@ -615,7 +616,7 @@ def process_field(
     written = client.submit(
         tabulate_field,
         client.submit(itemgetter(1), renumbered),
-        output,
+        str(output),
         fov,
         config,
         frame_pixels=field.frame_pixels,
@@ -626,10 +627,10 @@ def process_field(
     ).result()
     del renumbered, segmented
     if written.track_of_label is not None:
-        write_track_labels(image_group, output, fov, written.track_of_label, client)
-    shutil.rmtree(scratch_path)
+        write_track_labels(image_group, str(output), fov, written.track_of_label, client)
+    remove_tree(scratch_path)
     if cells_config is not None:
-        shutil.rmtree(_cell_scratch_path(scratch_path))
+        remove_tree(_cell_scratch_path(scratch_path))
     outcome.n_cells = written.n_cells
     outcome.n_tracks = written.n_tracks
     filled = fov.levels[0].reader.filled_chunks()

@@ -4,17 +4,19 @@ The output mirrors the input plate (``ROW/COLUMN/FIELD``; a lone image is the ro
 Each field's group holds a copy of the image, ``labels/cells`` (and ``labels/tracks``) and
 ``tables/cells`` and ``tables/tracks``; a plate's cells of all fields are also in the
 Hive-partitioned Parquet dataset ``tables/cells`` at the root. Intermediate global ids go to a
-scratch folder beside (not inside) the output, removed when the field is written.
+scratch folder beside (not inside) the output, removed when the field is written. Paths are
+:func:`pipeline.io.location.location` paths: a local folder or a bucket's key prefix.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import zarr
+from upath import UPath
 
+from pipeline.io.location import location, remove_tree
 from pipeline.io.omezarr import FieldOfView
 from pipeline.measurement.wells import WELL_DOUBLING, WELL_GROWTH
 from pipeline.orchestration.records import UNIT_OUTPUT_FOLDERS
@@ -45,25 +47,25 @@ def field_parent(root: zarr.Group, path: str) -> tuple[zarr.Group, str]:
     return root[well_path], name
 
 
-def clear_unit(root: zarr.Group, path: str) -> None:
+def clear_unit(output: str | os.PathLike, path: str) -> None:
     """Remove what an earlier, stale or interrupted computation of a unit left behind."""
-    folder = Path(root.store.root) / path
+    folder = location(output) / path if path else location(output)
     if path:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         return
     for name in UNIT_OUTPUT_FOLDERS:  # a lone image's output is the root itself
-        shutil.rmtree(folder / name, ignore_errors=True)
+        remove_tree(folder / name)
 
 
-def scratch_folder(output: str | Path) -> Path:
+def scratch_folder(output: str | os.PathLike) -> UPath:
     """Scratch space for a run's intermediate ids, beside (not inside) the output dataset."""
-    output = Path(output)
+    output = location(output)
     return output.parent / f".{output.name}.scratch"
 
 
-def plate_table_path(output: str | Path) -> Path:
+def plate_table_path(output: str | os.PathLike) -> UPath:
     """The plate-wide cells table (Parquet, partitioned by well)."""
-    return Path(output) / "tables" / CELLS
+    return location(output) / "tables" / CELLS
 
 
 def wells(fields: Iterable[FieldOfView]) -> dict[tuple[str, str], list[str]]:

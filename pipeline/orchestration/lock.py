@@ -1,4 +1,5 @@
-"""One run per output at a time: a lock file beside the output, ``OUT.lock``.
+"""One run per output at a time: a lock file beside the output, ``OUT.lock`` (in a bucket, an
+object taken by a conditional write).
 
 The lock holds the holder's host, process id, start time and command. A second run on the same
 output refuses with a message naming the holder. A lock left by a run that was killed is stale
@@ -15,18 +16,20 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
+from upath import UPath
+
 from pipeline.errors import PipelineInputError
+from pipeline.io.location import create_new, location
 from pipeline.orchestration.records import now
 
 __all__ = ["lock_path", "output_lock"]
 
 
-def lock_path(out: str | Path) -> Path:
+def lock_path(out: str | os.PathLike) -> UPath:
     """The lock file of the output ``out``: ``OUT.lock`` beside it."""
-    out = Path(out)
+    out = location(out)
     return out.with_name(f"{out.name}.lock")
 
 
@@ -49,7 +52,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: UPath) -> dict[str, Any] | None:
     try:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -67,18 +70,15 @@ def _stale(holder: dict[str, Any] | None) -> bool:
     return not (isinstance(pid, int) and pid != os.getpid() and _alive(pid))
 
 
-def _create(path: Path) -> bool:
+def _create(path: UPath, out: str | os.PathLike) -> bool:
     try:
-        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(_holder(), handle)
-    return True
+        return create_new(path, json.dumps(_holder()))
+    except OSError as error:  # a read-only folder, a bucket that refuses the write
+        raise PipelineInputError(f"cannot write the lock file {path} ({error})", out) from None
 
 
 @contextmanager
-def output_lock(out: str | Path) -> Iterator[Path]:
+def output_lock(out: str | os.PathLike) -> Iterator[UPath]:
     """Hold the lock of ``out`` for the duration of the context.
 
     Raises
@@ -87,8 +87,7 @@ def output_lock(out: str | Path) -> Iterator[Path]:
         Another run holds it (its host, pid, start and command are named).
     """
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not _create(path):
+    if not _create(path, out):
         holder = _read(path)
         if not _stale(holder):
             raise PipelineInputError(
@@ -98,7 +97,7 @@ def output_lock(out: str | Path) -> Iterator[Path]:
                 out,
             )
         path.unlink(missing_ok=True)  # a killed run's lock
-        if not _create(path):  # another run took it over first
+        if not _create(path, out):  # another run took it over first
             raise PipelineInputError("another run is writing this output", out)
     try:
         yield path

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import zarr
+from upath import UPath
 
 from pipeline.config import RunConfig
 from pipeline.convnet.weights import weights_sha256
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr
+from pipeline.io.location import is_remote, is_url, location
 from pipeline.orchestration.records import (
     RUN_ATTRIBUTE,
     UNIT_OUTPUT_FOLDERS,
@@ -47,8 +49,10 @@ def input_fingerprint(fov: omezarr.FieldOfView) -> str:
     (one ``stat`` per stored chunk), so it is cheap enough to check on every run; a chunk
     rewritten in place, or the data copied without keeping times, counts as changed.
     """
-    if omezarr.is_url(fov.dataset_path):
-        return _remote_fingerprint(fov)
+    if fov.dataset_path.startswith(("http://", "https://")):
+        return _metadata_fingerprint(fov)
+    if is_url(fov.dataset_path):
+        return _listing_fingerprint(fov)
     image = Path(fov.dataset_path) / fov.path
     digest = hashlib.sha256()
     for folder, subfolders, files in os.walk(image):
@@ -63,8 +67,24 @@ def input_fingerprint(fov: omezarr.FieldOfView) -> str:
     return digest.hexdigest()
 
 
-def _remote_fingerprint(fov: omezarr.FieldOfView) -> str:
-    """sha256 of a remote image's metadata: its group's attributes and each level's array
+def _listing_fingerprint(fov: omezarr.FieldOfView) -> str:
+    """sha256 over the name, size and ETag (the store's content hash) of every object of an
+    image in a bucket, but its ``labels`` and ``tables``: one listing request per thousand
+    objects, no object read."""
+    image = UPath(fov.dataset_path) / fov.path
+    prefix = image.path.rstrip("/") + "/"
+    digest = hashlib.sha256()
+    for name, info in sorted(image.fs.find(image.path, detail=True).items()):
+        relative = name[len(prefix) :]
+        if relative.split("/", 1)[0] in UNIT_OUTPUT_FOLDERS:
+            continue
+        tag = info.get("ETag") or info.get("LastModified")
+        digest.update(f"{relative}\0{info['size']}\0{tag}\n".encode())
+    return digest.hexdigest()
+
+
+def _metadata_fingerprint(fov: omezarr.FieldOfView) -> str:
+    """sha256 of a served image's metadata: its group's attributes and each level's array
     metadata. A web server lists no files, and a request per chunk would cost more than the
     run's planning should: chunks rewritten in place on the server are not noticed."""
     group = zarr.open_group(fov.dataset_path, path=fov.path, mode="r")
@@ -78,7 +98,7 @@ def _remote_fingerprint(fov: omezarr.FieldOfView) -> str:
 
 def same_input(recorded: str, given: str) -> bool:
     """Whether an output's recorded input is ``given`` (the same URL, or the same folder)."""
-    if omezarr.is_url(recorded) or omezarr.is_url(given):
+    if is_url(recorded) or is_url(given):
         return recorded.rstrip("/") == given.rstrip("/")
     return Path(recorded).resolve() == Path(given).resolve()
 
@@ -94,7 +114,7 @@ def run_provenance(config: RunConfig) -> dict[str, Any]:
 class RunPlan:
     """What a run has to do on an output: the units to compute and those already done."""
 
-    output: Path
+    output: UPath
     exists: bool
     todo: list[omezarr.FieldOfView]
     done: dict[str, dict[str, Any]]
@@ -106,14 +126,17 @@ class RunPlan:
         return not self.todo
 
 
-def check_output_location(out: Path, input_path: str) -> None:
+def check_output_location(out: UPath, input_path: str) -> None:
     """Refuse an output that is, lies inside or holds the input (the input is never
     modified), or whose folder cannot be written: before any cluster starts."""
+    if is_remote(out):
+        _check_bucket_location(out, input_path)
+        return
     where = out.resolve()
     existing = next(p for p in (where, *where.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PipelineInputError(f"cannot write here ({existing} is not writable)", out)
-    if omezarr.is_url(input_path):  # a remote input cannot hold a local output
+    if is_url(input_path):  # a remote input cannot hold a local output
         return
     source = Path(input_path).resolve()
     if where == source:
@@ -126,6 +149,33 @@ def check_output_location(out: Path, input_path: str) -> None:
         )
     if source.is_relative_to(where):
         raise PipelineInputError(f"output would hold the input {input_path}", out)
+
+
+def _check_bucket_location(out: UPath, input_path: str) -> None:
+    """A bucket's output: not the input, not inside it, not holding it; its bucket exists."""
+    given = str(out).rstrip("/")
+    if out.protocol != "s3":
+        raise PipelineInputError("cannot write over HTTP: write to a local folder or s3://", given)
+    source = input_path.rstrip("/")
+    if given == source:
+        raise PipelineInputError("output must differ from the input", given)
+    if given.startswith(source + "/"):
+        raise PipelineInputError(
+            f"output lies inside the input {input_path} (the input is never modified); "
+            "choose a prefix outside it",
+            given,
+        )
+    if source.startswith(given + "/"):
+        raise PipelineInputError(f"output would hold the input {input_path}", given)
+    bucket = given.split("://", 1)[1].split("/", 1)[0]
+    try:
+        found = out.fs.exists(bucket)
+    except Exception as error:  # no credentials, no endpoint, refused
+        raise PipelineInputError(
+            f"cannot reach the bucket {bucket} ({type(error).__name__}: {error})", given
+        ) from None
+    if not found:
+        raise PipelineInputError(f"bucket {bucket} not found", given)
 
 
 def plan_run(
@@ -166,7 +216,7 @@ def plan_run(
         The output exists but is not a pipeline output, was made from another input (without
         ``force``), or ``only_failed`` is asked of an output that does not exist.
     """
-    out = Path(out)
+    out = location(out)
     check_output_location(out, plate.path)
     common = run_provenance(config)
     provenance = {

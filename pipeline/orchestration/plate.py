@@ -9,19 +9,19 @@ lists are computed; the others are done already and kept.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import zarr
 from distributed import Client
+from upath import UPath
 
 from pipeline.config import RunConfig
 from pipeline.io import omezarr, tables
+from pipeline.io.location import remove_tree
 from pipeline.measurement.wells import doubling_times, well_curves
 from pipeline.orchestration.field import Placement, process_field
 from pipeline.orchestration.layout import (
@@ -78,7 +78,7 @@ def process_plate(
     """
     started = time.perf_counter()
     if plan.exists and plan.done:
-        root = zarr.open_group(plan.output, mode="r+")
+        root = zarr.open_group(str(plan.output), mode="r+")
     else:
         root = omezarr.create_root(plan.output, overwrite=plan.exists)
     ledger = Ledger(plan.output, plate.path, [fov.path for fov in plate.fields], done=plan.done)
@@ -95,7 +95,7 @@ def process_plate(
     def run_unit(fov: omezarr.FieldOfView) -> FieldOutcome:
         ledger.set(fov.path, "running")
         outcome = process_field(
-            fov, root, config, plan.provenance[fov.path], placement, ledger, advance
+            fov, plan.output, root, config, plan.provenance[fov.path], placement, ledger, advance
         )
         ledger.set(fov.path, "done")
         return outcome
@@ -131,10 +131,10 @@ def _in_plate_order(plate: omezarr.Plate, outcomes: list[FieldOutcome]) -> list[
     return sorted(outcomes, key=lambda o: order[o.path])
 
 
-def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> None:
+def _finish_output(output: UPath, plate: omezarr.Plate, summary: RunSummary) -> None:
     """Write the plate metadata, listing the fields that are done (now or before)."""
-    root = zarr.open_group(output, mode="r+")  # a lone image rewrote the root group
-    shutil.rmtree(scratch_folder(output), ignore_errors=True)
+    root = zarr.open_group(str(output), mode="r+")  # a lone image rewrote the root group
+    remove_tree(scratch_folder(output))
     if not plate.is_plate:
         return
     done = [fov for fov, o in zip(plate.fields, summary.fields, strict=True) if o.error is None]
@@ -143,12 +143,12 @@ def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> N
         omezarr.write_well(root, row, column, fields)
     for fov in plate.fields:  # a well none of whose fields is done must not list them
         if (fov.row, fov.column) not in done_wells:
-            shutil.rmtree(Path(output) / fov.row / fov.column, ignore_errors=True)
+            remove_tree(output / fov.row / fov.column)
     if done_wells:
         _write_well_curves(root, output, plate)
         omezarr.write_plate_metadata(
             root,
-            name=plate.name or Path(plate.path).stem,
+            name=plate.name or UPath(plate.path).stem,
             rows=plate.rows,
             columns=plate.columns,
             wells=list(done_wells),
@@ -156,13 +156,13 @@ def _finish_output(output: Path, plate: omezarr.Plate, summary: RunSummary) -> N
         )
 
 
-def _write_well_curves(root: zarr.Group, output: Path, plate: omezarr.Plate) -> None:
+def _write_well_curves(root: zarr.Group, output: UPath, plate: omezarr.Plate) -> None:
     """``tables/well_growth`` (count, size and reporter ratios per well and frame) and
     ``tables/well_doubling`` (doubling times) from the plate's cells table."""
     dataset = plate_table_path(output)
     if not dataset.is_dir():
         return
-    names = pq.ParquetDataset(dataset, partitioning="hive").schema.names
+    names = pq.ParquetDataset(dataset.path, filesystem=dataset.fs, partitioning="hive").schema.names
     wanted = [n for n in names if n in ("well", "t", "area", "volume") or n.startswith("ratio_")]
     cells = tables.read_plate_table(dataset, columns=wanted)
     frame_interval = float(plate.fields[0].levels[0].scale.get("t", 1.0))

@@ -4,30 +4,34 @@ The workers write each block of labels to the field's scratch array as soon as i
 thread of the client counts the chunk files there and reports the share of the field's frames
 they stand for, so the progress bar moves block by block instead of once per field. Works with
 any scheduler (nothing is sent from the workers); the count is of files, so the scratch array
-must store every chunk, empty ones too.
+must store every chunk, empty ones too. In a bucket the count is one listing request, made less
+often.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+
+from upath import UPath
+
+from pipeline.io.location import file_sizes, is_remote
 
 __all__ = ["chunk_progress"]
 
 POLL_SECONDS = 0.5
+REMOTE_POLL_SECONDS = 5.0
 
 
-def _chunk_files(folder: Path) -> int:
+def _chunk_files(folder: UPath) -> int:
     """Chunk files of the zarr array at ``folder`` (all files but its metadata)."""
-    return sum(sum(name != "zarr.json" for name in files) for _, _, files in os.walk(folder))
+    return sum(name.rsplit("/", 1)[-1] != "zarr.json" for name in file_sizes(folder))
 
 
 @contextmanager
 def chunk_progress(
-    folder: Path, chunks: int, frames: float, report: Callable[[float], None]
+    folder: UPath, chunks: int, frames: float, report: Callable[[float], None]
 ) -> Iterator[None]:
     """Report ``frames * written / chunks`` as the chunks of the array at ``folder`` are
     written, in increments, while the context lasts; all of ``frames`` when it ends.
@@ -47,7 +51,7 @@ def chunk_progress(
                 reported = value
 
     def poll() -> None:
-        while not stop.wait(POLL_SECONDS):
+        while not stop.wait(REMOTE_POLL_SECONDS if is_remote(folder) else POLL_SECONDS):
             advance_to(frames * min(_chunk_files(folder), chunks) / max(chunks, 1))
 
     thread = threading.Thread(target=poll, name="chunk-progress", daemon=True)

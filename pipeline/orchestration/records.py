@@ -15,13 +15,13 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import zarr
 
 from pipeline._version import __version__
 from pipeline.errors import PipelineInputError
+from pipeline.io.location import file_sizes, location
 
 __all__ = [
     "ATTRIBUTE",
@@ -46,10 +46,10 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def output_root(out: Path) -> zarr.Group:
+def output_root(out: str | os.PathLike) -> zarr.Group:
     """The root group of an existing output, read-only."""
     try:
-        return zarr.open_group(out, mode="r")
+        return zarr.open_group(str(out), mode="r")
     except Exception:
         raise PipelineInputError(
             "output exists but is not a zarr group written by pipeline run", out
@@ -68,17 +68,15 @@ def completion_record(root: zarr.Group, path: str) -> dict[str, Any] | None:
     return None
 
 
-def unit_manifest(out: str | Path, path: str) -> dict[str, Any]:
+def unit_manifest(out: str | os.PathLike, path: str) -> dict[str, Any]:
     """What a unit's results are on disk: the number, total size and a digest of the names and
-    sizes of the files under its ``labels`` and ``tables`` (stat only, no reading)."""
-    unit = Path(out) / path if path else Path(out)
-    sizes = []
-    for name in UNIT_OUTPUT_FOLDERS:
-        for folder, _, files in os.walk(unit / name):
-            for file in files:
-                location = Path(folder) / file
-                sizes.append((location.relative_to(unit).as_posix(), location.stat().st_size))
-    sizes.sort()
+    sizes of the files under its ``labels`` and ``tables`` (a listing, no file read)."""
+    unit = location(out) / path if path else location(out)
+    sizes = sorted(
+        (f"{name}/{relative}", size)
+        for name in UNIT_OUTPUT_FOLDERS
+        for relative, size in file_sizes(unit / name).items()
+    )
     listing = "".join(f"{name}\t{size}\n" for name, size in sizes)
     return {
         "files": len(sizes),
@@ -87,7 +85,7 @@ def unit_manifest(out: str | Path, path: str) -> dict[str, Any]:
     }
 
 
-def damage(out: str | Path, path: str, record: dict[str, Any]) -> str | None:
+def damage(out: str | os.PathLike, path: str, record: dict[str, Any]) -> str | None:
     """How a done unit's results differ from what its completion record lists (files missing,
     added, truncated or grown); None when they match or the record lists nothing to compare."""
     expected = record.get("manifest")
@@ -122,7 +120,11 @@ class Ledger:
     """
 
     def __init__(
-        self, output: str | Path, input_path: str, units: Iterable[str], done: Iterable[str] = ()
+        self,
+        output: str | os.PathLike,
+        input_path: str,
+        units: Iterable[str],
+        done: Iterable[str] = (),
     ) -> None:
         self._output = str(output)
         self._lock = threading.Lock()
@@ -203,7 +205,9 @@ class UnitState:
     traceback: str | None = None
 
 
-def unit_states(out: str | Path, verify: bool = False) -> tuple[dict[str, Any], list[UnitState]]:
+def unit_states(
+    out: str | os.PathLike, verify: bool = False
+) -> tuple[dict[str, Any], list[UnitState]]:
     """The run ledger of an output and the state of each unit: done, failed or pending, and
     with ``verify`` *damaged*: done, but its files are not those the run wrote (:func:`damage`).
 
@@ -215,9 +219,9 @@ def unit_states(out: str | Path, verify: bool = False) -> tuple[dict[str, Any], 
     PipelineInputError
         If ``out`` does not exist or was not written by ``pipeline run``.
     """
-    out = Path(out)
+    out = location(out)
     if not out.exists():
-        raise PipelineInputError("output not found", out)
+        raise PipelineInputError("output not found", str(out))
     root = output_root(out)
     ledger = root.attrs.get(RUN_ATTRIBUTE)
     if not isinstance(ledger, dict) or "units" not in ledger:

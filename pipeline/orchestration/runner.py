@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -22,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 from distributed import performance_report
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
+from upath import UPath
 
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineInputError
+from pipeline.io.location import local_copy_of, location
 from pipeline.io.omezarr import Plate, open_plate
 from pipeline.orchestration.cluster import RunCluster, connect
 from pipeline.orchestration.lock import output_lock
@@ -105,9 +108,9 @@ class PlateRun:
         return self.error is not None or bool(self.summary and self.summary.failed)
 
 
-def report_folder(out: str | Path) -> Path:
+def report_folder(out: str | os.PathLike) -> UPath:
     """Where the reports of the output ``out`` go: ``OUT.report`` beside it."""
-    return Path(out).with_suffix(".report")
+    return location(out).with_suffix(".report")
 
 
 def _summary_of_done(plate: Plate, plan: RunPlan, started: float) -> RunSummary:
@@ -142,13 +145,25 @@ def _compute(
     item: PlateRun, config: RunConfig, running: RunCluster, show_progress: bool
 ) -> RunSummary:
     """Compute the units of one planned plate on a running cluster, then its reports."""
+    plan = item.plan
+    destination = report_folder(plan.output)
+    with local_copy_of(destination) as reports:  # a bucket's reports: uploaded when done
+        return _compute_with_reports(item, config, running, show_progress, reports, destination)
+
+
+def _compute_with_reports(
+    item: PlateRun,
+    config: RunConfig,
+    running: RunCluster,
+    show_progress: bool,
+    reports: Path,
+    destination: UPath,
+) -> RunSummary:
     # Imported here: torch and matplotlib load only when there is work.
     from pipeline.orchestration.plate import process_plate
     from pipeline.qc.report import write_qc_report
 
     plate, plan = item.plate, item.plan
-    reports = report_folder(plan.output)
-    reports.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     total = sum(fov.data.sizes.get("t", 1) for fov in plan.todo)
     with (
@@ -178,7 +193,7 @@ def _compute(
         print(f"warning: no QC report ({type(error).__name__}: {error})", file=sys.stderr)
     else:
         if show_progress:
-            print(f"QC report: {index}")
+            print(f"QC report: {destination.joinpath(*index.relative_to(reports).parts)}")
     return summary
 
 
@@ -246,7 +261,7 @@ def _plan(
             non_finite=config.input.non_finite,
         )
     )
-    check_output_location(Path(out), plate.path)  # before the lock file is written
+    check_output_location(location(out), plate.path)  # before the lock file is written
     locks.enter_context(output_lock(out))
     plan = plan_run(plate, out, config, force=force, only_failed=only_failed, verify=verify)
     return PlateRun(plate.path, plate, plan)
@@ -404,7 +419,7 @@ def reprocess(
     """
     started = time.perf_counter()
     config = _with_model_defaults(config)
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = []
     with ExitStack() as locks:

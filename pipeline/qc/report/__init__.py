@@ -14,13 +14,16 @@ canvas (no screen, no pyplot state).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pandas as pd
 import zarr
+from upath import UPath
 
 from pipeline.errors import CorruptChunkError
-from pipeline.io.omezarr import FieldOfView
+from pipeline.io import tables
+from pipeline.io.location import local_copy_of, location
+from pipeline.io.omezarr import FieldOfView, Plate
 from pipeline.io.tables import TABLE_FILE
 from pipeline.measurement.wells import WELL_GROWTH
 from pipeline.qc.report.figures import (
@@ -126,13 +129,13 @@ def _field_entry(
 
 
 def write_qc_report(
-    output: str | Path,
-    report_dir: str | Path,
+    output: str | os.PathLike,
+    report_dir: str | os.PathLike,
     *,
     channel: int | str = 0,
     timepoints: int = 3,
     max_pixels: int = 1024,
-) -> Path:
+) -> UPath:
     """Write a quality-control report (PNG figures and ``index.html``) of a run's output.
 
     Parameters
@@ -140,7 +143,8 @@ def write_qc_report(
     output
         A plate or lone image written by :func:`pipeline.run`.
     report_dir
-        Folder for the report (created if needed; files of the same names are replaced).
+        Folder for the report (created if needed; files of the same names are replaced), local
+        or in a bucket (``s3://``: written locally, then uploaded).
     channel
         Channel shown, by index or name.
     timepoints
@@ -151,7 +155,7 @@ def write_qc_report(
 
     Returns
     -------
-    Path
+    UPath
         The report's ``index.html``. Figures lie beside it: ``ROWCOL_FIELD_outlines.png`` and
         ``ROWCOL_FIELD_tracks.png`` per field (``image_*`` for a lone image) and, for a plate,
         ``plate_heatmap.png``; all links in the HTML are relative.
@@ -170,8 +174,21 @@ def write_qc_report(
     outline figure only; one whose chunks cannot be read gets a note instead of figures.
     """
     root, plate = open_output(output)
-    report = Path(report_dir)
-    report.mkdir(parents=True, exist_ok=True)
+    destination = location(report_dir)
+    with local_copy_of(destination) as report:
+        _write_report(output, root, plate, report, channel, timepoints, max_pixels)
+    return destination / INDEX_FILE
+
+
+def _write_report(
+    output: str | os.PathLike,
+    root: zarr.Group,
+    plate: Plate | None,
+    report: Path,
+    channel: int | str,
+    timepoints: int,
+    max_pixels: int,
+) -> None:
     run = run_record(root)
     unfinished = unfinished_units(run)
     fields = plate.fields if plate is not None else ()
@@ -205,10 +222,9 @@ def write_qc_report(
         if fractions is not None:
             write_class_fractions(fractions, plate.rows, plate.columns, report / CLASSES_FILE)
             plate_figures.append(("Cell classes per well", CLASSES_FILE))
-        growth = Path(output, "tables", WELL_GROWTH, TABLE_FILE)
+        growth = location(output) / "tables" / WELL_GROWTH / TABLE_FILE
         if growth.is_file():
-            write_growth_curves(pd.read_parquet(growth), report / GROWTH_FILE)
+            write_growth_curves(tables.read_table(root, WELL_GROWTH), report / GROWTH_FILE)
             plate_figures.append(("Growth and reporter per well", GROWTH_FILE))
     index = report / INDEX_FILE
     index.write_text(index_html(str(output), run, entries, plate_figures), encoding="utf-8")
-    return index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import zarr
 
 from pipeline.errors import PipelineInputError
 from pipeline.io import tables
+from pipeline.io.location import location
 from pipeline.io.omezarr import FieldOfView, Plate, open_image, open_plate
 from pipeline.orchestration.records import ATTRIBUTE, RUN_ATTRIBUTE
 
@@ -63,12 +65,12 @@ def choose_level(
     return len(shapes) - 1, math.ceil(max(coarsest[y], coarsest[x]) / max_pixels)
 
 
-def open_output(output: str | Path) -> tuple[zarr.Group, Plate | None]:
+def open_output(output: str | os.PathLike) -> tuple[zarr.Group, Plate | None]:
     """The output's root group and its plate (None when no field completed, so none is listed)."""
     try:
         plate = open_plate(output)
     except PipelineInputError:  # a pipeline output none of whose fields completed lists none
-        if not Path(output, "zarr.json").is_file():
+        if not (location(output) / "zarr.json").is_file():
             raise
         root = zarr.open_group(str(output), mode="r")
         if not run_record(root):
@@ -98,7 +100,7 @@ def field_group(root: zarr.Group, fov: FieldOfView) -> zarr.Group:
 
 def cells_table(root: zarr.Group, fov: FieldOfView) -> pd.DataFrame | None:
     """The field's ``tables/cells``, or None when the field has none."""
-    folder = Path(fov.dataset_path, fov.path, "tables", CELLS)
+    folder = location(fov.dataset_path) / fov.path / "tables" / CELLS
     if not (folder / tables.TABLE_FILE).is_file():
         return None
     return tables.read_table(field_group(root, fov), CELLS)
@@ -251,7 +253,7 @@ def field_view(fov: FieldOfView, channel: int, max_pixels: int) -> FieldView:
     level = fov.levels[index]
     sizes = dict(zip(dims, level.shape, strict=True))
     labels, labels_dims = None, tuple(dim for dim in dims if dim != "c")
-    if Path(fov.dataset_path, fov.path, "labels", CELLS).is_dir():
+    if (location(fov.dataset_path) / fov.path / "labels" / CELLS).is_dir():
         prefix = f"{fov.path}/" if fov.path else ""
         cells = open_image(fov.dataset_path, image_path=f"{prefix}labels/{CELLS}")
         labels_dims = tuple(str(dim) for dim in cells.data.dims)
