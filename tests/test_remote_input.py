@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
+import itertools
 import os
 import signal
 import subprocess
@@ -14,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +239,93 @@ def _done(out: str) -> int:
         return sum(unit.state == "done" for unit in unit_states(out)[1])
     except PipelineInputError:  # the output is being created: no ledger yet
         return 0
+
+
+class _FaultyEndpoint(BaseHTTPRequestHandler):
+    """Relays S3 requests to moto's server, but answers every third request for a chunk with
+    HTTP 503 ``SlowDown`` (a transient error) and every request for ``broken`` with 403 (a
+    permanent one)."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: tuple[str, int]
+    broken: str
+    requests = itertools.count()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _error(self, status: int, code: str) -> None:
+        body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{code}</Message></Error>"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body.encode())
+
+    def _relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = self.path.split("?", 1)[0]
+        if path.endswith(self.broken):
+            return self._error(403, "AccessDenied")
+        if "/c/" in path and next(self.requests) % 3 == 0:
+            return self._error(503, "SlowDown")
+        upstream = http.client.HTTPConnection(*self.upstream)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+        response = upstream.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+
+@pytest.mark.cluster
+def test_transient_store_errors_are_retried_and_counted_and_a_permanent_one_names_its_object(
+    s3, local_result, monkeypatch
+):
+    """Through an endpoint that fails every third chunk request with 503 and one chunk of
+    field A/2/0 always with 403: field A/1/0 comes out as on disk, the summary counts the
+    retries, and A/2/0 fails with an error naming its chunk."""
+    import s3fs
+
+    field = open_plate("s3://plates/plate.zarr").fields[1]
+    broken = f"{field.path}/0/c/1/0/0/0"  # frame 1, channel 0
+    assert s3.exists(f"plates/plate.zarr/{broken}")
+    handler = type(
+        "Faulty",
+        (_FaultyEndpoint,),
+        {"upstream": _endpoint_of(os.environ["AWS_ENDPOINT_URL"]), "broken": broken},
+    )
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        summary = run(
+            "s3://plates/plate.zarr", "s3://results/faulty.zarr", config=CLASSICAL, workers=1
+        )
+    finally:
+        proxy.shutdown()
+        thread.join()
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert summary.store_retries > 0
+    failed = {outcome.path: outcome.error for outcome in summary.failed}
+    assert list(failed) == [field.path]
+    assert "plate.zarr/A/2/0" in failed[field.path] and "1/0/0/0" in failed[field.path]
+    near = zarr.open_group(str(local_result / "A/1/0"), mode="r")
+    far = zarr.open_group("s3://results/faulty.zarr/A/1/0", mode="r")
+    np.testing.assert_array_equal(far["labels/cells/0"][:], near["labels/cells/0"][:])
+    pd.testing.assert_frame_equal(read_table(far, "cells"), read_table(near, "cells"))
+
+
+def _endpoint_of(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)

@@ -312,7 +312,12 @@ class ChunkReader:
         key = self._metadata.encode_chunk_key(cell)
         if is_url(self.store_root):  # one request to the store (HTTP: a HEAD)
             store_key = f"{self.array_path}/{key}" if self.array_path else key
-            return bool(sync(self._array().store.exists(store_key)))
+            try:
+                return bool(sync(self._array().store.exists(store_key)))
+            except Exception as error:  # refused (403), or still failing after the retries
+                raise CorruptChunkError(
+                    f"cannot read chunk {key} ({type(error).__name__}: {error})", self.location
+                ) from error
         return os.path.exists(os.path.join(self.location, key))
 
     def _in_empty_region(self, cell: tuple[int, ...]) -> bool:

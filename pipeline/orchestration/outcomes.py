@@ -40,6 +40,7 @@ class RunSummary:
     output_path: str
     fields: list[FieldOutcome]
     wall_seconds: float
+    store_retries: int = 0  # object-store requests retried after transient errors
 
     @property
     def failed(self) -> list[FieldOutcome]:

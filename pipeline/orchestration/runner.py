@@ -29,6 +29,7 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineInputError
 from pipeline.io.location import local_copy_of, location
 from pipeline.io.omezarr import Plate, open_plate
+from pipeline.io.retries import count_store_retries, store_retries
 from pipeline.orchestration.cluster import RunCluster, connect
 from pipeline.orchestration.lock import output_lock
 from pipeline.orchestration.outcomes import RunSummary, skipped_outcome
@@ -65,6 +66,20 @@ class _QuietFailedTasks(WorkerPlugin):
         logging.getLogger("distributed.worker").addFilter(_DropFailedTasks())
 
 
+class _CountStoreRetries(WorkerPlugin):
+    """Counts the object-store requests each worker retries (:mod:`pipeline.io.retries`)."""
+
+    name = "pipeline-store-retries"
+
+    def setup(self, worker: Any) -> None:
+        count_store_retries()
+
+
+def _store_retries(client: Client) -> dict[str, int]:
+    """Store requests retried so far, per process of the cluster and the client's own."""
+    return {**client.run(store_retries), "client": store_retries()}
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """Where a run computes: see :func:`pipeline.orchestration.cluster.connect` for each option."""
@@ -89,6 +104,8 @@ class ClusterOptions:
         ) as running:
             if self.scheduler is None:
                 running.client.register_plugin(_QuietFailedTasks())
+            count_store_retries()
+            running.client.register_plugin(_CountStoreRetries())
             yield running
 
 
@@ -130,6 +147,8 @@ def _print_summary(summary: RunSummary) -> None:
         f"wall time: {summary.wall_seconds:.1f} s, "
         f"{summary.pixels_per_second / 1e6:.2f} megapixels per second computed"
     )
+    if summary.store_retries:
+        print(f"object-store requests retried after transient errors: {summary.store_retries}")
     for outcome in summary.fields:
         for warning in outcome.warnings:
             print(f"WARNING {outcome.path or 'image'}: {warning}", file=sys.stderr)
@@ -166,6 +185,7 @@ def _compute_with_reports(
     plate, plan = item.plate, item.plan
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     total = sum(fov.data.sizes.get("t", 1) for fov in plan.todo)
+    retried_before = _store_retries(running.client)
     with (
         performance_report(filename=str(reports / f"dask-performance-{stamp}.html")),
         tqdm(
@@ -183,6 +203,10 @@ def _compute_with_reports(
             gpu_workers=running.gpu_workers,
             progress=bar.update,
         )
+    retried = _store_retries(running.client)
+    summary.store_retries = sum(
+        max(count - retried_before.get(process, 0), 0) for process, count in retried.items()
+    )
     if show_progress:
         _print_summary(summary)
     if config.crops is not None:
