@@ -549,8 +549,11 @@ def _open_root(path: str | os.PathLike) -> tuple[str, zarr.Group]:
         try:
             return root_path, zarr.open_group(root_path, mode="r")
         except Exception as error:
+            hint = ""
+            if type(error).__name__ == "NoCredentialsError":
+                hint = "; a public bucket is read without them when FSSPEC_S3_ANON=true is set"
             raise PipelineInputError(
-                f"cannot open a zarr group here ({type(error).__name__}: {error})", root_path
+                f"cannot open a zarr group here ({type(error).__name__}: {error}{hint})", root_path
             ) from error
     root_path = os.path.abspath(os.fspath(path))
     if not os.path.exists(root_path):
