@@ -97,18 +97,6 @@ def _assert_same_results(output: str | Path, expected: Path) -> None:
     pd.testing.assert_frame_equal(read_cells(output), read_cells(expected))
 
 
-@pytest.mark.cluster
-def test_a_plate_read_over_http_gives_the_labels_and_tables_of_the_plate_on_disk(
-    served, local_result, tmp_path, shared_scheduler
-):
-    _, url = served
-    summary = run(url, tmp_path / "http.zarr", config=CLASSICAL, scheduler=shared_scheduler)
-    assert not summary.failed
-    _assert_same_results(tmp_path / "http.zarr", local_result)
-    again = run(url, tmp_path / "http.zarr", config=CLASSICAL, scheduler=shared_scheduler)
-    assert len(again.skipped) == 2  # resumes: the remote metadata is unchanged
-
-
 @pytest.fixture(scope="module")
 def s3(served) -> Iterator[object]:
     """moto's S3 server on the loopback, the AWS environment pointing at it (credentials and
@@ -160,7 +148,7 @@ def test_plates_over_http_and_in_a_bucket_written_to_a_bucket_equal_the_run_on_d
 ):
     """HTTP -> bucket and bucket -> bucket give the labels and tables of disk -> disk; the
     bucket's outputs have their ledger (``status``), QC report and lock released, and a rerun
-    from the bucket skips every field (its fingerprint from the bucket's listing)."""
+    skips every field (fingerprints: the served metadata, the bucket's listing)."""
     for source, out in (
         (served[1], "s3://results/http.zarr"),
         ("s3://plates/plate.zarr", "s3://results/s3.zarr"),
@@ -175,10 +163,8 @@ def test_plates_over_http_and_in_a_bucket_written_to_a_bucket_equal_the_run_on_d
         assert s3.exists(f"{name}.report/index.html")
         assert not s3.exists(f"{name}.zarr.lock")
         assert not s3.exists(f"results/.{name.split('/')[1]}.zarr.scratch")
-    again = run(
-        "s3://plates/plate.zarr", "s3://results/s3.zarr", config=CLASSICAL, scheduler=s3_scheduler
-    )
-    assert len(again.skipped) == 2
+        again = run(source, out, config=CLASSICAL, scheduler=s3_scheduler)
+        assert len(again.skipped) == 2  # the input's fingerprint is unchanged
 
 
 def test_a_changed_object_in_the_bucket_changes_the_fingerprint(s3):
@@ -242,7 +228,7 @@ def _done(out: str) -> int:
 
 
 class _FaultyEndpoint(BaseHTTPRequestHandler):
-    """Relays S3 requests to moto's server, but answers every third request for a chunk with
+    """Relays S3 requests to moto's server, but answers every fifth request for a chunk with
     HTTP 503 ``SlowDown`` (a transient error) and every request for ``broken`` with 403 (a
     permanent one)."""
 
@@ -267,7 +253,7 @@ class _FaultyEndpoint(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.endswith(self.broken):
             return self._error(403, "AccessDenied")
-        if "/c/" in path and next(self.requests) % 3 == 0:
+        if "/c/" in path and next(self.requests) % 5 == 0:
             return self._error(503, "SlowDown")
         upstream = http.client.HTTPConnection(*self.upstream)
         upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
@@ -287,11 +273,12 @@ class _FaultyEndpoint(BaseHTTPRequestHandler):
 
 @pytest.mark.cluster
 def test_transient_store_errors_are_retried_and_counted_and_a_permanent_one_names_its_object(
-    s3, local_result, monkeypatch
+    s3, s3_scheduler, local_result, monkeypatch
 ):
-    """Through an endpoint that fails every third chunk request with 503 and one chunk of
+    """Through an endpoint that fails every fifth chunk request with 503 and one chunk of
     field A/2/0 always with 403: field A/1/0 comes out as on disk, the summary counts the
-    retries, and A/2/0 fails with an error naming its chunk."""
+    retries, and A/2/0 fails with an error naming its chunk; ``--only-failed`` through the
+    sound endpoint then computes A/2/0 alone, and the output equals the plate's on disk."""
     import s3fs
 
     field = open_plate("s3://plates/plate.zarr").fields[1]
@@ -324,6 +311,18 @@ def test_transient_store_errors_are_retried_and_counted_and_a_permanent_one_name
     far = zarr.open_group("s3://results/faulty.zarr/A/1/0", mode="r")
     np.testing.assert_array_equal(far["labels/cells/0"][:], near["labels/cells/0"][:])
     pd.testing.assert_frame_equal(read_table(far, "cells"), read_table(near, "cells"))
+    assert unit_states("s3://results/faulty.zarr")[0]["status"] == "partial"
+
+    again = run(
+        "s3://plates/plate.zarr",
+        "s3://results/faulty.zarr",
+        config=CLASSICAL,
+        scheduler=s3_scheduler,
+        only_failed=True,
+    )
+    assert [o.path for o in again.fields if not o.skipped] == [field.path]
+    assert not again.failed
+    _assert_same_results("s3://results/faulty.zarr", local_result)
 
 
 def _endpoint_of(url: str) -> tuple[str, int]:

@@ -87,6 +87,14 @@ def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
     """Every file under ``folder`` (its path relative to ``folder``, POSIX style) and its size
     in bytes; one listing, no file opened. Empty when ``folder`` does not exist."""
     folder = location(folder)
+    if not is_remote(folder):  # os.walk and strings: several times faster than fsspec's find
+        base, sizes = os.fspath(folder), {}
+        for root, _, names in os.walk(base):
+            relative = os.path.relpath(root, base).replace(os.sep, "/")
+            for name in names:
+                key = name if relative == "." else f"{relative}/{name}"
+                sizes[key] = os.stat(os.path.join(root, name)).st_size
+        return sizes
     prefix = folder.path.rstrip("/") + "/"
     try:
         found = folder.fs.find(folder.path, detail=True)

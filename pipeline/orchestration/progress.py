@@ -10,6 +10,7 @@ often.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +27,11 @@ REMOTE_POLL_SECONDS = 5.0
 
 def _chunk_files(folder: UPath) -> int:
     """Chunk files of the zarr array at ``folder`` (all files but its metadata)."""
-    return sum(name.rsplit("/", 1)[-1] != "zarr.json" for name in file_sizes(folder))
+    if is_remote(folder):
+        names = (name.rsplit("/", 1)[-1] for name in file_sizes(folder))
+    else:  # names only, no stat
+        names = (name for _, _, files in os.walk(folder) for name in files)
+    return sum(name != "zarr.json" for name in names)
 
 
 @contextmanager
