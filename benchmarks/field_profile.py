@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/field_profile.py [--size 1024] [--frames 4] [--threads 2] [--workers 2]
-        [--json profile.json]
+        [--task-stream] [--json profile.json]
 
 A simulated field (nuclei ~20 px across: the network works at 1.5x, on 1536 x 1536 for
 ``--size 1024``) is written as an OME-Zarr plate of one field. Its stages are then timed one
@@ -22,6 +22,10 @@ default config) gives the end-to-end wall time of a real run, startup of the clu
 included. The table gives each stage's seconds and share, and the ratios of the end-to-end
 time to the network's and to the stage sum (what the orchestration adds: cluster start,
 scheduling, tiling halos, the measurement of each block, stitching).
+
+``--task-stream`` runs the plate once more on a local cluster of the same shape started
+beforehand (so its start is not counted) and breaks the run's wall time into the workers'
+busy seconds per kind of task (Dask's task stream, by key prefix) and their idle share.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dask.utils import key_split
 
 import pipeline
 from pipeline.convnet.inference import (
@@ -126,16 +131,44 @@ def profile(size: int, frames: int, threads: int, workers: int, folder: Path) ->
     }
 
 
+def task_stream(plate: Path, out: Path, workers: int) -> dict:
+    """The run of ``plate`` on a cluster started beforehand: wall seconds, the workers' busy
+    seconds per task prefix, and their idle share of workers x wall."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.get_task_stream()  # installs the scheduler's task-stream plugin
+        started = time.time()
+        summary = pipeline.run(plate, out, scheduler=cluster.scheduler_address)
+        wall = time.time() - started
+        assert not summary.failed, summary.failed
+        busy: dict[str, float] = {}
+        for task in client.get_task_stream(start=started):
+            for span in task["startstops"]:
+                if span["action"] == "compute":
+                    prefix = key_split(task["key"])
+                    busy[prefix] = busy.get(prefix, 0.0) + span["stop"] - span["start"]
+    return {"wall_s": wall, "busy_s": busy, "idle_share": 1 - sum(busy.values()) / (wall * workers)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the stages")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the run")
+    parser.add_argument("--task-stream", action="store_true", help="busy time per task kind")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         result = profile(args.size, args.frames, args.threads, args.workers, Path(folder))
+        if args.task_stream:
+            result["task_stream"] = task_stream(
+                Path(folder) / "plate.zarr", Path(folder) / "streamed.zarr", args.workers
+            )
     stages = result["stages_s"]
     total = sum(stages.values())
     print(
@@ -155,6 +188,16 @@ def main() -> None:
         f"stage sum / network: {total / network:.2f}; end-to-end / stage sum: "
         f"{result['run_s'] / total:.2f}"
     )
+    if args.task_stream:
+        stream = result["task_stream"]
+        busy = stream["busy_s"]
+        print(
+            f"\nrun on a started cluster: {stream['wall_s']:.1f} s wall, workers idle "
+            f"{stream['idle_share']:.0%} of {args.workers} x wall\n"
+        )
+        print("| task kind (key prefix) | worker seconds | share of busy |\n|---|---|---|")
+        for prefix, value in sorted(busy.items(), key=lambda item: -item[1])[:15]:
+            print(f"| {prefix} | {value:.2f} | {value / sum(busy.values()):.0%} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -248,15 +248,27 @@ class _FaultyEndpoint(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body.encode())
 
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b""
+        while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
+            body += self.rfile.read(size)
+            self.rfile.readline()
+        self.rfile.readline()
+        return body
+
     def _relay(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = self._body()
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+        headers["Content-Length"] = str(len(body))
         path = self.path.split("?", 1)[0]
         if path.endswith(self.broken):
             return self._error(403, "AccessDenied")
         if "/c/" in path and next(self.requests) % 5 == 0:
             return self._error(503, "SlowDown")
         upstream = http.client.HTTPConnection(*self.upstream)
-        upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+        upstream.request(self.command, self.path, body=body, headers=headers)
         response = upstream.getresponse()
         data = response.read()
         self.send_response(response.status)
