@@ -235,15 +235,20 @@ class RunConfig(StrictModel):
 _MOVED_TO_COMPUTE = tuple(ConvNetExecution.model_fields)
 
 
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters (a key of ``"\\n"``) written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+    where = _printable(".".join(str(part) for part in first["loc"]))
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
         if first["loc"][:-1] == ("segmentation", "convnet") and key in _MOVED_TO_COMPUTE:
             return f"config key '{where}' has moved to 'compute.{key}'"
         return f"unknown config key '{where}'"
-    return f"bad config value for '{where}': {first['msg']}"
+    return f"bad config value for '{where}': {_printable(first['msg'])}"
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RunConfig, load_config
@@ -147,6 +147,7 @@ documents = st.recursive(
 
 @PROPERTIES
 @given(documents)
+@example({"\n": None})  # a key that is a line break (found by hypothesis)
 def test_any_config_file_loads_or_is_refused_in_one_line(document) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "run.yaml"
