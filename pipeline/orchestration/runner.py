@@ -76,8 +76,9 @@ class _CountStoreRetries(WorkerPlugin):
 
 
 def _store_retries(client: Client) -> dict[str, int]:
-    """Store requests retried so far, per process of the cluster and the client's own."""
-    return {**client.run(store_retries), "client": store_retries()}
+    """Store requests retried so far, per process of the cluster and the client's own: the
+    workers alive now (an adaptive cluster's retired workers took their counts with them)."""
+    return {**client.run(store_retries, on_error="ignore"), "client": store_retries()}
 
 
 @dataclass(frozen=True)
