@@ -26,6 +26,7 @@ __all__ = [
     "file_sizes",
     "is_remote",
     "is_url",
+    "is_web_url",
     "local_copy_of",
     "location",
     "remove_tree",
@@ -43,6 +44,12 @@ def is_url(path: str | os.PathLike) -> bool:
     if isinstance(path, UPath):
         return is_remote(path)
     return isinstance(path, str) and path.split("://", 1)[0] in _URL_SCHEMES and "://" in path
+
+
+def is_web_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is served by a web server (``http://``, ``https://``): read-only, and it
+    cannot be asked which files it holds (a bucket or a folder can)."""
+    return is_url(path) and str(path).startswith(("http://", "https://"))
 
 
 def location(path: str | os.PathLike) -> UPath:

@@ -37,7 +37,7 @@ from dask.base import tokenize
 from zarr.core.sync import sync
 
 from pipeline.errors import CorruptChunkError, PipelineInputError
-from pipeline.io.location import is_remote, is_url, location, remove_tree
+from pipeline.io.location import is_remote, is_url, is_web_url, location, remove_tree
 
 __all__ = [
     "ChunkReader",
@@ -82,7 +82,6 @@ _EVERY_CHUNK = {"write_empty_chunks": True}
 MissingChunks = Literal["auto", "error", "fill"]
 NonFinite = Literal["error", "zero"]
 
-# URL schemes read through fsspec (read-only input over HTTP, or from an S3 bucket).
 #: Arrays of more chunks than this are checked for how many they store (ChunkReader.check_extent).
 SPARSE_CHECK_CHUNKS = 10_000
 #: ... and refused when fewer than this fraction of their chunks exist.
@@ -286,7 +285,7 @@ class ChunkReader:
         """
         array = self._array()
         declared = array.nchunks
-        if declared <= SPARSE_CHECK_CHUNKS or _unlistable(self.store_root):
+        if declared <= SPARSE_CHECK_CHUNKS or is_web_url(self.store_root):
             return
         stored = array.nchunks_initialized
         if stored < SPARSE_STORED_FRACTION * declared:
@@ -536,11 +535,6 @@ def open_labels(
         location = os.path.join(root_path, image_path) if image_path else root_path
         raise PipelineInputError(f"image has no label image labels/{name}", location)
     return _read_field(root_path, root, label_path, missing_chunks=missing_chunks)
-
-
-def _unlistable(store_root: str) -> bool:
-    """A web server: it cannot be asked which chunks it stores (an S3 bucket or a folder can)."""
-    return is_url(store_root) and store_root.startswith(("http://", "https://"))
 
 
 def _open_root(path: str | os.PathLike) -> tuple[str, zarr.Group]:

@@ -21,7 +21,7 @@ from pipeline.config import RunConfig
 from pipeline.convnet.weights import weights_sha256
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr
-from pipeline.io.location import is_remote, is_url, location
+from pipeline.io.location import is_remote, is_url, is_web_url, location
 from pipeline.orchestration.records import (
     RUN_ATTRIBUTE,
     UNIT_OUTPUT_FOLDERS,
@@ -49,7 +49,7 @@ def input_fingerprint(fov: omezarr.FieldOfView) -> str:
     (one ``stat`` per stored chunk), so it is cheap enough to check on every run; a chunk
     rewritten in place, or the data copied without keeping times, counts as changed.
     """
-    if fov.dataset_path.startswith(("http://", "https://")):
+    if is_web_url(fov.dataset_path):
         return _metadata_fingerprint(fov)
     if is_url(fov.dataset_path):
         return _listing_fingerprint(fov)
