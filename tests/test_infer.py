@@ -227,3 +227,46 @@ def test_run_on_a_cluster_with_one_gpu_worker(small_plate, tmp_path):
     assert loads[gpu_worker] == 1
     assert sum(loads.values()) == 1
     assert zarr.open_group(tmp_path / "out.zarr").attrs["pipeline_run"]["status"] == "complete"
+
+
+def test_frames_per_inference_task_follow_the_device_and_do_not_change_results():
+    """One frame per inference task on CPUs, 4 on GPU workers unless set; equal ids either way."""
+    from skimage.draw import disk
+
+    from pipeline.config import ComputeConfig
+    from pipeline.orchestration.field import Placement
+    from pipeline.segmentation.methods import instance_ids
+    from pipeline.segmentation.parameters import SegmentationConfig
+
+    rng = np.random.default_rng(3)
+    planes = rng.normal(300, 20, (5, 96, 96))
+    for plane in planes:  # four nuclei of ~16 px per frame, the shipped model's kind
+        for centre in rng.uniform(16, 80, (4, 2)):
+            plane[disk(tuple(centre), 8, shape=plane.shape)] += 2000
+    frames = da.from_array(planes.astype(np.uint16), chunks=(1, 96, 96))
+    segmentation = SegmentationConfig()
+
+    def ids_and_inference_tasks(compute: ComputeConfig) -> tuple[np.ndarray, int]:
+        ids = instance_ids(
+            frames,
+            segmentation,
+            pixel_size=[1.0, 1.0],
+            halo=(32, 32),
+            diameter_px=16.0,
+            compute=compute,
+        )
+        infer = [layer for name, layer in ids.dask.layers.items() if name.startswith("infer-")]
+        with dask.config.set(scheduler="threads"):
+            return ids.compute(), len(infer[0])
+
+    cpu = ComputeConfig(device="cpu")
+    on_gpu_workers = Placement(client=None, gpu_workers=True).execution(cpu)
+    assert Placement(client=None).execution(cpu) == cpu
+    assert on_gpu_workers.frames_per_block == 4
+    set_by_user = ComputeConfig(device="cpu", frames_per_block=2)
+    assert Placement(client=None, gpu_workers=True).execution(set_by_user) == set_by_user
+    one_per_task, tasks_cpu = ids_and_inference_tasks(cpu)
+    four_per_task, tasks_gpu = ids_and_inference_tasks(on_gpu_workers)
+    assert (tasks_cpu, tasks_gpu) == (5, 2)  # one tile per frame: ceil(5 / 4) blocks of frames
+    np.testing.assert_array_equal(one_per_task, four_per_task)
+    assert one_per_task.max() > 0

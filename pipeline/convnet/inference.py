@@ -49,6 +49,7 @@ __all__ = [
     "rescale_factor",
     "rescale_planes",
     "run_network",
+    "runs_on_gpu",
     "scaled_shape",
 ]
 
@@ -64,6 +65,11 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def runs_on_gpu(device: str) -> bool:
+    """Whether the network runs on a GPU in this process with the ``device`` setting."""
+    return _device(device).type == "cuda"
 
 
 def loaded_model(model: str | None = None, device: str = "auto") -> tuple[UNet, ModelInfo]:

@@ -14,7 +14,10 @@ from pydantic import Field, PositiveInt
 
 from pipeline.settings import StrictModel
 
-__all__ = ["ConvNetExecution", "InferenceSettings", "ModelSettings"]
+__all__ = ["GPU_FRAMES_PER_BLOCK", "ConvNetExecution", "InferenceSettings", "ModelSettings"]
+
+GPU_FRAMES_PER_BLOCK = 4
+"""Timepoints per inference task on a GPU unless set: tiles of several frames fill its batches."""
 
 
 class ModelSettings(StrictModel):
@@ -40,7 +43,24 @@ class ConvNetExecution(StrictModel):
     )
     batch_size: PositiveInt = Field(4, description="tiles per forward pass")
     tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
-    frames_per_block: PositiveInt = Field(4, description="timepoints batched in one task")
+    frames_per_block: PositiveInt | None = Field(
+        None,
+        description="timepoints batched in one inference task (None: 4 on a GPU, to fill its "
+        "batches; 1 on CPUs, so that one frame's post-processing overlaps the next one's "
+        "inference)",
+    )
+
+    def frames_per_task(self, gpu: bool) -> int:
+        """Timepoints per inference task: ``frames_per_block``, else the default for the device.
+
+        Parameters
+        ----------
+        gpu
+            Whether the network runs on a GPU.
+        """
+        if self.frames_per_block is not None:
+            return self.frames_per_block
+        return GPU_FRAMES_PER_BLOCK if gpu else 1
 
 
 class InferenceSettings(ModelSettings, ConvNetExecution):

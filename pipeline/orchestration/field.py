@@ -41,7 +41,7 @@ from upath import UPath
 
 from pipeline._version import __version__
 from pipeline.classification.apply import classify_cells
-from pipeline.config import RunConfig
+from pipeline.config import ComputeConfig, RunConfig
 from pipeline.errors import PipelineInputError
 from pipeline.io import omezarr, tables
 from pipeline.io.location import remove_tree
@@ -104,6 +104,13 @@ class Placement:
 
     client: Client
     gpu_workers: bool = False
+
+    def execution(self, compute: ComputeConfig) -> ComputeConfig:
+        """``compute`` as this cluster runs inference: a GPU's frames per task on GPU workers
+        (elsewhere the process that builds the graph decides from the devices it sees)."""
+        if not self.gpu_workers or compute.frames_per_block is not None:
+            return compute
+        return compute.model_copy(update={"frames_per_block": compute.frames_per_task(gpu=True)})
 
     def on_gpu_workers(self, collection):
         """``collection`` persisted on the GPU workers if the cluster has them, else as is."""
@@ -282,7 +289,7 @@ def segment_and_measure(
                 pixel_size=[field.pixel_size[d] for d in dims],
                 halo=halo,
                 diameter_px=diameter_px,
-                compute=config.compute,
+                compute=placement.execution(config.compute),
                 on_maps=placement.on_gpu_workers,
             ).astype(scratch.dtype)
             ids = da.where(ids > 0, ids + start * field.frame_pixels, 0).astype(scratch.dtype)

@@ -14,7 +14,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from pipeline.convnet.inference import maps_from_normalised, normalised_frames
+from pipeline.convnet.inference import maps_from_normalised, normalised_frames, runs_on_gpu
 from pipeline.convnet.settings import InferenceSettings, ModelSettings
 from pipeline.segmentation.classical import ClassicalRecipe
 from pipeline.segmentation.convnet import ConvNetRecipe
@@ -123,7 +123,7 @@ def instance_ids(
         diameter=diameter_px,
         settings=settings,
         output_chunks=frames.chunks[-2:],
-        frames_per_block=compute.frames_per_block,
+        frames_per_block=compute.frames_per_task(runs_on_gpu(compute.device)),
     )
     if on_maps is not None:
         maps = on_maps(maps)
