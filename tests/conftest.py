@@ -48,10 +48,13 @@ def shared_scheduler() -> Iterator[str]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start a cluster or need SLURM are slow as well: ``-m "not slow"`` is the
-    fast subset."""
+    fast subset. The SLURM tests share one controller and its queue: under pytest-xdist they
+    run one after the other in one worker (``--dist loadgroup``)."""
     for item in items:
         if item.get_closest_marker("cluster") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 # Dask's scheduler warns when a key comes back with other dependencies while the first is
