@@ -239,6 +239,23 @@ def test_run_writes_its_report_and_the_command_rewrites_it(outputs, tmp_path):
 
 
 @pytest.mark.cluster
+def test_figures_drawn_on_the_workers_equal_those_drawn_here(outputs, tmp_path, shared_scheduler):
+    """A run draws its fields' figures on the cluster: the same report, byte for byte."""
+    from distributed import Client, get_task_stream
+
+    here = write_qc_report(outputs["plate"], tmp_path / "here")
+    with Client(shared_scheduler) as client, get_task_stream(client) as stream:
+        there = write_qc_report(outputs["plate"], tmp_path / "there", client=client)
+    drawn = [task for task in stream.data if str(task["key"]).startswith("_field_entry")]
+    assert len(drawn) == 2  # one task per field, on the workers
+    assert there.read_text(encoding="utf-8") == here.read_text(encoding="utf-8")
+    files = sorted(path.name for path in here.parent.iterdir())
+    assert files == sorted(path.name for path in there.parent.iterdir())
+    for name in files:
+        assert (there.parent / name).read_bytes() == (here.parent / name).read_bytes(), name
+
+
+@pytest.mark.cluster
 def test_a_failing_report_does_not_fail_the_run(
     outputs, tmp_path, monkeypatch, capsys, shared_scheduler
 ):

@@ -213,7 +213,9 @@ def _compute_with_reports(
     if config.crops is not None:
         _write_crops(plan.output, config, running, show_progress)
     try:
-        index = write_qc_report(plan.output, reports, channel=config.segmentation.channel)
+        index = write_qc_report(
+            plan.output, reports, channel=config.segmentation.channel, client=running.client
+        )
     except Exception as error:  # the results are written; a failed picture must not hide them
         print(f"warning: no QC report ({type(error).__name__}: {error})", file=sys.stderr)
     else:

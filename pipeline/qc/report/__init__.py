@@ -14,10 +14,14 @@ canvas (no screen, no pyplot state).
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import zarr
+from distributed import Client
 from upath import UPath
 
 from pipeline.errors import CorruptChunkError
@@ -78,15 +82,16 @@ __all__ = [
 def _field_entry(
     root: zarr.Group,
     fov: FieldOfView,
-    report: Path,
     name: str,
     *,
     channel: int | str,
     timepoints: int,
     max_pixels: int,
     unfinished: tuple[str, str | None] | None,
-) -> FieldEntry:
-    """Draw a field's figures into ``report`` and describe it for the index."""
+) -> tuple[FieldEntry, dict[str, bytes]]:
+    """Describe a field for the index and draw its figures (PNG bytes by file name); runs
+    here or on a worker, which need not see the report's folder."""
+    figures: dict[str, bytes] = {}
     record = completion_record(field_group(root, fov))
     entry = FieldEntry(
         fov.path, str(record.get("status", "missing")), merge_qc=merge_qc_text(record)
@@ -95,7 +100,7 @@ def _field_entry(
         if unfinished is not None:
             entry.status, entry.error = unfinished
         entry.error = entry.error or f"the field has no completion record ({entry.status})"
-        return entry
+        return entry, figures
     n_frames = fov.data.sizes.get("t", 1)
     title = fov.path or "image"
     cells = cells_table(root, fov)
@@ -107,11 +112,15 @@ def _field_entry(
         else:
             overlay = f"{name}_outlines.png"
             frames = spread_timepoints(n_frames, timepoints)
-            write_overlay(view, frames, title, report / overlay, cells)
+            with io.BytesIO() as png:
+                write_overlay(view, frames, title, png, cells)
+                figures[overlay] = png.getvalue()
             entry.images.append((overlay, f"{title}: label outlines"))
         if cells is not None and len(cells) and TRACK_COLUMNS <= set(cells.columns):
             track_file = f"{name}_tracks.png"
-            write_tracks(view, cells, n_frames - 1, title, report / track_file)
+            with io.BytesIO() as png:
+                write_tracks(view, cells, n_frames - 1, title, png)
+                figures[track_file] = png.getvalue()
             entry.images.append((track_file, f"{title}: tracks"))
     except CorruptChunkError as error:
         notes.append(f"cannot draw: {error}")
@@ -125,7 +134,28 @@ def _field_entry(
             parents = cells.groupby("track_id")["parent_track_id"].first()
             entry.daughters = str(int((parents != 0).sum()))
     entry.note = "; ".join(notes) or None
-    return entry
+    return entry, figures
+
+
+def _drawn_fields(
+    draw: Callable[..., tuple[FieldEntry, dict[str, bytes]]],
+    fields: Sequence[FieldOfView],
+    names: Sequence[str],
+    unfinished: dict[str, tuple[str, str | None]],
+    client: Client | None,
+) -> Iterator[tuple[FieldEntry, dict[str, bytes]]]:
+    """``draw`` of every field in order: here, or on ``client``'s workers all at once."""
+    if client is None:
+        for fov, name in zip(fields, names, strict=True):
+            yield draw(fov, name, unfinished=unfinished.get(fov.path))
+        return
+    futures = [
+        client.submit(draw, fov, name, unfinished=unfinished.get(fov.path), pure=False)
+        for fov, name in zip(fields, names, strict=True)
+    ]
+    for future in futures:  # in order, each released once its figures are written
+        yield future.result()
+        future.release()
 
 
 def write_qc_report(
@@ -135,6 +165,7 @@ def write_qc_report(
     channel: int | str = 0,
     timepoints: int = 3,
     max_pixels: int = 1024,
+    client: Client | None = None,
 ) -> UPath:
     """Write a quality-control report (PNG figures and ``index.html``) of a run's output.
 
@@ -152,6 +183,9 @@ def write_qc_report(
     max_pixels
         Largest y/x size read per field: the finest pyramid level within it is used (labels
         from the same level), or the coarsest level read with a stride.
+    client
+        A Dask cluster's client: the fields' figures are drawn on its workers, in parallel
+        (they come back as PNG bytes, so the workers need not see ``report_dir``); None: here.
 
     Returns
     -------
@@ -176,7 +210,7 @@ def write_qc_report(
     root, plate = open_output(output)
     destination = location(report_dir)
     with local_copy_of(destination) as report:
-        _write_report(output, root, plate, report, channel, timepoints, max_pixels)
+        _write_report(output, root, plate, report, channel, timepoints, max_pixels, client)
     return destination / INDEX_FILE
 
 
@@ -188,24 +222,21 @@ def _write_report(
     channel: int | str,
     timepoints: int,
     max_pixels: int,
+    client: Client | None,
 ) -> None:
     run = run_record(root)
     unfinished = unfinished_units(run)
     fields = plate.fields if plate is not None else ()
     taken: set[str] = set()
-    entries = [
-        _field_entry(
-            root,
-            fov,
-            report,
-            unique_name(fov.path, taken),
-            channel=channel,
-            timepoints=timepoints,
-            max_pixels=max_pixels,
-            unfinished=unfinished.get(fov.path),
-        )
-        for fov in fields
-    ]
+    names = [unique_name(fov.path, taken) for fov in fields]
+    draw = partial(
+        _field_entry, root, channel=channel, timepoints=timepoints, max_pixels=max_pixels
+    )
+    entries = []
+    for entry, figures in _drawn_fields(draw, fields, names, unfinished, client):
+        for file_name, png in figures.items():
+            (report / file_name).write_bytes(png)
+        entries.append(entry)
     listed = {fov.path for fov in fields}
     entries += [
         FieldEntry(path, state, error=error)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -114,9 +114,14 @@ def _panel_inches(image: np.ndarray) -> tuple[float, float, float]:
 
 
 def write_overlay(
-    view: FieldView, frames: list[int], title: str, path: Path, cells: pd.DataFrame | None
+    view: FieldView,
+    frames: list[int],
+    title: str,
+    path: Path | BinaryIO,
+    cells: pd.DataFrame | None,
 ) -> None:
-    """Outlines over the image at each of ``frames``, titled with the table's cell counts."""
+    """Outlines over the image at each of ``frames``, titled with the table's cell counts, as
+    a PNG (a file, or a binary buffer)."""
     per_frame = {} if cells is None else cells["t"].value_counts().to_dict()
     planes = [(t, view.image_plane(t), view.labels_plane(t)) for t in frames]
     width, height, dpi = _panel_inches(planes[0][1])
@@ -130,7 +135,7 @@ def write_overlay(
         axes.tick_params(labelsize=7)
     figure.axes[0].set_ylabel("y (µm)", fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.savefig(path)
+    figure.savefig(path, format="png")
 
 
 def _track_segments(cells: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +159,10 @@ def _division_links(cells: pd.DataFrame) -> np.ndarray:
 
 
 def write_tracks(
-    view: FieldView, cells: pd.DataFrame, last_frame: int, title: str, path: Path
+    view: FieldView, cells: pd.DataFrame, last_frame: int, title: str, path: Path | BinaryIO
 ) -> None:
+    """Track paths coloured by time over the image at ``last_frame``, divisions marked, as a
+    PNG (a file, or a binary buffer)."""
     image = stretch_contrast(view.image_plane(last_frame))
     width, height, dpi = _panel_inches(image)
     figure = _new_figure(width + 1.2, height + 0.6, dpi)
@@ -188,7 +195,7 @@ def write_tracks(
     axes.tick_params(labelsize=7)
     figure.colorbar(paths, ax=axes, label="t (frame)", shrink=0.8)
     axes.set_title(f"{title}: {cells['track_id'].nunique()} tracks on t = {last_frame}", fontsize=9)
-    figure.savefig(path)
+    figure.savefig(path, format="png")
 
 
 def write_heatmap(
