@@ -227,6 +227,25 @@ def test_run_on_a_cluster_with_one_gpu_worker(small_plate, tmp_path):
     assert loads[gpu_worker] == 1
     assert sum(loads.values()) == 1
     assert zarr.open_group(tmp_path / "out.zarr").attrs["pipeline_run"]["status"] == "complete"
+    if not torch.cuda.is_available():  # the worker declared with a GPU had none torch could use
+        assert sorted(summary.devices.values()) == ["cpu", "cpu"]
+        [warning] = [w for w in summary.device_warnings if w.startswith(f"worker {gpu_worker}: ")]
+        assert warning.endswith("; the conv-net ran on its CPU")
+
+
+def test_a_gpu_that_torch_cannot_use_is_named(monkeypatch):
+    """A GPU node (an NVIDIA device file) whose torch has no CUDA: said, with the fix."""
+    from pipeline.convnet import inference
+
+    monkeypatch.setattr(inference.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(inference.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    monkeypatch.setattr(inference.torch.version, "cuda", None)
+    problem = inference.unusable_gpu()
+    assert problem.startswith("/dev/nvidia0 is present but torch ")
+    assert "CPU-only build" in problem
+    monkeypatch.setattr(inference.glob, "glob", lambda pattern: [])
+    assert inference.unusable_gpu() is None  # no GPU: nothing to say
+    assert inference.device_name("auto") == inference.device_name("cpu") == "cpu"
 
 
 def test_frames_per_inference_task_follow_the_device_and_do_not_change_results():

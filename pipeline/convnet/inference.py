@@ -20,6 +20,7 @@ number of threads. Tiles of a block (its timepoints and z slices) are batched.
 
 from __future__ import annotations
 
+import glob
 import math
 import threading
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from pipeline.tiling import axis_blocks
 
 __all__ = [
     "InferenceSettings",
+    "device_name",
     "loaded_model",
     "maps_from_normalised",
     "median_diameter",
@@ -51,6 +53,7 @@ __all__ = [
     "run_network",
     "runs_on_gpu",
     "scaled_shape",
+    "unusable_gpu",
 ]
 
 N_MAPS = 4
@@ -65,6 +68,31 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_name(device: str = "auto") -> str:
+    """The device the network runs on in this process with the ``device`` setting, for people:
+    ``"cpu"`` or, e.g., ``"cuda:0 (NVIDIA H200)"``."""
+    chosen = _device(device)
+    if chosen.type != "cuda":
+        return "cpu"
+    index = chosen.index if chosen.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def unusable_gpu() -> str | None:
+    """Why this machine's NVIDIA GPU goes unused by torch (a CPU-only build, or no usable
+    driver), or None when there is no such GPU or torch can use it."""
+    if torch.cuda.is_available():
+        return None
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if not devices:
+        return None
+    if torch.version.cuda is None:
+        build = "a CPU-only build: pip install the CUDA build of torch"
+    else:
+        build = f"built for CUDA {torch.version.cuda}, which cannot use it (driver?)"
+    return f"{devices[0]} is present but torch {torch.__version__} sees no GPU ({build})"
 
 
 def runs_on_gpu(device: str) -> bool:

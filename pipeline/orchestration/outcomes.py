@@ -41,6 +41,8 @@ class RunSummary:
     fields: list[FieldOutcome]
     wall_seconds: float
     store_retries: int = 0  # object-store requests retried after transient errors
+    devices: dict[str, str] = field(default_factory=dict)  # the conv-net's device per worker
+    device_warnings: list[str] = field(default_factory=list)  # e.g. a GPU torch cannot use
 
     @property
     def failed(self) -> list[FieldOutcome]:

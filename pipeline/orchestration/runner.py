@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from pipeline.orchestration.plan import RunPlan, check_output_location, plan_run
 from pipeline.segmentation.parameters import with_model_postprocessing
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Worker
 
     from pipeline.classification.store import CropSettings
 
@@ -73,6 +74,30 @@ class _CountStoreRetries(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         count_store_retries()
+
+
+def _worker_device(setting: str, dask_worker: Worker) -> tuple[str, str | None]:
+    """The conv-net's device on this worker, and why a GPU it has went unused (or None)."""
+    from pipeline.convnet.inference import device_name, unusable_gpu
+
+    device = device_name(setting)
+    problem = unusable_gpu()
+    if problem is None and device == "cpu" and dask_worker.state.total_resources.get("GPU", 0):
+        problem = "declared with a GPU resource, but torch sees no CUDA device"
+    return device, None if setting == "cpu" else problem
+
+
+def _inference_devices(client: Client, setting: str) -> tuple[dict[str, str], list[str]]:
+    """The conv-net's device on each worker alive now, and a warning for each whose GPU went
+    unused (a GPU node whose torch has no CUDA runs on its CPU, slowly: said, not silent)."""
+    answers = client.run(_worker_device, setting, on_error="ignore")
+    devices = {address: device for address, (device, _) in sorted(answers.items())}
+    warnings = [
+        f"worker {address}: {problem}; the conv-net ran on its CPU"
+        for address, (_, problem) in sorted(answers.items())
+        if problem is not None
+    ]
+    return devices, warnings
 
 
 def _store_retries(client: Client) -> dict[str, int]:
@@ -148,8 +173,13 @@ def _print_summary(summary: RunSummary) -> None:
         f"wall time: {summary.wall_seconds:.1f} s, "
         f"{summary.pixels_per_second / 1e6:.2f} megapixels per second computed"
     )
+    if summary.devices:
+        used = Counter(summary.devices.values())
+        print("conv-net on: " + ", ".join(f"{name} ({n} workers)" for name, n in used.items()))
     if summary.store_retries:
         print(f"object-store requests retried after transient errors: {summary.store_retries}")
+    for warning in summary.device_warnings:
+        print(f"WARNING {warning}", file=sys.stderr)
     for outcome in summary.fields:
         for warning in outcome.warnings:
             print(f"WARNING {outcome.path or 'image'}: {warning}", file=sys.stderr)
@@ -203,6 +233,10 @@ def _compute_with_reports(
             running.client,
             gpu_workers=running.gpu_workers,
             progress=bar.update,
+        )
+    if config.segmentation.method == "convnet":
+        summary.devices, summary.device_warnings = _inference_devices(
+            running.client, config.compute.device
         )
     retried = _store_retries(running.client)
     summary.store_retries = sum(
