@@ -247,8 +247,11 @@ def _compute_with_reports(
     if config.crops is not None:
         _write_crops(plan.output, config, running, show_progress)
     try:
+        # drawn by the workers there are now (an adaptive cluster may have retired them all:
+        # then here, rather than waiting for new jobs)
+        drawing = running.client if running.client.scheduler_info()["workers"] else None
         index = write_qc_report(
-            plan.output, reports, channel=config.segmentation.channel, client=running.client
+            plan.output, reports, channel=config.segmentation.channel, client=drawing
         )
     except Exception as error:  # the results are written; a failed picture must not hide them
         print(f"warning: no QC report ({type(error).__name__}: {error})", file=sys.stderr)
