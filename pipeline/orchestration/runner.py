@@ -81,10 +81,12 @@ def _worker_device(setting: str, dask_worker: Worker) -> tuple[str, str | None]:
     from pipeline.convnet.inference import device_name, unusable_gpu
 
     device = device_name(setting)
+    if setting == "cpu":  # the user's choice: a GPU left unused is no surprise
+        return device, None
     problem = unusable_gpu()
     if problem is None and device == "cpu" and dask_worker.state.total_resources.get("GPU", 0):
         problem = "declared with a GPU resource, but torch sees no CUDA device"
-    return device, None if setting == "cpu" else problem
+    return device, problem
 
 
 def _inference_devices(client: Client, setting: str) -> tuple[dict[str, str], list[str]]:
