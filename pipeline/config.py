@@ -58,6 +58,12 @@ class TilingConfig(StrictModel):
     min_block_px: PositiveInt = Field(
         256, description="smallest block edge in y/x; blocks are whole input chunks"
     )
+    block_halos: PositiveFloat = Field(
+        4.0,
+        description="blocks in y/x are at least this many halos long, so that the halo read "
+        "around each block is a bounded share of its work ((1 + 2 / block_halos)^2 of its area); "
+        "larger blocks hold more memory per task",
+    )
     halo_retries: int = Field(
         3,
         ge=0,
@@ -216,9 +222,11 @@ class RunConfig(StrictModel):
         A unit of work whose recorded digest differs from this one is recomputed on resume.
         Sections added later (``segmentation.cells``, ``measurement``, ``classification``)
         enter it only when set, so results made before they existed stay valid; a classifier
-        enters by the digest of its file.
+        enters by the digest of its file. ``tiling.block_halos`` sizes blocks, which exact
+        stitching makes irrelevant to results, and stays out.
         """
-        settings = self.model_dump(mode="json", exclude={"compute", "crops", "output"})
+        excluded = {"compute": True, "crops": True, "output": True, "tiling": {"block_halos"}}
+        settings = self.model_dump(mode="json", exclude=excluded)
         if self.segmentation.cells is None:
             del settings["segmentation"]["cells"]
         if self.measurement == MeasurementConfig():

@@ -13,7 +13,7 @@ from pipeline.segmentation.classical import ClassicalParameters, ClassicalRecipe
 from pipeline.segmentation.threshold import frame_threshold, frame_thresholds
 from pipeline.segmentation.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
-from pipeline.tiling import axis_blocks, halo_pixels
+from pipeline.tiling import axis_blocks, halo_pixels, smallest_blocks
 
 
 def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
@@ -72,6 +72,15 @@ def test_halo_conversion_is_per_axis():
 def test_axis_blocks(size, chunk, halo, expected):
     assert axis_blocks(size, chunk, halo) == expected
     assert sum(expected) == size
+
+
+def test_blocks_in_the_image_plane_are_several_halos_long():
+    # 120-pixel halos (20-pixel nuclei): 480-pixel blocks, read as 720 = 1.5 x 480 per axis
+    assert smallest_blocks("yx", (120, 120), 256, 4) == [480, 480]
+    assert axis_blocks(1024, 256, 120, 480) == (512, 512)
+    # small halos keep the configured minimum; z blocks only need the halo's depth
+    assert smallest_blocks("zyx", (3, 20, 20), 256, 4) == [1, 256, 256]
+    assert smallest_blocks("yx", (33, 10), 64, 2.5) == [83, 64]
 
 
 @pytest.mark.parametrize("chunk", [(64, 64), (100, 90), (77, 53), (150, 270)])

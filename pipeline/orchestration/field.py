@@ -71,7 +71,7 @@ from pipeline.segmentation.tiled import (
     relabel_consecutive,
     with_halo_retries,
 )
-from pipeline.tiling import block_chunks, halo_pixels
+from pipeline.tiling import block_chunks, halo_pixels, smallest_blocks
 from pipeline.tracking import track
 
 __all__ = [
@@ -257,7 +257,9 @@ def segment_and_measure(
             h + math.ceil(2 * cells_config.distance_um / field.pixel_size[d])
             for h, d in zip(halo, dims, strict=True)
         )
-    min_block = [1 if d == "z" else config.tiling.min_block_px for d in dims]
+    min_block = smallest_blocks(
+        dims, cell_halo, config.tiling.min_block_px, config.tiling.block_halos
+    )
     spatial_chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], cell_halo, min_block)
     frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))
 
