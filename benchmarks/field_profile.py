@@ -1,19 +1,22 @@
 """Where one field's time goes: each stage alone in this process, then the whole run.
 
 Usage:
-    python benchmarks/field_profile.py [--size 1024] [--frames 4] [--threads 2] [--workers 2]
-        [--task-stream] [--json profile.json]
+    python benchmarks/field_profile.py [--size 1024] [--frames 4] [--z-slices N] [--threads 2]
+        [--workers 2] [--task-stream] [--json profile.json]
 
 A simulated field (nuclei ~20 px across: the network works at 1.5x, on 1536 x 1536 for
-``--size 1024``) is written as an OME-Zarr plate of one field. Its stages are then timed one
+``--size 1024``; ``--z-slices``: a z-stack per frame, planes 1.5 um apart) is written as an
+OME-Zarr plate of one field. Its stages are then timed one
 after the other in this process, on numpy, with ``--threads`` torch threads:
 
 - read: the whole field from the store (``open_plate(...).fields[0].data.values``);
 - normalise: each frame's percentiles and scaling;
-- diameter: the estimate on the middle frame (segmenting it at the model's scale, repeatedly);
+- diameter: the estimate on the middle frame's middle plane (segmenting it at the model's
+  scale, repeatedly);
 - rescale: the frames to the model's scale, and the maps back;
-- network: :func:`pipeline.convnet.inference.run_network` on the rescaled frames;
-- post-processing: seeds and watershed on each frame's maps;
+- network: :func:`pipeline.convnet.inference.run_network` on the rescaled frames (every plane);
+- post-processing: seeds and watershed on each frame's maps (in 3D with the intensity, which
+  bounds nuclei along z);
 - measurement: the default cell table; tracking: linking the cells over the frames;
 - write: the image copy and the label pyramid to a new OME-Zarr.
 
@@ -52,13 +55,23 @@ from pipeline.io import omezarr
 from pipeline.normalize import frame_percentiles, normalize
 from pipeline.segmentation.convnet import cells_from_maps
 from pipeline.segmentation.diameter import estimate_diameter
+from pipeline.segmentation.methods import diameter_sample
 from pipeline.synthetic import simulate_plate
 
 
-def profile(size: int, frames: int, threads: int, workers: int, folder: Path) -> dict:
+def profile(
+    size: int, frames: int, z_slices: int | None, threads: int, workers: int, folder: Path
+) -> dict:
     """Seconds per stage of one field, and of a whole run of it."""
     plate = simulate_plate(
-        folder / "plate.zarr", rows=1, columns=1, fields=1, n_frames=frames, size=size, seed=0
+        folder / "plate.zarr",
+        rows=1,
+        columns=1,
+        fields=1,
+        n_frames=frames,
+        size=size,
+        z_slices=z_slices,
+        seed=0,
     )
     settings = InferenceSettings(cpu_threads=threads)
     _, info = loaded_model(settings.model, settings.device)  # loading is not a stage
@@ -73,29 +86,36 @@ def profile(size: int, frames: int, threads: int, workers: int, folder: Path) ->
     field = omezarr.open_plate(plate).fields[0]
     data = timed("read", lambda: field.data.values)
     raw = data[:, 0]
-    pixel = field.pixel_size["x"]
+    dims = "".join(field.pixel_size)
+    pixel_size = tuple(field.pixel_size[d] for d in dims)
 
     def normalised() -> np.ndarray:
         limits = frame_percentiles(raw, info.percentiles, settings.polarity)
         return np.stack([normalize(f, lo, hi) for f, (lo, hi) in zip(raw, limits, strict=True)])
 
     planes = timed("normalise", normalised)
-    diameter = timed("diameter", estimate_diameter, raw[frames // 2], settings)
+    sample = np.asarray(diameter_sample(raw))
+    diameter = timed("diameter", estimate_diameter, sample, settings)
     shape = scaled_shape(raw.shape[-2:], rescale_factor(info, diameter))
-    scaled = timed("rescale", rescale_planes, planes, shape)
+    scaled = timed("rescale", rescale_planes, planes, shape).reshape(-1, *shape)
     maps = timed("network", run_network, scaled, settings)
     maps = timed("rescale", rescale_planes, maps, raw.shape[-2:])
-    labels = timed(
-        "post-processing",
-        lambda: np.stack([cells_from_maps(m, diameter) for m in maps]).astype(np.int32),
-    )
+    maps = np.moveaxis(maps.reshape(*raw.shape[:-2], -1, *raw.shape[-2:]), -3, 1)
+    if z_slices:  # the intensity bounds nuclei along z
+        maps = np.concatenate([maps, planes[:, np.newaxis]], axis=1)
+
+    def post_processing() -> np.ndarray:
+        frames_cells = [cells_from_maps(m, diameter, pixel_size=pixel_size) for m in maps]
+        return np.stack(frames_cells).astype(np.int32)
+
+    labels = timed("post-processing", post_processing)
     table = timed(
         "measurement",
         pipeline.measure,
         labels,
         data,
-        dims="tyx",
-        pixel_size={"y": pixel, "x": pixel},
+        dims="t" + dims,
+        pixel_size={d: field.pixel_size[d] for d in dims},
     )
     timed("tracking", pipeline.track, table, max_distance=15.0)
 
@@ -120,6 +140,7 @@ def profile(size: int, frames: int, threads: int, workers: int, folder: Path) ->
     return {
         "size": size,
         "frames": frames,
+        "z_slices": z_slices,
         "threads": threads,
         "workers": workers,
         "diameter_px": diameter,
@@ -158,13 +179,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--z-slices", type=int, help="z planes per frame (default: 2D)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the stages")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the run")
     parser.add_argument("--task-stream", action="store_true", help="busy time per task kind")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        result = profile(args.size, args.frames, args.threads, args.workers, Path(folder))
+        result = profile(
+            args.size, args.frames, args.z_slices, args.threads, args.workers, Path(folder)
+        )
         if args.task_stream:
             result["task_stream"] = task_stream(
                 Path(folder) / "plate.zarr", Path(folder) / "streamed.zarr", args.workers
@@ -172,7 +196,8 @@ def main() -> None:
     stages = result["stages_s"]
     total = sum(stages.values())
     print(
-        f"{args.frames} frames of {args.size} x {args.size}, nuclei {result['diameter_px']:.1f}"
+        f"{args.frames} frames of {args.z_slices or 1} x {args.size} x {args.size}, "
+        f"nuclei {result['diameter_px']:.1f}"
         f" px (network on {result['network_px'][0]} x {result['network_px'][1]}), "
         f"{result['cells']} cells\n"
     )
@@ -186,14 +211,17 @@ def main() -> None:
         f"{result['run_s']:.1f} s ({result['run_reported_s']:.1f} s reported by the run)\n"
         f"end-to-end / network: {result['run_s'] / network:.2f}; "
         f"stage sum / network: {total / network:.2f}; end-to-end / stage sum: "
-        f"{result['run_s'] / total:.2f}"
+        f"{result['run_s'] / total:.2f}\n"
+        f"throughput, end-to-end / network alone (the time the run reports): "
+        f"{network / result['run_reported_s']:.2f}"
     )
     if args.task_stream:
         stream = result["task_stream"]
         busy = stream["busy_s"]
         print(
             f"\nrun on a started cluster: {stream['wall_s']:.1f} s wall, workers idle "
-            f"{stream['idle_share']:.0%} of {args.workers} x wall\n"
+            f"{stream['idle_share']:.0%} of {args.workers} x wall; throughput, end-to-end / "
+            f"network alone: {network / stream['wall_s']:.2f}\n"
         )
         print("| task kind (key prefix) | worker seconds | share of busy |\n|---|---|---|")
         for prefix, value in sorted(busy.items(), key=lambda item: -item[1])[:15]:

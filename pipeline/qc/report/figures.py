@@ -105,6 +105,13 @@ def _new_figure(width_in: float, height_in: float, dpi: float = 100) -> Figure:
     return figure
 
 
+def save_png(figure: Figure, path: Path | BinaryIO) -> None:
+    """Write ``figure`` as a PNG with fast compression: the field figures are megapixel images
+    that compress no smaller at zlib's default level, which took a third of their drawing
+    time."""
+    figure.savefig(path, format="png", pil_kwargs={"compress_level": 1})
+
+
 def _panel_inches(image: np.ndarray) -> tuple[float, float, float]:
     """Panel width and height in inches and a dpi that shows about one pixel per image pixel."""
     height, width = image.shape
@@ -135,7 +142,7 @@ def write_overlay(
         axes.tick_params(labelsize=7)
     figure.axes[0].set_ylabel("y (µm)", fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.savefig(path, format="png")
+    save_png(figure, path)
 
 
 def _track_segments(cells: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +202,7 @@ def write_tracks(
     axes.tick_params(labelsize=7)
     figure.colorbar(paths, ax=axes, label="t (frame)", shrink=0.8)
     axes.set_title(f"{title}: {cells['track_id'].nunique()} tracks on t = {last_frame}", fontsize=9)
-    figure.savefig(path, format="png")
+    save_png(figure, path)
 
 
 def write_heatmap(
@@ -216,7 +223,7 @@ def write_heatmap(
         _plate_panel(figure, axes, grid, norm, rows, columns, lambda value: str(int(value)))
         axes.set_title(f"{when} timepoint", fontsize=9)
     figure.suptitle("cells per well (grey: no results)", fontsize=10)
-    figure.savefig(path)
+    save_png(figure, path)
 
 
 def write_class_fractions(
@@ -236,7 +243,7 @@ def write_class_fractions(
         _plate_panel(figure, axes, grid, norm, rows, columns, lambda value: f"{value:.0%}")
         axes.set_title(f"class {name}", fontsize=9)
     figure.suptitle("share of cells per class (grey: no results)", fontsize=10)
-    figure.savefig(path)
+    save_png(figure, path)
 
 
 def _plate_panel(
@@ -298,4 +305,4 @@ def write_growth_curves(curves: pd.DataFrame, path: Path) -> None:
         axes.tick_params(labelsize=7)
     if len(wells) <= 24:
         figure.legend(loc="outside right upper", fontsize=7, title="well", title_fontsize=7)
-    figure.savefig(path)
+    save_png(figure, path)
