@@ -5,11 +5,19 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from pipeline import segment
 from pipeline.qc.metrics import average_precision
-from pipeline.segmentation.classical import ClassicalParameters, ClassicalRecipe, segment_region
+from pipeline.segmentation import classical
+from pipeline.segmentation.classical import (
+    ClassicalParameters,
+    ClassicalRecipe,
+    ellipsoid_footprint,
+    footprint_maxima,
+    segment_region,
+)
 from pipeline.segmentation.threshold import frame_threshold, frame_thresholds
 from pipeline.segmentation.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
@@ -72,6 +80,29 @@ def test_halo_conversion_is_per_axis():
 def test_axis_blocks(size, chunk, halo, expected):
     assert axis_blocks(size, chunk, halo) == expected
     assert sum(expected) == size
+
+
+@pytest.mark.parametrize("every_pixel", [False, True])
+def test_footprint_maxima_equal_scipys_maximum_filter(monkeypatch, every_pixel):
+    """Smooth fields with ties (values rounded) and integer plateaus, 1-3D, anisotropic
+    footprints up to the image's size: the same maxima as scipy's filter of every pixel, by the
+    candidates' path (``every_pixel`` False: never the fallback) and by the fallback."""
+    monkeypatch.setattr(classical, "MAX_CANDIDATE_SHARE", 0.0 if every_pixel else 2.0)
+    rng = np.random.default_rng(3)
+    for trial in range(120):
+        ndim = int(rng.integers(1, 4))
+        shape = tuple(int(n) for n in rng.integers(1, 30, size=ndim))
+        if trial % 2:
+            values = rng.integers(0, 4, size=shape).astype(np.float64)
+        else:
+            values = np.round(ndi.gaussian_filter(rng.random(shape), 1.5), 2)
+        allowed = rng.random(shape) < 0.7
+        pixel_size = tuple(rng.uniform(0.3, 2.0, size=ndim))
+        footprint = ellipsoid_footprint(float(rng.uniform(0.2, 4.0)), pixel_size)
+        expected = allowed & (
+            ndi.maximum_filter(values, footprint=footprint, mode="nearest") == values
+        )
+        np.testing.assert_array_equal(footprint_maxima(values, allowed, footprint), expected)
 
 
 def test_blocks_in_the_image_plane_are_several_halos_long():
