@@ -192,8 +192,7 @@ def segment(
     frames = array if "t" in dims else array[np.newaxis]
     spatial = dims.replace("t", "")
     if method == "convnet" and diameter is None:
-        estimate = estimate_field_diameter(da.asarray(frames), segmentation, compute)
-        diameter = estimate.compute(scheduler="threads")
+        diameter = estimate_field_diameter(da.asarray(frames), segmentation, compute)
     pixel_sizes = [sizes[d] for d in spatial]
 
     def attempt(halo_um: dict[str, float]) -> da.Array:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import dask.array as da
 import numpy as np
 import pytest
 from test_segment import same_up_to_renumbering
 
 from pipeline import segment
-from pipeline.convnet.inference import InferenceSettings, median_diameter, predict_maps
+from pipeline.convnet.inference import (
+    InferenceSettings,
+    loaded_model,
+    median_diameter,
+    predict_maps,
+)
 from pipeline.qc.metrics import average_precision
 from pipeline.segmentation.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
 from pipeline.segmentation.diameter import estimate_diameter
@@ -77,6 +84,34 @@ def test_diameter_is_estimated_within_20_percent(field_2d):
     image = np.kron(field_2d.image[0, 0], np.ones((2, 2), dtype=field_2d.image.dtype))
     for picture, expected in ((field_2d.image[0, 0], truth), (image, 2 * truth)):
         assert estimate_diameter(picture) == pytest.approx(expected, rel=0.2)
+
+
+@pytest.mark.cluster
+def test_diameter_rounds_run_in_tiles_equal_to_whole_image_rounds(field_2d, shared_scheduler):
+    """A round segments its crop in several inference tasks, with the median diameter of
+    whole-image inference; read lazily or computed on a cluster, the estimate is the same."""
+    from distributed import Client
+
+    image = field_2d.image[0, 0]
+    _, info = loaded_model()
+    # one round at the model's own scale looks at the whole 300 x 270 image
+    whole_image_round = median_diameter(cells_from_maps(predict_maps(image), info.diameter_px))
+    infer_tasks = []
+
+    def threads_counting_tasks(graph):
+        names = [key[0] for key in graph.dask if isinstance(key, tuple)]
+        infer_tasks.append(sum(re.fullmatch("infer-[0-9a-f]+", name) is not None for name in names))
+        return graph.compute(scheduler="threads")
+
+    assert estimate_diameter(image, max_rounds=1, evaluate=threads_counting_tasks) == (
+        whole_image_round
+    )
+    assert infer_tasks == [4]
+    expected = estimate_diameter(image)
+    assert estimate_diameter(da.from_array(image, chunks=64)) == expected
+    with Client(shared_scheduler) as client:
+        on_cluster = estimate_diameter(image, evaluate=lambda graph: client.compute(graph).result())
+    assert on_cluster == expected
 
 
 def test_cells_from_maps_separates_two_touching_seeds():

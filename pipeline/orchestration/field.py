@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+from dask.delayed import Delayed
 from distributed import Client, Future
 from upath import UPath
 
@@ -201,10 +202,13 @@ def field_diameter(field: FieldData, config: RunConfig, placement: Placement) ->
         return None
     if segmentation.convnet.diameter_px is not None:
         return segmentation.convnet.diameter_px
-    estimate = placement.on_gpu_workers(
-        estimate_field_diameter(field.segmentation_channel, segmentation, config.compute)
+
+    def on_the_cluster(graph: Delayed) -> float:
+        return float(placement.client.compute(placement.on_gpu_workers(graph), sync=True))
+
+    return estimate_field_diameter(
+        field.segmentation_channel, segmentation, config.compute, evaluate=on_the_cluster
     )
-    return float(placement.client.compute(estimate, sync=True))
 
 
 @dataclass

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
+import dask
+import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 from pipeline.convnet.inference import (
     InferenceSettings,
     loaded_model,
     median_diameter,
-    predict_maps,
+    predict_maps_tiled,
     rescale_factor,
+    scaled_shape,
 )
 from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 
 __all__ = ["estimate_diameter"]
 
 
+def _threads(graph: Delayed) -> float:
+    return graph.compute(scheduler="threads")
+
+
 def estimate_diameter(
-    image: np.ndarray,
+    image: np.ndarray | da.Array,
     settings: InferenceSettings | None = None,
     params: ConvNetParameters | None = None,
     *,
     max_rounds: int = 4,
     max_pixels: int = 1024 * 1024,
+    evaluate: Callable[[Delayed], float] | None = None,
 ) -> float:
     """Estimate the typical nucleus diameter (pixels) of a 2D image by segmenting it.
 
@@ -30,7 +42,19 @@ def estimate_diameter(
     nuclei found, rescale to it and repeat until it changes by less than 10% (Cellpose refines
     its estimate the same way). Each round looks at the image's central crop of at most
     ``max_pixels`` at the model's scale (about a thousand nucleus areas), so the cost does not
-    grow with the image or with upscaling of small nuclei.
+    grow with the image or with upscaling of small nuclei. The network sees the crop in four
+    tiles (tiled inference equals whole-image inference), so that a round runs on several
+    workers or threads at once.
+
+    Parameters
+    ----------
+    image
+        The (y, x) plane, in memory or lazy (only its central crops are read).
+    settings, params
+        Inference settings and post-processing.
+    evaluate
+        Computes a round's graph (a Dask ``Delayed``) to its value, the median diameter found
+        (default: with Dask's threads; a run computes it on its cluster).
 
     Returns
     -------
@@ -38,16 +62,17 @@ def estimate_diameter(
         The estimate, or the model's diameter when no nucleus is found.
     """
     settings = settings or InferenceSettings()
-    _, info = loaded_model(settings.model, settings.device)
-    image = np.asarray(image)
+    _, info = loaded_model(settings.model, "cpu")  # its scale; the network runs in the graph
+    plane = da.asarray(image)
+    if plane.ndim != 2:
+        raise ValueError(f"the diameter is estimated on one (y, x) plane, got shape {plane.shape}")
     diameter = float(info.diameter_px)
     for _ in range(max_rounds):
         side = int(np.sqrt(max_pixels) / rescale_factor(info, diameter))
         crop = tuple(
-            slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in image.shape
+            slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in plane.shape
         )
-        maps = predict_maps(image[crop], diameter=diameter, settings=settings)
-        found = median_diameter(cells_from_maps(maps, diameter, params))
+        found = (evaluate or _threads)(_found_diameter(plane[crop], diameter, settings, params))
         if not np.isfinite(found):
             return diameter
         converged = abs(np.log(found / diameter)) < np.log(1.1)
@@ -55,3 +80,25 @@ def estimate_diameter(
         if converged:
             break
     return diameter
+
+
+def _found_diameter(
+    crop: da.Array, diameter: float, settings: InferenceSettings, params: ConvNetParameters | None
+) -> Delayed:
+    """The median diameter of the nuclei segmented in ``crop`` at ``diameter`` (lazy)."""
+    _, info = loaded_model(settings.model, "cpu")
+    scaled = scaled_shape(crop.shape, rescale_factor(info, diameter))
+    quarter = settings.model_copy(
+        update={"tile_px": min(settings.tile_px, math.ceil(max(scaled) / 2))}
+    )
+    maps = predict_maps_tiled(
+        crop[np.newaxis],
+        diameter=diameter,
+        settings=quarter,
+        output_chunks=tuple((n,) for n in crop.shape),
+    )
+    return dask.delayed(_median_of_cells)(maps[0], diameter, params)
+
+
+def _median_of_cells(maps: np.ndarray, diameter: float, params: ConvNetParameters | None) -> float:
+    return median_diameter(cells_from_maps(maps, diameter, params))

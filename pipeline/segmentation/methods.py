@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 from pipeline.convnet.inference import maps_from_normalised, normalised_frames, runs_on_gpu
 from pipeline.convnet.settings import InferenceSettings, ModelSettings
@@ -51,13 +51,21 @@ def diameter_sample(frames: da.Array) -> da.Array:
 
 
 def estimate_field_diameter(
-    frames: da.Array, segmentation: SegmentationConfig, compute: ConvNetExecution | None = None
-):
-    """A lazy (delayed) estimate of the nucleus diameter of a field, in pixels."""
-    return dask.delayed(estimate_diameter, pure=True)(
+    frames: da.Array,
+    segmentation: SegmentationConfig,
+    compute: ConvNetExecution | None = None,
+    evaluate: Callable[[Delayed], float] | None = None,
+) -> float:
+    """The nucleus diameter of a field in pixels, estimated on its :func:`diameter_sample`.
+
+    ``evaluate`` computes each round's graph (default: Dask's threads; a run passes its
+    cluster's client), see :func:`pipeline.segmentation.diameter.estimate_diameter`.
+    """
+    return estimate_diameter(
         diameter_sample(frames),
         inference_settings(segmentation, compute),
         segmentation.convnet,
+        evaluate=evaluate,
     )
 
 
