@@ -42,9 +42,9 @@ def estimate_diameter(
     nuclei found, rescale to it and repeat until it changes by less than 10% (Cellpose refines
     its estimate the same way). Each round looks at the image's central crop of at most
     ``max_pixels`` at the model's scale (about a thousand nucleus areas), so the cost does not
-    grow with the image or with upscaling of small nuclei. The network sees the crop in four
-    tiles (tiled inference equals whole-image inference), so that a round runs on several
-    workers or threads at once.
+    grow with the image or with upscaling of small nuclei. The network sees a large crop in
+    four tiles (tiled inference equals whole-image inference), so that a round runs on several
+    workers or threads at once; a small one in fewer.
 
     Parameters
     ----------
@@ -88,9 +88,9 @@ def _found_diameter(
     """The median diameter of the nuclei segmented in ``crop`` at ``diameter`` (lazy)."""
     _, info = loaded_model(settings.model, "cpu")
     scaled = scaled_shape(crop.shape, rescale_factor(info, diameter))
-    quarter = settings.model_copy(
-        update={"tile_px": min(settings.tile_px, math.ceil(max(scaled) / 2))}
-    )
+    # halves of the crop, but no tiles so small that their halos would outweigh them
+    half = max(math.ceil(max(scaled) / 2), 4 * info.receptive_field_radius_px)
+    quarter = settings.model_copy(update={"tile_px": min(settings.tile_px, half)})
     maps = predict_maps_tiled(
         crop[np.newaxis],
         diameter=diameter,
