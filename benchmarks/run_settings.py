@@ -5,7 +5,7 @@ Usage:
         [--repeats 2]
 
 Each SETTINGS is a run config in YAML (flow style), e.g. ``"compute: {frames_per_block: 1}"``
-or ``"tiling: {block_halos: 1}"``. A simulated field (nuclei ~20 px) is run on a local cluster
+or ``"compute: {block_halos: 1}"``. A simulated field (nuclei ~20 px) is run on a local cluster
 of 2 single-thread workers started beforehand (and warmed by one run with the defaults), with
 each setting in turn, ``--repeats`` times; prints each run's wall time and the time the run
 reports. For settings that do not change results (how the work is cut), so only time differs.

@@ -58,12 +58,6 @@ class TilingConfig(StrictModel):
     min_block_px: PositiveInt = Field(
         256, description="smallest block edge in y/x; blocks are whole input chunks"
     )
-    block_halos: PositiveFloat = Field(
-        4.0,
-        description="blocks in y/x are at least this many halos long, so that the halo read "
-        "around each block is a bounded share of its work ((1 + 2 / block_halos)^2 of its area); "
-        "larger blocks hold more memory per task",
-    )
     halo_retries: int = Field(
         3,
         ge=0,
@@ -112,6 +106,12 @@ class ComputeConfig(ConvNetExecution):
 
     fields_in_flight: PositiveInt = Field(
         4, description="fields of view whose graphs are on the scheduler at the same time"
+    )
+    block_halos: PositiveFloat = Field(
+        4.0,
+        description="blocks in y/x are at least this many halos long, so that the halo read "
+        "around each block is a bounded share of its work ((1 + 2 / block_halos)^2 of its area); "
+        "larger blocks hold more memory per task",
     )
     frames_in_flight: PositiveInt = Field(
         64,
@@ -222,11 +222,9 @@ class RunConfig(StrictModel):
         A unit of work whose recorded digest differs from this one is recomputed on resume.
         Sections added later (``segmentation.cells``, ``measurement``, ``classification``)
         enter it only when set, so results made before they existed stay valid; a classifier
-        enters by the digest of its file. ``tiling.block_halos`` sizes blocks, which exact
-        stitching makes irrelevant to results, and stays out.
+        enters by the digest of its file.
         """
-        excluded = {"compute": True, "crops": True, "output": True, "tiling": {"block_halos"}}
-        settings = self.model_dump(mode="json", exclude=excluded)
+        settings = self.model_dump(mode="json", exclude={"compute", "crops", "output"})
         if self.segmentation.cells is None:
             del settings["segmentation"]["cells"]
         if self.measurement == MeasurementConfig():

@@ -168,12 +168,11 @@ def test_changed_config_recomputes_every_field(
             zarr.open_array(out / path / "labels/cells/0")[:],
             zarr.open_array(clean / path / "labels/cells/0")[:],
         )
-    # settings that do not decide results (compute, block sizes) leave the digest alone: all
-    # skipped
+    # settings that do not decide results (compute) leave the digest alone: all skipped
     config.write_text(
         "tracking: {max_gap: 1}\n"
-        "compute: {fields_in_flight: 1, batch_size: 2, cpu_threads: 2, tile_px: 512}\n"
-        "tiling: {block_halos: 2}\n"
+        "compute: {fields_in_flight: 1, batch_size: 2, cpu_threads: 2, tile_px: 512,"
+        " block_halos: 2}\n"
     )
     assert len(run(plate, out, config=config, scheduler=shared_scheduler).skipped) == len(FIELDS)
 

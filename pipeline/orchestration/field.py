@@ -262,7 +262,7 @@ def segment_and_measure(
             for h, d in zip(halo, dims, strict=True)
         )
     min_block = smallest_blocks(
-        dims, cell_halo, config.tiling.min_block_px, config.tiling.block_halos
+        dims, cell_halo, config.tiling.min_block_px, config.compute.block_halos
     )
     spatial_chunks = block_chunks(frames.shape[1:], frames.chunksize[1:], cell_halo, min_block)
     frames = frames.rechunk(((1,) * frames.shape[0], *spatial_chunks))

@@ -18,6 +18,7 @@ from pipeline.convnet.inference import (
     rescale_factor,
     scaled_shape,
 )
+from pipeline.convnet.weights import ModelInfo
 from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 
 __all__ = ["estimate_diameter"]
@@ -72,7 +73,8 @@ def estimate_diameter(
         crop = tuple(
             slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in plane.shape
         )
-        found = (evaluate or _threads)(_found_diameter(plane[crop], diameter, settings, params))
+        graph = _found_diameter(plane[crop], diameter, info, settings, params)
+        found = (evaluate or _threads)(graph)
         if not np.isfinite(found):
             return diameter
         converged = abs(np.log(found / diameter)) < np.log(1.1)
@@ -83,18 +85,21 @@ def estimate_diameter(
 
 
 def _found_diameter(
-    crop: da.Array, diameter: float, settings: InferenceSettings, params: ConvNetParameters | None
+    crop: da.Array,
+    diameter: float,
+    info: ModelInfo,
+    settings: InferenceSettings,
+    params: ConvNetParameters | None,
 ) -> Delayed:
     """The median diameter of the nuclei segmented in ``crop`` at ``diameter`` (lazy)."""
-    _, info = loaded_model(settings.model, "cpu")
     scaled = scaled_shape(crop.shape, rescale_factor(info, diameter))
     # halves of the crop, but no tiles so small that their halos would outweigh them
     half = max(math.ceil(max(scaled) / 2), 4 * info.receptive_field_radius_px)
-    quarter = settings.model_copy(update={"tile_px": min(settings.tile_px, half)})
+    in_tiles = settings.model_copy(update={"tile_px": min(settings.tile_px, half)})
     maps = predict_maps_tiled(
         crop[np.newaxis],
         diameter=diameter,
-        settings=quarter,
+        settings=in_tiles,
         output_chunks=tuple((n,) for n in crop.shape),
     )
     return dask.delayed(_median_of_cells)(maps[0], diameter, params)
