@@ -48,10 +48,10 @@ from pipeline.convnet.inference import (
     InferenceSettings,
     loaded_model,
     rescale_factor,
-    rescale_planes,
     run_network,
     scaled_shape,
 )
+from pipeline.convnet.rescale import rescale_planes
 from pipeline.io import omezarr
 from pipeline.normalize import frame_percentiles, normalize
 from pipeline.segmentation.convnet import cells_from_maps

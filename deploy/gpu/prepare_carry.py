@@ -3,7 +3,7 @@
 The training images of the nuclear recipe (``pipeline/convnet/recipes/nuclei_unet.yaml``), with
 every held-out image replaced by an empty file (the recipe's exclude list must still name an
 image, and excluded images are never read), and Python 3.12 wheels of the packages that
-``pipeline.convnet.training`` imports beyond a CUDA PyTorch image (dask, dask-image, pydantic).
+``pipeline.convnet.training`` imports beyond a CUDA PyTorch image (dask, pydantic).
 Everything fits the 64 MiB a device call carries. Run from the repository root:
 
     python deploy/gpu/prepare_carry.py ../shared/data/segmentation
@@ -21,7 +21,7 @@ from pathlib import Path
 
 FOLDERS = ("dsb2018", "gowt1", "hela")
 HELD_OUT_CTC = {"gowt1": {"t21.tif", "t72.tif"}, "hela": {"t52.tif", "t79.tif"}}
-WHEELS = ("dask", "dask-image", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+WHEELS = ("dask", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 
 
 def held_out_names(validation_list: Path) -> set[str]:

@@ -29,9 +29,8 @@ from functools import partial
 import dask.array as da
 import numpy as np
 import torch
-from dask_image.ndinterp import affine_transform
-from scipy import ndimage as ndi
 
+from pipeline.convnet.rescale import rescale_planes, rescale_planes_dask
 from pipeline.convnet.settings import InferenceSettings
 from pipeline.convnet.unet import UNet
 from pipeline.convnet.weights import ModelInfo, load_model
@@ -49,7 +48,6 @@ __all__ = [
     "predict_maps",
     "predict_maps_tiled",
     "rescale_factor",
-    "rescale_planes",
     "run_network",
     "runs_on_gpu",
     "scaled_shape",
@@ -205,56 +203,6 @@ def scaled_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
     return tuple(max(1, round(n * factor)) for n in shape)
 
 
-def _plane_transform(ndim: int, factors: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Output-to-input matrix and offset scaling the last two axes, pixel centres aligned.
-
-    ``factors`` are output pixels per input pixel along y and x.
-    """
-    scale = np.ones(ndim)
-    offset = np.zeros(ndim)
-    for axis, factor in zip((ndim - 2, ndim - 1), factors, strict=True):
-        scale[axis] = 1.0 / factor
-        offset[axis] = 0.5 / factor - 0.5
-    return np.diag(scale), offset
-
-
-def rescale_planes(array: np.ndarray, shape_yx: Sequence[int]) -> np.ndarray:
-    """Rescale the last two axes to ``shape_yx``: linear, pixel centres aligned, edges repeated.
-
-    Training and inference rescale the same way (the Dask path gives the same values).
-    """
-    if tuple(array.shape[-2:]) == tuple(shape_yx):
-        return array
-    factors = [o / i for o, i in zip(shape_yx, array.shape[-2:], strict=True)]
-    matrix, offset = _plane_transform(array.ndim, factors)
-    return ndi.affine_transform(
-        array,
-        matrix,
-        offset=offset,
-        output_shape=(*array.shape[:-2], *shape_yx),
-        order=1,
-        mode="nearest",
-    )
-
-
-def _rescale_dask(
-    array: da.Array, shape_yx: Sequence[int], chunks: Sequence[int | tuple[int, ...]]
-) -> da.Array:
-    if tuple(array.shape[-2:]) == tuple(shape_yx):
-        return array.rechunk(tuple(chunks))
-    factors = [o / i for o, i in zip(shape_yx, array.shape[-2:], strict=True)]
-    matrix, offset = _plane_transform(array.ndim, factors)
-    return affine_transform(
-        array,
-        matrix,
-        offset=offset,
-        output_shape=(*array.shape[:-2], *shape_yx),
-        output_chunks=tuple(chunks),
-        order=1,
-        mode="nearest",
-    )
-
-
 def _halo_and_tile(settings: InferenceSettings) -> tuple[int, int]:
     """Halo (>= the receptive-field radius) and core tile edge, both multiples of the stride."""
     _, info = loaded_model(settings.model, "cpu")
@@ -395,7 +343,7 @@ def maps_from_normalised(
     plane_shape = scaled_shape(normalised.shape[-2:], factor)
     plan = tuple(axis_blocks(n, tile, halo) for n in plane_shape)
     batch_chunks = (frames_per_block, *normalised.shape[1:lead])
-    scaled = _rescale_dask(normalised, plane_shape, (*batch_chunks, *plan))
+    scaled = rescale_planes_dask(normalised, plane_shape, (*batch_chunks, *plan))
     depth = {axis: 0 for axis in range(lead)} | {lead: halo, lead + 1: halo}
     overlapped = da.overlap.overlap(scaled, depth=depth, boundary="none")
     function = partial(_infer_block, settings=settings, chunks=scaled.chunks, halo=halo)
@@ -411,7 +359,7 @@ def maps_from_normalised(
     )
     spatial_chunks = output_chunks or normalised.chunks[-2:]
     target = ((1,) * normalised.shape[0], (N_MAPS,), *normalised.chunks[1:lead], *spatial_chunks)
-    return _rescale_dask(maps, normalised.shape[-2:], target)
+    return rescale_planes_dask(maps, normalised.shape[-2:], target)
 
 
 def normalised_frames(frames: da.Array, settings: InferenceSettings | None = None) -> da.Array:

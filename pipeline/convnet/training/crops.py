@@ -40,7 +40,8 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
 from skimage.segmentation import find_boundaries
 
-from pipeline.convnet.inference import median_diameter, rescale_planes, scaled_shape
+from pipeline.convnet.inference import median_diameter, scaled_shape
+from pipeline.convnet.rescale import rescale_planes
 from pipeline.convnet.training.data import LabelledImage
 from pipeline.errors import PipelineInputError
 from pipeline.normalize import DEFAULT_PERCENTILES, frame_percentiles, normalize
