@@ -73,7 +73,8 @@ def estimate_diameter(
         crop = tuple(
             slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in plane.shape
         )
-        graph = _found_diameter(plane[crop], diameter, info, settings, params)
+        # one chunk: its percentiles and slicing are a few tasks, not one per storage chunk
+        graph = _found_diameter(plane[crop].rechunk(-1), diameter, info, settings, params)
         found = (evaluate or _threads)(graph)
         if not np.isfinite(found):
             return diameter
