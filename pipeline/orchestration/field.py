@@ -3,21 +3,23 @@
 :func:`process_field` runs the stages in order on a Dask cluster; each takes and returns plain
 typed values, so a reader (or a test) can follow one field's data:
 
-1. :func:`field_diameter`: the conv-net's nucleus diameter, from the config or estimated on the
+1. :func:`start_image_copy`: the copy of the image to the output, started first and at low
+   priority (it needs nothing the other stages compute, so it fills the workers' idle moments);
+2. :func:`field_diameter`: the conv-net's nucleus diameter, from the config or estimated on the
    field (``None`` for the classical recipe);
-2. :func:`segment_and_measure`: tiled segmentation giving global cell ids, stored to a scratch
+3. :func:`segment_and_measure`: tiled segmentation giving global cell ids, stored to a scratch
    array, and per-block partial statistics merged into the field's cell table, which stays on
    the workers (:class:`Segmented`); a field whose cells do not fit in the halo is retried with
    a doubled halo (:func:`pipeline.segmentation.tiled.with_halo_retries`). When the cluster has
    workers with a ``GPU`` resource, the inference tasks (and the reads feeding them) are
    persisted there and the post-processing runs on any worker;
-3. :func:`renumber_cells` (on a worker): ids become 1..n, one mapping for the label image and
+4. :func:`renumber_cells` (on a worker): ids become 1..n, one mapping for the label image and
    the table, so the two agree by construction;
-4. :func:`write_images`: a copy of the image and the renumbered label pyramid, to the output;
-5. :func:`tabulate_field` (on a worker): tracking, growth rates, the ``cells`` and ``tracks``
+5. :func:`write_images`: the renumbered label pyramid, to the output (the copy done too);
+6. :func:`tabulate_field` (on a worker): tracking, growth rates, the ``cells`` and ``tracks``
    tables and the plate table's part, written there; only counts and QC come back;
-6. :func:`write_track_labels`: ``labels/tracks`` (each cell painted with its track id);
-7. the completion record, last (:mod:`pipeline.orchestration.records`).
+7. :func:`write_track_labels`: ``labels/tracks`` (each cell painted with its track id);
+8. the completion record, last (:mod:`pipeline.orchestration.records`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 from dask.delayed import Delayed
-from distributed import Client, Future
+from distributed import Client, Future, wait
 from upath import UPath
 
 from pipeline._version import __version__
@@ -78,6 +80,7 @@ from pipeline.tracking import track
 __all__ = [
     "FieldData",
     "FieldTables",
+    "ImageCopy",
     "Placement",
     "Segmented",
     "field_diameter",
@@ -85,6 +88,7 @@ __all__ = [
     "process_field",
     "renumber_cells",
     "segment_and_measure",
+    "start_image_copy",
     "tabulate_field",
     "write_images",
     "write_track_labels",
@@ -413,26 +417,23 @@ def renumber_cells(
     return ids, cells.assign(label=np.searchsorted(ids, cells["label"].to_numpy()) + 1)
 
 
-def write_images(
-    field: FieldData,
-    segmented: Segmented,
-    ids: Future,
-    root: zarr.Group,
-    ledger: Ledger,
-    client: Client,
-    shard_px: int | None,
-) -> zarr.Group:
-    """A copy of the image and its renumbered label pyramids, to the output: ``labels/cells``
-    (the nuclei, or with ``segmentation.cells`` the whole cells and ``labels/nuclei``), in
-    shards of ``shard_px`` (``output.shard_px``).
+@dataclass
+class ImageCopy:
+    """The field's image group in the output, and the writes of its image copy (futures)."""
 
-    ``ids`` (the field's sorted global ids, :func:`renumber_cells`) stay on the workers: a
-    movie of a million cells would otherwise put 8 MB into every graph that uses them.
-    Returns the field's image group in the output.
+    group: zarr.Group
+    writes: list[Future]
+
+
+def start_image_copy(
+    field: FieldData, root: zarr.Group, ledger: Ledger, client: Client, shard_px: int | None
+) -> ImageCopy:
+    """The field's image group in the output, and its copy of the image started on the workers,
+    in shards of ``shard_px`` (``output.shard_px``).
+
+    The copy needs nothing the segmentation computes, so it starts first, at low priority: it
+    fills the workers' idle moments (between the estimate's rounds, while graphs are built).
     """
-    scratch = segmented.scratch
-    ids = dask.delayed(client.submit(np.asarray, ids, dtype=scratch.dtype))
-    labels = relabel_consecutive(da.from_zarr(scratch, chunks=segmented.chunks), ids)
     fov = field.fov
     parent, name = field_parent(root, fov.path)
     image_group, image_writes = omezarr.write_image(
@@ -449,6 +450,26 @@ def write_images(
     )
     if not fov.path:  # a lone image's group is the root: its ledger was just dropped
         ledger.rewrite()
+    return ImageCopy(image_group, client.compute(image_writes, priority=-1))
+
+
+def write_images(
+    field: FieldData,
+    segmented: Segmented,
+    ids: Future,
+    copy: ImageCopy,
+    client: Client,
+) -> None:
+    """The renumbered label pyramids, to the output: ``labels/cells`` (the nuclei, or with
+    ``segmentation.cells`` the whole cells and ``labels/nuclei``), chunked and sharded as the
+    image; returns once they and the image ``copy`` are written.
+
+    ``ids`` (the field's sorted global ids, :func:`renumber_cells`) stay on the workers: a
+    movie of a million cells would otherwise put 8 MB into every graph that uses them.
+    """
+    scratch = segmented.scratch
+    ids = dask.delayed(client.submit(np.asarray, ids, dtype=scratch.dtype))
+    labels = relabel_consecutive(da.from_zarr(scratch, chunks=segmented.chunks), ids)
     labels = labels.reshape(field.label_shape)
     label_images = {CELLS: labels}
     if segmented.cell_scratch is not None:
@@ -458,9 +479,8 @@ def write_images(
         label_images = {NUCLEI: labels, CELLS: cells.reshape(field.label_shape)}
     label_writes = []
     for name, image in label_images.items():
-        label_writes += omezarr.write_labels(image_group, name, image, compute=False)[1]
-    client.compute([*image_writes, *label_writes], sync=True)
-    return image_group
+        label_writes += omezarr.write_labels(copy.group, name, image, compute=False)[1]
+    client.gather([*copy.writes, *client.compute(label_writes)])
 
 
 @dataclass(frozen=True)
@@ -605,65 +625,71 @@ def process_field(
     )
     fov.levels[0].reader.check_extent()  # in seconds, before any graph of the field
     clear_unit(output, fov.path)
-    outcome.diameter_px = field_diameter(field, config, placement)
-    diameter_um = (
-        None if outcome.diameter_px is None else outcome.diameter_px * field.pixel_size["x"]
-    )
-    halo_um = stitching_halo_um(config.tiling.halo_um.model_dump(), diameter_um)
-    scratch_path = scratch_folder(output) / (fov.path or "image")
-    segmented = with_halo_retries(
-        partial(
-            segment_and_measure,
-            field,
+    copy = start_image_copy(field, root, ledger, client, config.output.shard_px)
+    try:
+        outcome.diameter_px = field_diameter(field, config, placement)
+        diameter_um = (
+            None if outcome.diameter_px is None else outcome.diameter_px * field.pixel_size["x"]
+        )
+        halo_um = stitching_halo_um(config.tiling.halo_um.model_dump(), diameter_um)
+        scratch_path = scratch_folder(output) / (fov.path or "image")
+        segmented = with_halo_retries(
+            partial(
+                segment_and_measure,
+                field,
+                config,
+                placement,
+                scratch_path,
+                outcome.diameter_px,
+                lambda frames: on_frames(frames / 2),
+            ),
+            halo_um,
+            config.tiling.halo_retries,
+        )
+        outcome.halo_um = segmented.halo_um
+        renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
+        ids = client.submit(itemgetter(0), renumbered)  # stays on the cluster: one id per cell
+        write_images(field, segmented, ids, copy, client)
+        written = client.submit(
+            tabulate_field,
+            client.submit(itemgetter(1), renumbered),
+            str(output),
+            fov,
             config,
-            placement,
-            scratch_path,
-            outcome.diameter_px,
-            lambda frames: on_frames(frames / 2),
-        ),
-        halo_um,
-        config.tiling.halo_retries,
-    )
-    outcome.halo_um = segmented.halo_um
-    renumbered = client.submit(renumber_cells, segmented.tables, segmented.starts, pure=False)
-    ids = client.submit(itemgetter(0), renumbered)  # stays on the cluster: one id per cell
-    image_group = write_images(field, segmented, ids, root, ledger, client, config.output.shard_px)
-    written = client.submit(
-        tabulate_field,
-        client.submit(itemgetter(1), renumbered),
-        str(output),
-        fov,
-        config,
-        frame_pixels=field.frame_pixels,
-        n_frames=field.n_frames,
-        spatial_ndim=len(field.spatial_dims),
-        diameter_px=outcome.diameter_px,
-        pure=False,
-    ).result()
-    del renumbered, segmented
-    if written.track_of_label is not None:
-        write_track_labels(image_group, str(output), fov, written.track_of_label, client)
-    remove_tree(scratch_path)
-    if cells_config is not None:
-        remove_tree(_cell_scratch_path(scratch_path))
-    outcome.n_cells = written.n_cells
-    outcome.n_tracks = written.n_tracks
-    filled = fov.levels[0].reader.filled_chunks()
-    outcome.warnings = [*_filled_warning(filled), *written.warnings]
-    image_group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
-        "status": "complete",
-        "version": __version__,
-        **provenance,
-        "started": started,
-        "finished": now(),
-        "halo_um": outcome.halo_um,
-        "diameter_px": outcome.diameter_px,
-        "n_cells": outcome.n_cells,
-        "n_tracks": outcome.n_tracks,
-        "merge_qc": written.merge_qc,
-        "warnings": outcome.warnings,
-        "filled_chunks": filled,
-        "manifest": unit_manifest(output, fov.path),
-    }
+            frame_pixels=field.frame_pixels,
+            n_frames=field.n_frames,
+            spatial_ndim=len(field.spatial_dims),
+            diameter_px=outcome.diameter_px,
+            pure=False,
+        ).result()
+        del renumbered, segmented
+        if written.track_of_label is not None:
+            write_track_labels(copy.group, str(output), fov, written.track_of_label, client)
+        remove_tree(scratch_path)
+        if cells_config is not None:
+            remove_tree(_cell_scratch_path(scratch_path))
+        outcome.n_cells = written.n_cells
+        outcome.n_tracks = written.n_tracks
+        filled = fov.levels[0].reader.filled_chunks()
+        outcome.warnings = [*_filled_warning(filled), *written.warnings]
+        copy.group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
+            "status": "complete",
+            "version": __version__,
+            **provenance,
+            "started": started,
+            "finished": now(),
+            "halo_um": outcome.halo_um,
+            "diameter_px": outcome.diameter_px,
+            "n_cells": outcome.n_cells,
+            "n_tracks": outcome.n_tracks,
+            "merge_qc": written.merge_qc,
+            "warnings": outcome.warnings,
+            "filled_chunks": filled,
+            "manifest": unit_manifest(output, fov.path),
+        }
+    except Exception:  # a failed field leaves no partial output behind (its record says why)
+        wait(copy.writes)  # so that no chunk of the copy lands after the clean-up
+        clear_unit(output, fov.path)
+        raise
     on_frames(field.n_frames / 2)
     return outcome
