@@ -687,7 +687,7 @@ def process_field(
             "filled_chunks": filled,
             "manifest": unit_manifest(output, fov.path),
         }
-    except Exception:  # a failed field leaves no partial output behind (its record says why)
+    except Exception:  # a failed field's partial output goes (a lone image's copy stays)
         wait(copy.writes)  # so that no chunk of the copy lands after the clean-up
         clear_unit(output, fov.path)
         raise
