@@ -357,3 +357,34 @@ def test_gpu_requests_and_given_resources(tmp_path, overrides, directive, resour
     args = _worker_arguments(script)
     assert args.count("--resources") == 1
     assert args[args.index("--resources") + 1] == resources
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "shown"),
+    [
+        ("Compute Failed\nKey: x", "running", False),
+        ("Failed to communicate with scheduler during heartbeat.", "closing", False),
+        ("Failed to communicate with scheduler during heartbeat.", "closed", False),
+        ("Failed to communicate with scheduler during heartbeat.", "running", True),
+        ("Run out-of-band function 'f'", "running", True),
+    ],
+)
+def test_worker_log_hides_only_failed_tasks_and_heartbeats_cut_by_closing(message, status, shown):
+    """The run's own workers do not print tracebacks for task failures the run records, or for
+    a heartbeat cut short by the worker's own closing; the messages filtered are Distributed's
+    own (read from its source, so that a reworded message fails here)."""
+    import inspect
+    import logging
+    from types import SimpleNamespace
+
+    import distributed.worker
+    from distributed.core import Status
+
+    from pipeline.orchestration.runner import _QuietWorkerLog
+
+    source = inspect.getsource(distributed.worker)
+    assert '"Compute Failed' in source
+    assert '"Failed to communicate with scheduler during heartbeat."' in source
+    quiet = _QuietWorkerLog(SimpleNamespace(status=Status[status]))
+    record = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, message, (), None)
+    assert quiet.filter(record) is shown

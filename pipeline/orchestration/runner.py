@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distributed import performance_report
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 from upath import UPath
@@ -52,19 +53,30 @@ __all__ = [
 ]
 
 
-class _DropFailedTasks(logging.Filter):
-    """Drops a worker's "Compute Failed" log: the run retries the task or records the failure
-    of its field, with the traceback of an unexpected error (``pipeline status --traceback``)."""
+class _QuietWorkerLog(logging.Filter):
+    """Drops two worker log records that are no news to the run's user: "Compute Failed" (the
+    run retries the task or records the failure of its field, with the traceback of an
+    unexpected error: ``pipeline status --traceback``), and a heartbeat cut short while the
+    worker closes (a race in Distributed, dask/distributed#7891, that prints a traceback at
+    the end of a run that went well). A heartbeat failing while the worker runs still shows."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__()
+        self.worker = worker
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Compute Failed")
+        message = record.getMessage()
+        if message.startswith("Compute Failed"):
+            return False
+        closing = self.worker.status in (Status.closing, Status.closing_gracefully, Status.closed)
+        return not (closing and message.startswith("Failed to communicate with scheduler"))
 
 
-class _QuietFailedTasks(WorkerPlugin):
-    """Installs :class:`_DropFailedTasks` on each worker of the run's own cluster."""
+class _QuietWorkers(WorkerPlugin):
+    """Installs :class:`_QuietWorkerLog` on each worker of the run's own cluster."""
 
     def setup(self, worker: Any) -> None:
-        logging.getLogger("distributed.worker").addFilter(_DropFailedTasks())
+        logging.getLogger("distributed.worker").addFilter(_QuietWorkerLog(worker))
 
 
 class _CountStoreRetries(WorkerPlugin):
@@ -131,7 +143,7 @@ class ClusterOptions:
             scheduler_host=self.scheduler_host,
         ) as running:
             if self.scheduler is None:
-                running.client.register_plugin(_QuietFailedTasks())
+                running.client.register_plugin(_QuietWorkers())
             count_store_retries()
             running.client.register_plugin(_CountStoreRetries())
             yield running
