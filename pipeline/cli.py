@@ -298,6 +298,7 @@ _TRAINING_FLAGS = {
     "threads": "threads",
     "loader_workers": "loader_workers",
     "time_budget": "time_budget_s",
+    "average_epochs": "average_epochs",
 }
 
 
@@ -608,6 +609,11 @@ def _parser() -> argparse.ArgumentParser:
         "--time-budget",
         type=float,
         help="seconds the run may take: fewer epochs where the first one shows they do not fit",
+    )
+    fit.add_argument(
+        "--average-epochs",
+        type=int,
+        help="average the weights of the last N epochs, trained at a constant rate (default 0)",
     )
     fit.set_defaults(handler=_train)
     return parser

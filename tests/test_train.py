@@ -420,3 +420,47 @@ def test_time_budget_keeps_the_epochs_that_fit(tiny_folder):
     assert len(info.training["history"]) == 1
     assert info.training["config"]["max_epochs"] == 1
     assert "time budget 0 s: 1 epochs" in lines
+
+
+def test_weight_averaging_means_the_weights_and_measures_batch_norm_again():
+    """The average of two models' weights is their arithmetic mean; the batch-norm
+    statistics of the average are those of the batches it saw (the first layer's running
+    mean is the mean of its convolution's output over all of them)."""
+    from pipeline.convnet.training.loop import _BATCH_NORM_BATCHES, _averaged
+    from pipeline.convnet.unet import UNet
+
+    torch.manual_seed(0)
+    first, second = UNet(base_channels=4, depth=2), UNet(base_channels=4, depth=2)
+    generator = np.random.default_rng(0)
+    images = [generator.random((2, 1, 16, 16), dtype=np.float32) for _ in range(64)]
+    batches = iter([(image,) for image in images])
+    averaged = _averaged(None, first, batches, torch.device("cpu"))
+    averaged = _averaged(averaged, second, batches, torch.device("cpu"))
+    for name, parameter in averaged.module.named_parameters():
+        expected = dict(first.named_parameters())[name] + dict(second.named_parameters())[name]
+        torch.testing.assert_close(parameter, expected / 2)
+    seen = torch.from_numpy(np.concatenate(images[_BATCH_NORM_BATCHES : 2 * _BATCH_NORM_BATCHES]))
+    convolution, norm = [m for m in averaged.module.modules() if hasattr(m, "weight")][:2]
+    with torch.no_grad():
+        torch.testing.assert_close(norm.running_mean, convolution(seen).mean(dim=(0, 2, 3)))
+    assert int(norm.num_batches_tracked) == _BATCH_NORM_BATCHES
+
+
+def test_averaged_epochs_train_at_a_constant_rate_and_make_the_saved_model(tiny_folder, tmp_path):
+    from pipeline.convnet.training.loop import _learning_rate
+
+    config = replace(TINY, max_epochs=3, average_epochs=2, steps_per_epoch=3, warmup_steps=1)
+    rates = [_learning_rate(step, config) for step in range(9)]
+    # warm-up (step 0), cosine over epoch 1 (halfway at step 2: the mean of the rate and
+    # its 1/50 floor), then the constant rate over the averaged epochs 2 and 3
+    peak = config.learning_rate
+    assert rates[2] == pytest.approx((peak + peak / 50) / 2)
+    assert rates[:2] + rates[3:] == [peak] * 8
+    model, info = train(out=tmp_path / "swa", data=[tiny_folder], config=config, log=print)
+    history = info.training["history"]
+    assert [h.get("averaged_epochs") for h in history] == [None, 1, 2]
+    assert info.training["best_epoch"] == 3 and info.training["finished"] is True
+    saved = load_model(tmp_path / "swa")[0].state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+    with pytest.raises(PipelineInputError, match="average_epochs"):
+        train(out=None, data=[tiny_folder], config=replace(TINY, average_epochs=3))

@@ -10,7 +10,9 @@ Training
     0.5: the boundary class, about 2 % of the pixels, counts about five times more than
     background, not thirty times as with inverse frequencies, which would thicken predicted
     boundaries and shrink masks). AdamW with a warm-up and cosine decay; validation loss after
-    every epoch; early stopping keeps the best weights. ``init`` fine-tunes an existing model.
+    every epoch; early stopping keeps the best weights, or, with ``average_epochs``, the
+    average of the last epochs' weights is kept (stochastic weight averaging). ``init``
+    fine-tunes an existing model.
     Deterministic for a seed on CPU (``torch.manual_seed``, a numpy ``Generator`` and
     ``torch.use_deterministic_algorithms``); on CUDA bf16 autocast is used and determinism is
     requested but not enforced (some CUDA kernels have no deterministic version).
@@ -54,6 +56,7 @@ from pipeline.errors import PipelineInputError
 from pipeline.normalize import DEFAULT_PERCENTILES
 
 _BACKGROUND_DISTANCE_WEIGHT = 0.1
+_BATCH_NORM_BATCHES = 32  # training batches that measure an averaged model's statistics
 
 
 def class_weights(counts: np.ndarray, power: float) -> tuple[np.ndarray, np.ndarray]:
@@ -170,14 +173,18 @@ def _training_batches(
 def _fit_epochs(config: TrainingConfig, elapsed: float, epoch_seconds: float) -> TrainingConfig:
     """``config`` with as many epochs as fit in its time budget, at the first epoch's pace."""
     fitting = 1 + int((config.time_budget_s - elapsed) / max(epoch_seconds, 1e-9))
-    return replace(config, max_epochs=max(1, min(config.max_epochs, fitting)))
+    epochs = max(1, min(config.max_epochs, fitting))
+    return replace(config, max_epochs=epochs, average_epochs=min(config.average_epochs, epochs))
 
 
 def _learning_rate(step: int, config: TrainingConfig) -> float:
-    """Linear warm-up, then cosine decay to 1/50 of the rate over all epochs of ``config``."""
-    total = config.steps_per_epoch * config.max_epochs
+    """Linear warm-up, then cosine decay to 1/50 of the rate over the epochs before the
+    averaged ones, then the constant rate of the averaged epochs."""
+    total = config.steps_per_epoch * (config.max_epochs - config.average_epochs)
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
+    if step >= total:
+        return config.learning_rate
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     floor = config.learning_rate / 50
     return floor + (config.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -217,6 +224,22 @@ def _device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineInputError("CUDA requested but not available", name)
     return device
+
+
+def _averaged(
+    averaged: torch.optim.swa_utils.AveragedModel | None,
+    model: UNet,
+    batches: Iterator[tuple[np.ndarray, ...]],
+    device: torch.device,
+) -> torch.optim.swa_utils.AveragedModel:
+    """``model``'s weights added to the running average (started here when ``None``), with
+    the average's batch-norm statistics measured again on ``_BATCH_NORM_BATCHES`` batches."""
+    if averaged is None:
+        averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged.update_parameters(model)
+    images = (torch.as_tensor(next(batches)[0]).to(device) for _ in range(_BATCH_NORM_BATCHES))
+    torch.optim.swa_utils.update_bn(images, averaged)
+    return averaged
 
 
 def _hardware(device: torch.device) -> str:
@@ -287,6 +310,11 @@ def train(
     low, high = config.scale_range
     if not 0 < low <= 1.0 <= high:
         raise PipelineInputError("scale_range must hold 1.0", str(config.scale_range))
+    if not 0 <= config.average_epochs <= config.max_epochs:
+        raise PipelineInputError(
+            "average_epochs must be between 0 and the number of epochs",
+            str(config.average_epochs),
+        )
     initial = None
     if init is not None:
         initial = load_model(None if str(init) == "shipped" else init)
@@ -416,6 +444,7 @@ def train(
 
         checkpoint_geometry = measure_receptive_field_radius(model), model.stride
         best_loss, best_epoch, best_state = math.inf, 0, None
+        averaged = None
         history = []
         step = 0
         epoch = 0
@@ -444,19 +473,26 @@ def train(
                 optimizer.step()
                 running.append(float(loss.detach()))
                 step += 1
-            val_loss = _validate(model, validation, weight_tensor, config, device, autocast)
             if epoch == 1 and config.time_budget_s is not None:
                 now = time.perf_counter()
                 config = _fit_epochs(config, now - started, now - epoch_started)
                 log(f"time budget {config.time_budget_s:.0f} s: {config.max_epochs} epochs")
+            averaging = epoch > config.max_epochs - config.average_epochs
+            if averaging:
+                averaged = _averaged(averaged, model, batches, device)
+            kept = averaged.module if averaging else model
+            val_loss = _validate(kept, validation, weight_tensor, config, device, autocast)
             train_loss = float(np.mean(running))
-            improved = val_loss < best_loss
+            improved = averaging or val_loss < best_loss
             if improved:
                 best_loss, best_epoch = val_loss, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+                best_state = copy.deepcopy(kept.state_dict())
+            history.append(
+                {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+                | ({"averaged_epochs": int(averaged.n_averaged)} if averaging else {})
+            )
             if improved and out is not None:
-                checkpoint = copy.deepcopy(model).cpu().float().eval()
+                checkpoint = copy.deepcopy(kept).cpu().float().eval()
                 record = describe(step, history, best_epoch, best_loss, finished=False)
                 save_model(
                     checkpoint, _model_info(checkpoint, config, *checkpoint_geometry, record), out
@@ -464,12 +500,13 @@ def train(
             elapsed = time.perf_counter() - started
             log(
                 f"epoch {epoch:3d}/{config.max_epochs}  train {train_loss:.4f}  "
-                f"val {val_loss:.4f}{' *' if improved else '  '}  "
+                f"val {val_loss:.4f}{' *' if improved else '  '}"
+                f"{f' (average of {averaged.n_averaged} epochs)' if averaging else ''}  "
                 f"lr {optimizer.param_groups[0]['lr']:.1e}  "
                 f"elapsed {elapsed:6.0f} s  "
                 f"left at most {elapsed / epoch * (config.max_epochs - epoch):6.0f} s"
             )
-            if epoch - best_epoch >= config.patience:
+            if not averaging and epoch - best_epoch >= config.patience:
                 log(f"early stop: no improvement for {config.patience} epochs")
                 break
         model.load_state_dict(best_state)

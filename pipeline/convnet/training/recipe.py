@@ -25,7 +25,15 @@ class TrainingConfig:
     steps_per_epoch, max_epochs, patience
         Steps between validations, most epochs, epochs without improvement before stopping.
     learning_rate, weight_decay, warmup_steps
-        AdamW with a linear warm-up and cosine decay to 1/50 of the rate over all epochs.
+        AdamW with a linear warm-up and cosine decay to 1/50 of the rate over the epochs
+        before the averaged ones.
+    average_epochs
+        Stochastic weight averaging (Izmailov et al. 2018): the last ``average_epochs`` epochs
+        train at the constant rate ``learning_rate`` (after the warm-up, if they are all the
+        epochs), the weights at the end of each are averaged, and the average, with batch-norm
+        statistics measured again on training crops, is the model saved. 0: no averaging;
+        the weights with the lowest validation loss are saved. Early stopping does not apply
+        to averaged epochs.
     distance_weight
         Weight of the distance-map loss relative to the cross-entropy.
     class_weight_power
@@ -81,6 +89,7 @@ class TrainingConfig:
     threads: int | None = None
     loader_workers: int = 0
     time_budget_s: float | None = None
+    average_epochs: int = 0
 
 
 def read_name_list(path: str | Path) -> list[str]:
