@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/field_profile.py [--size 1024] [--frames 4] [--z-slices N] [--fields 1]
-        [--threads 2] [--workers 2] [--task-stream] [--json profile.json]
+        [--threads 2] [--workers 2] [--diameter D] [--task-stream] [--json profile.json]
 
 A simulated field (nuclei ~20 px across: the network works at 1.5x, on 1536 x 1536 for
 ``--size 1024``; ``--z-slices``: a z-stack per frame, planes 1.5 um apart) is written as an
@@ -13,7 +13,8 @@ threads:
 - read: the whole field from the store (``open_plate(...).fields[0].data.values``);
 - normalise: each frame's percentiles and scaling;
 - diameter: the estimate on the middle frame's middle plane (segmenting it at the model's
-  scale, repeatedly);
+  scale, repeatedly); with ``--diameter`` none, that diameter is given to the stages and the
+  runs (``segmentation.convnet.diameter_px``), as a user who knows it would;
 - rescale: the frames to the model's scale, and the maps back;
 - network: :func:`pipeline.convnet.inference.run_network` on the rescaled frames (every plane);
 - post-processing: seeds and watershed on each frame's maps (in 3D with the intensity, which
@@ -44,6 +45,7 @@ import numpy as np
 from dask.utils import key_split
 
 import pipeline
+from pipeline.config import RunConfig
 from pipeline.convnet.inference import (
     InferenceSettings,
     loaded_model,
@@ -68,6 +70,7 @@ def profile(
     threads: int,
     workers: int,
     folder: Path,
+    given_diameter: float | None = None,
 ) -> dict:
     """Seconds per stage of the first field, and of a whole run of the plate."""
     plate = simulate_plate(
@@ -102,7 +105,7 @@ def profile(
 
     planes = timed("normalise", normalised)
     sample = np.asarray(diameter_sample(raw))
-    diameter = timed("diameter", estimate_diameter, sample, settings)
+    diameter = given_diameter or timed("diameter", estimate_diameter, sample, settings)
     shape = scaled_shape(raw.shape[-2:], rescale_factor(info, diameter))
     scaled = timed("rescale", rescale_planes, planes, shape).reshape(-1, *shape)
     maps = timed("network", run_network, scaled, settings)
@@ -141,7 +144,9 @@ def profile(
 
     timed("write", write)
     started = time.perf_counter()
-    summary = pipeline.run(plate, folder / "run.zarr", workers=workers)
+    summary = pipeline.run(
+        plate, folder / "run.zarr", config=run_config(given_diameter), workers=workers
+    )
     run_seconds = time.perf_counter() - started
     assert not summary.failed, summary.failed
     return {
@@ -160,7 +165,12 @@ def profile(
     }
 
 
-def task_stream(plate: Path, out: Path, workers: int) -> dict:
+def run_config(diameter: float | None) -> RunConfig:
+    """The default settings, with the nucleus diameter given where there is one."""
+    return RunConfig.model_validate({"segmentation": {"convnet": {"diameter_px": diameter}}})
+
+
+def task_stream(plate: Path, out: Path, workers: int, diameter: float | None) -> dict:
     """The run of ``plate`` on a cluster started beforehand: wall seconds, the workers' busy
     seconds per task prefix, and their idle share of workers x wall."""
     from distributed import Client, LocalCluster
@@ -171,7 +181,9 @@ def task_stream(plate: Path, out: Path, workers: int) -> dict:
     ):
         client.get_task_stream()  # installs the scheduler's task-stream plugin
         started = time.time()
-        summary = pipeline.run(plate, out, scheduler=cluster.scheduler_address)
+        summary = pipeline.run(
+            plate, out, config=run_config(diameter), scheduler=cluster.scheduler_address
+        )
         wall = time.time() - started
         assert not summary.failed, summary.failed
         busy: dict[str, float] = {}
@@ -191,6 +203,7 @@ def main() -> None:
     parser.add_argument("--z-slices", type=int, help="z planes per frame (default: 2D)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the stages")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the run")
+    parser.add_argument("--diameter", type=float, help="nucleus diameter given (px): no estimate")
     parser.add_argument("--task-stream", action="store_true", help="busy time per task kind")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -203,10 +216,14 @@ def main() -> None:
             args.threads,
             args.workers,
             Path(folder),
+            args.diameter,
         )
         if args.task_stream:
             result["task_stream"] = task_stream(
-                Path(folder) / "plate.zarr", Path(folder) / "streamed.zarr", args.workers
+                Path(folder) / "plate.zarr",
+                Path(folder) / "streamed.zarr",
+                args.workers,
+                args.diameter,
             )
     stages = result["stages_s"]
     total = sum(stages.values())
