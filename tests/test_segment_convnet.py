@@ -15,6 +15,7 @@ from pipeline.convnet.inference import (
     loaded_model,
     median_diameter,
     predict_maps,
+    rescale_factor,
 )
 from pipeline.qc.metrics import average_precision
 from pipeline.segmentation.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
@@ -112,6 +113,40 @@ def test_diameter_rounds_run_in_tiles_equal_to_whole_image_rounds(field_2d, shar
     with Client(shared_scheduler) as client:
         on_cluster = estimate_diameter(image, evaluate=lambda graph: client.compute(graph).result())
     assert on_cluster == expected
+
+
+def test_diameter_rounds_grow_their_crop_only_where_it_holds_too_few_nuclei(field_2d, monkeypatch):
+    """Rounds look at the smaller central crop (its side at the model's scale) where it holds
+    enough nuclei; else the round is done again on the larger crop, as are the rounds after
+    it, and the estimate is that of rounds on the larger crop alone."""
+    from pipeline.segmentation import diameter as diameter_module
+
+    image = np.tile(field_2d.image[0, 0], (3, 3))  # 900 x 810, nuclei ~20 px
+    _, info = loaded_model()
+    rounds: list[tuple[int, float]] = []
+    found_diameter = diameter_module._found_diameter
+
+    def spy(crop, diameter, *args):
+        rounds.append((crop.shape[0], diameter))
+        return found_diameter(crop, diameter, *args)
+
+    monkeypatch.setattr(diameter_module, "_found_diameter", spy)
+
+    def side(pixels: int, diameter: float) -> int:
+        return int(np.sqrt(pixels) / rescale_factor(info, diameter))
+
+    dense = estimate_diameter(image, min_pixels=512 * 512, min_cells=20)
+    assert len(rounds) >= 2 and dense == pytest.approx(20, rel=0.2)
+    assert all(crop == side(512 * 512, diameter) for crop, diameter in rounds)
+    assert max(crop for crop, _ in rounds) < min(image.shape)  # smaller than the image
+
+    rounds.clear()
+    sparse = estimate_diameter(image, min_pixels=512 * 512, min_cells=10**6)
+    pixels = [512 * 512] + [1024 * 1024] * (len(rounds) - 1)
+    expected = [min(side(p, d), len(image)) for p, (_, d) in zip(pixels, rounds, strict=True)]
+    assert [crop for crop, _ in rounds] == expected
+    assert rounds[0][1] == rounds[1][1]  # the first round again, on the larger crop
+    assert sparse == estimate_diameter(image, min_pixels=1024 * 1024)
 
 
 def test_cells_from_maps_separates_two_touching_seeds():

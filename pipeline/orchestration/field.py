@@ -207,8 +207,8 @@ def field_diameter(field: FieldData, config: RunConfig, placement: Placement) ->
     if segmentation.convnet.diameter_px is not None:
         return segmentation.convnet.diameter_px
 
-    def on_the_cluster(graph: Delayed) -> float:
-        return float(placement.client.compute(placement.on_gpu_workers(graph), sync=True))
+    def on_the_cluster(graph: Delayed) -> Any:
+        return placement.client.compute(placement.on_gpu_workers(graph), sync=True)
 
     return estimate_field_diameter(
         field.segmentation_channel, segmentation, config.compute, evaluate=on_the_cluster

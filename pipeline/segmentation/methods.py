@@ -9,6 +9,7 @@ then the classical recipe (:mod:`pipeline.segmentation.classical`). Both are sti
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -54,7 +55,7 @@ def estimate_field_diameter(
     frames: da.Array,
     segmentation: SegmentationConfig,
     compute: ConvNetExecution | None = None,
-    evaluate: Callable[[Delayed], float] | None = None,
+    evaluate: Callable[[Delayed], Any] | None = None,
 ) -> float:
     """The nucleus diameter of a field in pixels, estimated on its :func:`diameter_sample`.
 
