@@ -24,9 +24,11 @@ threads:
 
 Then ``pipeline.run`` on the same plate (a local cluster of ``--workers`` processes, the
 default config) gives the end-to-end wall time of a real run, startup of the cluster
-included. The table gives each stage's seconds and share, and the ratios of the end-to-end
-time to the network's and to the stage sum (what the orchestration adds: cluster start,
-scheduling, tiling halos, the measurement of each block, stitching).
+included; the network alone is timed again after it, and the throughput ratio divides by the
+mean of the two timings (a shared machine's pace drifts within minutes). The table gives
+each stage's seconds and share, and the ratios of the end-to-end time to the network's and
+to the stage sum (what the orchestration adds: cluster start, scheduling, tiling halos, the
+measurement of each block, stitching).
 
 ``--task-stream`` runs the plate once more on a local cluster of the same shape started
 beforehand (so its start is not counted) and breaks the run's wall time into the workers'
@@ -148,6 +150,10 @@ def profile(
         plate, folder / "run.zarr", config=run_config(given_diameter), workers=workers
     )
     run_seconds = time.perf_counter() - started
+    # the network alone once more, after the run: the machine's pace drifts between the two
+    started = time.perf_counter()
+    run_network(scaled, settings)
+    network_after = time.perf_counter() - started
     assert not summary.failed, summary.failed
     return {
         "size": size,
@@ -162,6 +168,7 @@ def profile(
         "stages_s": seconds,
         "run_s": run_seconds,
         "run_reported_s": summary.wall_seconds,
+        "network_after_run_s": network_after,
     }
 
 
@@ -239,15 +246,18 @@ def main() -> None:
     print(f"| **sum of the stages** | {total:.2f} | 100% |")
     network = stages["network"]
     fields = args.fields
-    plate_network = network * fields  # every field has the first one's shape
+    # every field has the first one's shape; the network's pace before and after the run
+    plate_network = (network + result["network_after_run_s"]) / 2 * fields
     print(
         f"\nwhole run (`pipeline.run` of {fields} field(s), {args.workers} workers, cluster start "
         f"included): {result['run_s']:.1f} s ({result['run_reported_s']:.1f} s reported by the "
         f"run)\nend-to-end / network: {result['run_s'] / plate_network:.2f}; stage sum / "
         f"network: {total / network:.2f}; end-to-end / stage sum: "
         f"{result['run_s'] / (total * fields):.2f}\n"
-        f"throughput, end-to-end / network alone (the time the run reports): "
-        f"{plate_network / result['run_reported_s']:.2f}"
+        f"network alone before / after the run: {network:.2f} / "
+        f"{result['network_after_run_s']:.2f} s\n"
+        f"throughput, end-to-end / network alone (the time the run reports, the mean of the "
+        f"two): {plate_network / result['run_reported_s']:.2f}"
     )
     if args.task_stream:
         stream = result["task_stream"]
