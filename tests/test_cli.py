@@ -748,7 +748,12 @@ def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
         tmp_path / "coculture.zarr", rows=2, columns=2, fields=1, n_frames=2, seed=4, cell_types=2
     )
     out = tmp_path / "results.zarr"
-    assert main(["run", str(plate), "--out", str(out), "--workers", "1"]) == 0
+    # the classical recipe segments these simulated nuclei well, in a fraction of the time
+    segmentation = "segmentation:\n  method: classical\n"
+    classical = tmp_path / "classical.yaml"
+    classical.write_text(segmentation)
+    run = ["run", str(plate), "--workers", "1", "--config"]
+    assert main([*run, str(classical), "--out", str(out)]) == 0
     assert main(["crops", str(out), "--size-um", "20", "--size-px", "32", "--workers", "1"]) == 0
     model = tmp_path / "coculture.pt"
     fast = (
@@ -775,12 +780,11 @@ def test_classify_train_on_a_simulated_coculture_run(tmp_path: Path) -> None:
 
     # a run with the model classifies every cell; the classes follow the simulated types
     config = tmp_path / "classify.yaml"
-    config.write_text(f"classification:\n  model: {model}\ncrops:\n  size_um: 16\n  size_px: 24\n")
-    classified = tmp_path / "classified.zarr"
-    code = main(
-        ["run", str(plate), "--out", str(classified), "--config", str(config), "--workers", "1"]
+    config.write_text(
+        f"{segmentation}classification:\n  model: {model}\ncrops:\n  size_um: 16\n  size_px: 24\n"
     )
-    assert code == 0
+    classified = tmp_path / "classified.zarr"
+    assert main([*run, str(config), "--out", str(classified)]) == 0
     agree = []
     for well in ("A/1", "A/2", "B/1", "B/2"):
         cells = _field_table(classified, f"{well}/0")
