@@ -40,6 +40,7 @@ from pipeline.tiling import axis_blocks
 __all__ = [
     "InferenceSettings",
     "device_name",
+    "equivalent_diameters",
     "loaded_model",
     "maps_from_normalised",
     "median_diameter",
@@ -179,16 +180,17 @@ def run_network(planes: np.ndarray, settings: InferenceSettings | None = None) -
     return result
 
 
-def median_diameter(labels: np.ndarray) -> float:
-    """Median equivalent diameter (pixels) of the instances of a 2D label image; NaN if none.
-
-    Each instance's diameter is that of the disc of its area (as Cellpose measures it).
-    """
+def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
+    """The diameter (pixels) of the disc of each instance's area in a 2D label image, as
+    Cellpose measures nuclei; one per label present."""
     sizes = np.bincount(np.asarray(labels).ravel())[1:]
-    sizes = sizes[sizes > 0]
-    if sizes.size == 0:
-        return float("nan")
-    return float(np.median(2.0 * np.sqrt(sizes / np.pi)))
+    return 2.0 * np.sqrt(sizes[sizes > 0] / np.pi)
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Median :func:`equivalent_diameters` of a 2D label image; NaN if it has no instance."""
+    diameters = equivalent_diameters(labels)
+    return float(np.median(diameters)) if diameters.size else float("nan")
 
 
 def rescale_factor(info: ModelInfo, diameter: float) -> float:

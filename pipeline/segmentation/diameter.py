@@ -13,8 +13,8 @@ from dask.delayed import Delayed
 
 from pipeline.convnet.inference import (
     InferenceSettings,
+    equivalent_diameters,
     loaded_model,
-    median_diameter,
     predict_maps_tiled,
     rescale_factor,
     scaled_shape,
@@ -81,9 +81,9 @@ def estimate_diameter(
     diameter = float(info.diameter_px)
     pixels = min(min_pixels, max_pixels)
 
-    def segmented_crop(pixels: int) -> tuple[float, int, bool]:
+    def segmented_crop(pixels: int, diameter: float) -> tuple[float, int, bool]:
         """Median diameter and number of the nuclei in the central crop of ``pixels`` at the
-        model's scale, and whether the crop is the whole image."""
+        model's scale for ``diameter``, and whether the crop is the whole image."""
         side = int(np.sqrt(pixels) / rescale_factor(info, diameter))
         crop = tuple(
             slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in plane.shape
@@ -94,10 +94,10 @@ def estimate_diameter(
         return found, cells, side >= max(plane.shape)
 
     for _ in range(max_rounds):
-        found, cells, whole = segmented_crop(pixels)
+        found, cells, whole = segmented_crop(pixels, diameter)
         if cells < min_cells and not whole and pixels < max_pixels:
             pixels = max_pixels
-            found, cells, _ = segmented_crop(pixels)
+            found, cells, _ = segmented_crop(pixels, diameter)
         if not np.isfinite(found):
             return diameter
         converged = abs(np.log(found / diameter)) < np.log(1.1)
@@ -132,5 +132,5 @@ def _found_diameter(
 def _median_of_cells(
     maps: np.ndarray, diameter: float, params: ConvNetParameters | None
 ) -> tuple[float, int]:
-    cells = cells_from_maps(maps, diameter, params)
-    return median_diameter(cells), len(np.unique(cells[cells > 0]))
+    diameters = equivalent_diameters(cells_from_maps(maps, diameter, params))
+    return (float(np.median(diameters)) if diameters.size else float("nan")), diameters.size
