@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["axis_blocks", "block_chunks", "halo_pixels", "smallest_blocks"]
+__all__ = ["axis_blocks", "block_chunks", "halo_pixels", "smallest_blocks", "tile_blocks"]
 
 
 def halo_pixels(
@@ -89,6 +89,38 @@ def axis_blocks(size: int, storage_chunk: int, halo: int, min_block: int = 1) ->
             sizes[-1] += remainder
         else:
             sizes.append(remainder)
+    return tuple(sizes)
+
+
+def tile_blocks(size: int, largest: int, multiple: int, halo: int = 0) -> tuple[int, ...]:
+    """Tile sizes along one axis: the fewest tiles of at most ``largest`` pixels, as equal as
+    whole multiples of ``multiple`` allow.
+
+    Every tile but the last is a multiple of ``multiple`` (a network's stride, so that every
+    tile starts on the stride's grid); the last takes what is left. Equal tiles share the work
+    of a frame evenly among workers, where the largest tiles and a thin remainder would leave
+    some idle. A tile is never thinner than ``halo`` (that many pixels are borrowed from it by
+    its neighbours): there are fewer, larger tiles where needed.
+
+    Examples
+    --------
+    >>> tile_blocks(1501, 1024, 8)
+    (752, 749)
+    >>> tile_blocks(2048, 1024, 8)
+    (1024, 1024)
+    >>> tile_blocks(100, 1024, 8)
+    (100,)
+    """
+    if size <= 0:
+        raise ValueError(f"axis length must be positive, got {size}")
+    units = math.ceil(size / multiple)
+    trim = units * multiple - size  # taken off the last tile
+    count = math.ceil(units / max(1, largest // multiple))
+    while count > 1 and (units // count) * multiple - trim < halo:
+        count -= 1
+    quotient, remainder = divmod(units, count)
+    sizes = [(quotient + 1) * multiple] * remainder + [quotient * multiple] * (count - remainder)
+    sizes[-1] -= trim
     return tuple(sizes)
 
 

@@ -3,6 +3,8 @@ values from any Dask chunking (hypothesis draws shapes, scales and chunks)."""
 
 from __future__ import annotations
 
+import itertools
+
 import dask.array as da
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -44,13 +46,24 @@ def cases(draw):
         *(draw(st.integers(1, n)) for n in lead),
         *(draw(st.integers(1, n)) for n in plane_out),
     )
-    return array, plane_out, chunks_in, chunks_out
+    return array, plane_out, chunks_in, chunks_out, draw(st.integers(0, 12))
+
+
+def _grown(chunks: tuple[int, ...], halo: int) -> np.ndarray:
+    """The indices of each chunk grown by ``halo`` on both sides (clipped), one after another."""
+    edges = np.cumsum((0, *chunks))
+    return np.concatenate(
+        [
+            np.arange(max(0, a - halo), min(edges[-1], b + halo))
+            for a, b in itertools.pairwise(edges)
+        ]
+    )
 
 
 @PROPERTIES
 @given(cases())
 def test_rescaling_is_scipys_linear_transform_and_any_chunking_gives_the_same_bits(case) -> None:
-    array, plane_out, chunks_in, chunks_out = case
+    array, plane_out, chunks_in, chunks_out, halo = case
     whole = rescale_planes(array, plane_out)
     assert whole.shape == (*array.shape[:-2], *plane_out)
     assert whole.dtype == np.float32
@@ -58,6 +71,11 @@ def test_rescaling_is_scipys_linear_transform_and_any_chunking_gives_the_same_bi
     tiled = rescale_planes_dask(da.from_array(array, chunks=chunks_in), plane_out, chunks_out)
     assert tiled.chunks[-2:] == da.empty(tiled.shape, chunks=chunks_out).chunks[-2:]
     np.testing.assert_array_equal(tiled.compute(), whole)
+    # with a halo: every block grown into its neighbours, the same bits as slices of the whole
+    grown = rescale_planes_dask(da.from_array(array, chunks=chunks_in), plane_out, chunks_out, halo)
+    rows, columns = (_grown(c, halo) for c in tiled.chunks[-2:])
+    np.testing.assert_array_equal(grown.compute(), whole[..., rows[:, np.newaxis], columns])
+    assert grown.chunks[:-2] == tiled.chunks[:-2]
 
 
 def test_a_ramp_is_interpolated_exactly_and_edges_are_repeated() -> None:

@@ -21,7 +21,7 @@ from pipeline.segmentation.classical import (
 from pipeline.segmentation.threshold import frame_threshold, frame_thresholds
 from pipeline.segmentation.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
-from pipeline.tiling import axis_blocks, halo_pixels, smallest_blocks
+from pipeline.tiling import axis_blocks, halo_pixels, smallest_blocks, tile_blocks
 
 
 def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
@@ -80,6 +80,24 @@ def test_halo_conversion_is_per_axis():
 def test_axis_blocks(size, chunk, halo, expected):
     assert axis_blocks(size, chunk, halo) == expected
     assert sum(expected) == size
+
+
+@pytest.mark.parametrize(
+    ("size", "largest", "halo", "expected"),
+    [
+        (1501, 1024, 56, (752, 749)),  # not (1024, 477): equal work per tile
+        (2048, 1024, 56, (1024, 1024)),
+        (1000, 256, 0, (256, 248, 248, 248)),
+        (100, 1024, 56, (100,)),
+        (130, 64, 60, (130,)),  # two tiles would leave one of 58 < 60 pixels
+    ],
+)
+def test_tile_blocks_are_the_fewest_and_as_equal_as_the_stride_allows(
+    size, largest, halo, expected
+):
+    tiles = tile_blocks(size, largest, 8, halo)
+    assert tiles == expected
+    assert all(tile % 8 == 0 for tile in tiles[:-1])
 
 
 @pytest.mark.parametrize("every_pixel", [False, True])

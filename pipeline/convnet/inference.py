@@ -7,10 +7,12 @@ pixels, on images normalised by their own robust percentiles. Inference therefor
    (contract 4 of docs/ARCHITECTURE.md; :mod:`pipeline.normalize`);
 2. rescales the image plane by ``model diameter / nucleus diameter`` (linear interpolation,
    pixel centres aligned; z is never rescaled: z-stacks run slice by slice);
-3. runs the network on tiles: each tile is a core whose origin and size are multiples of the
-   network's measured total stride, plus a halo of at least its measured receptive-field radius
-   (also a multiple of the stride); only the core is kept (centre crop, no blending), so every
-   output pixel sees exactly the input it would see in one whole-image pass (contract 1);
+3. runs the network on tiles: each tile is a core whose origin is a multiple of the network's
+   measured total stride, the tiles of a plane as equal as that allows
+   (:func:`pipeline.tiling.tile_blocks`), plus a halo of at least its measured receptive-field
+   radius (also a multiple of the stride), rescaled with its halo in one task; only the core is
+   kept (centre crop, no blending), so every output pixel sees exactly the input it would see in
+   one whole-image pass (contract 1);
 4. rescales the four output maps back to the image's grid.
 
 The model is loaded once per process (one Dask worker) and reused by every task on it; the device
@@ -35,7 +37,7 @@ from pipeline.convnet.settings import InferenceSettings
 from pipeline.convnet.unet import UNet
 from pipeline.convnet.weights import ModelInfo, load_model
 from pipeline.normalize import frame_percentiles, normalize
-from pipeline.tiling import axis_blocks
+from pipeline.tiling import tile_blocks
 
 __all__ = [
     "InferenceSettings",
@@ -343,21 +345,21 @@ def maps_from_normalised(
     lead = normalised.ndim - 2
     factor = 1.0 if diameter is None else rescale_factor(info, diameter)
     plane_shape = scaled_shape(normalised.shape[-2:], factor)
-    plan = tuple(axis_blocks(n, tile, halo) for n in plane_shape)
+    plan = tuple(tile_blocks(n, tile, info.stride, halo) for n in plane_shape)
     batch_chunks = (frames_per_block, *normalised.shape[1:lead])
-    scaled = rescale_planes_dask(normalised, plane_shape, (*batch_chunks, *plan))
-    depth = {axis: 0 for axis in range(lead)} | {lead: halo, lead + 1: halo}
-    overlapped = da.overlap.overlap(scaled, depth=depth, boundary="none")
-    function = partial(_infer_block, settings=settings, chunks=scaled.chunks, halo=halo)
-    out_chunks = (scaled.chunks[0], (N_MAPS,), *scaled.chunks[1:])
+    # each tile rescaled with its halo in one task: the tiles of the rescaled plane, overlapped
+    overlapped = rescale_planes_dask(normalised, plane_shape, (*batch_chunks, *plan), halo)
+    core_chunks = (*overlapped.chunks[:lead], *plan)
+    function = partial(_infer_block, settings=settings, chunks=core_chunks, halo=halo)
+    out_chunks = (core_chunks[0], (N_MAPS,), *core_chunks[1:])
     maps = da.map_blocks(
         function,
         overlapped,
         new_axis=1,
         chunks=out_chunks,
         dtype=np.float32,
-        name=f"infer-{da.core.tokenize(scaled, settings.model_dump(), halo)}",
-        meta=np.empty((0,) * (scaled.ndim + 1), dtype=np.float32),
+        name=f"infer-{da.core.tokenize(overlapped, settings.model_dump(), halo)}",
+        meta=np.empty((0,) * (overlapped.ndim + 1), dtype=np.float32),
     )
     spatial_chunks = output_chunks or normalised.chunks[-2:]
     target = ((1,) * normalised.shape[0], (N_MAPS,), *normalised.chunks[1:lead], *spatial_chunks)

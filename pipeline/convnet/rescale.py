@@ -12,10 +12,13 @@ scipy's general affine transform on one frame (``python benchmarks/rescale_speed
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import dask.array as da
 import numpy as np
 from dask.array.core import normalize_chunks
+
+from pipeline.windows import extended_windows, map_windows
 
 __all__ = ["rescale_planes", "rescale_planes_dask"]
 
@@ -78,45 +81,55 @@ def _input_span(n_in: int, n_out: int, start: int, stop: int) -> tuple[int, int]
 
 
 def rescale_planes_dask(
-    array: da.Array, shape_yx: Sequence[int], chunks: Sequence[int | tuple[int, ...]]
+    array: da.Array,
+    shape_yx: Sequence[int],
+    chunks: Sequence[int | tuple[int, ...]],
+    halo: int = 0,
 ) -> da.Array:
     """:func:`rescale_planes` on Dask, into ``chunks`` (all axes), equal to it bit for bit.
 
-    Each output block is one task on the input pixels it needs (sliced, and merged where they
-    span several input chunks).
+    Each output block is one task on the input chunks it needs
+    (:func:`pipeline.windows.map_windows`). With a ``halo``, each block is grown by that many
+    output pixels into its neighbours (not beyond the plane), as
+    ``dask.array.overlap.overlap(..., boundary="none")`` of the rescaled array would give,
+    without the tasks that overlap takes.
     """
     shape_yx = tuple(shape_yx)
     plane_in = tuple(array.shape[-2:])
-    if plane_in == shape_yx:
-        return array.rechunk(tuple(chunks))
     target = normalize_chunks(tuple(chunks), (*array.shape[:-2], *shape_yx))
     array = array.rechunk((*target[:-2], *array.chunks[-2:]))
-    dtype = np.result_type(array.dtype, np.float32)
-    rows = []
-    for y_window in _windows(target[-2]):
-        y_span = _input_span(plane_in[0], shape_yx[0], *y_window)
-        row = []
-        for x_window in _windows(target[-1]):
-            x_span = _input_span(plane_in[1], shape_yx[1], *x_window)
-            piece = array[..., slice(*y_span), slice(*x_span)].rechunk({-2: -1, -1: -1})
-            window_shape = ((y_window[1] - y_window[0],), (x_window[1] - x_window[0],))
-            row.append(
-                piece.map_blocks(
-                    _rescaled_window,
-                    plane_in,
-                    shape_yx,
-                    (y_window, x_window),
-                    (y_span[0], x_span[0]),
-                    chunks=(*piece.chunks[:-2], *window_shape),
-                    dtype=dtype,
-                    token="rescale",
-                )
-            )
-        rows.append(row)
-    return da.block(rows)
+    out_windows = [extended_windows(axis_chunks, halo) for axis_chunks in target[-2:]]
+    in_windows = [
+        [_input_span(n_in, n_out, *window) for window in axis]
+        for n_in, n_out, axis in zip(plane_in, shape_yx, out_windows, strict=True)
+    ]
+    function = partial(
+        _rescaled_block,
+        plane_in=plane_in,
+        plane_out=shape_yx,
+        out_windows=out_windows,
+        in_windows=in_windows,
+    )
+    return map_windows(
+        array,
+        in_windows,
+        function,
+        [tuple(stop - start for start, stop in axis) for axis in out_windows],
+        dtype=np.result_type(array.dtype, np.float32),
+        name="rescale",
+    )
 
 
-def _windows(chunks: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(start, stop) of each chunk along an axis."""
-    stops = np.cumsum(chunks).tolist()
-    return list(zip([0, *stops[:-1]], stops, strict=True))
+def _rescaled_block(
+    piece: np.ndarray,
+    index: tuple[int, int],
+    *,
+    plane_in: tuple[int, int],
+    plane_out: tuple[int, int],
+    out_windows: list[list[tuple[int, int]]],
+    in_windows: list[list[tuple[int, int]]],
+) -> np.ndarray:
+    """Output window ``index`` (y, x) of :func:`rescale_planes_dask` from its input ``piece``."""
+    window = tuple(axis[i] for axis, i in zip(out_windows, index, strict=True))
+    origin = tuple(axis[i][0] for axis, i in zip(in_windows, index, strict=True))
+    return _rescaled_window(piece, plane_in, plane_out, window, origin)

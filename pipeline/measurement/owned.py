@@ -21,6 +21,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
 from pipeline.errors import HaloTooSmall
+from pipeline.windows import halo_blocks
 
 __all__ = ["cell_windows", "owned_cell_table", "owned_ids", "zero_padded_crop"]
 
@@ -99,14 +100,12 @@ def owned_cell_table(
     spatial_chunks = cells.chunks[1:]
     frames = (1,) * cells.shape[0]
     cells = cells.rechunk((frames, *spatial_chunks))
-    depth = {0: 0, **{axis + 1: int(h) for axis, h in enumerate(halo)}}
-    extended = [da.overlap.overlap(cells, depth=depth, boundary="none").to_delayed()]
+    halo = tuple(int(h) for h in halo)
+    extended = [halo_blocks(cells, halo).to_delayed()]
     for array in others:
         leading = array.ndim - cells.ndim  # a channel axis after t
         chunks = (frames, *array.shape[1 : 1 + leading], *spatial_chunks)
-        shifted = {0: 0, **{axis + 1: 0 for axis in range(leading)}}
-        shifted |= {axis + 1 + leading: int(h) for axis, h in enumerate(halo)}
-        overlapped = da.overlap.overlap(array.rechunk(chunks), depth=shifted, boundary="none")
+        overlapped = halo_blocks(array.rechunk(chunks), halo)
         extended.append(overlapped.to_delayed().reshape(cells.numblocks))
     counts = [len(c) for c in spatial_chunks]
     tables = []

@@ -25,6 +25,7 @@ import numpy as np
 from distributed import Future, wait
 
 from pipeline.errors import HaloTooSmall
+from pipeline.windows import halo_blocks
 
 __all__ = [
     "HaloTooSmall",
@@ -235,8 +236,7 @@ def label_frames(
     frames = frames.rechunk({axis: 1 if axis == 0 else -1 for axis in range(lead)})
     spatial = frames.shape[lead:]
     halo = tuple(int(min(h, n)) for h, n in zip(halo, spatial, strict=True))
-    depth = {axis: 0 for axis in range(lead)} | {lead + a: h for a, h in enumerate(halo)}
-    overlapped = da.overlap.overlap(frames, depth=depth, boundary="none")
+    overlapped = halo_blocks(frames, halo)
     if frame_values is None:
         frame_values = da.zeros(frames.shape[0], chunks=1)
     per_frame = frame_values.rechunk(1).reshape(frame_values.shape + (1,) * (frames.ndim - 1))
