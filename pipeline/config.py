@@ -108,7 +108,7 @@ class ComputeConfig(ConvNetExecution):
         4, description="fields of view whose graphs are on the scheduler at the same time"
     )
     block_halos: PositiveFloat = Field(
-        4.0,
+        8.0,
         description="blocks in y/x are at least this many halos long, so that the halo read "
         "around each block is a bounded share of its work ((1 + 2 / block_halos)^2 of its area); "
         "larger blocks hold more memory per task",

@@ -25,6 +25,7 @@ LAYERS = (
         "settings",
         "normalize",
         "tiling",
+        "windows",
         "qc",
         "qc.metrics",
         "qc.plausibility",

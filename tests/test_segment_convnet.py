@@ -101,7 +101,8 @@ def test_diameter_rounds_run_in_tiles_equal_to_whole_image_rounds(field_2d, shar
 
     def threads_counting_tasks(graph):
         names = [key[0] for key in graph.dask if isinstance(key, tuple)]
-        infer_tasks.append(sum(re.fullmatch("infer-[0-9a-f]+", name) is not None for name in names))
+        pattern = "estimate-infer-[0-9a-f]+"
+        infer_tasks.append(sum(re.fullmatch(pattern, name) is not None for name in names))
         return graph.compute(scheduler="threads")
 
     assert estimate_diameter(image, max_rounds=1, evaluate=threads_counting_tasks) == (

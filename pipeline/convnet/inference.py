@@ -164,12 +164,11 @@ def run_network(planes: np.ndarray, settings: InferenceSettings | None = None) -
     padded_h, padded_w = math.ceil(h / stride) * stride, math.ceil(w / stride) * stride
     result = np.empty((n, N_MAPS, h, w), dtype=np.float32)
     transforms = [(k, flip) for flip in (False, True) for k in range(4)] if settings.tta else []
+    per_pass = settings.tiles_per_pass(device.type == "cuda")
     with torch.inference_mode():
-        for start in range(0, n, settings.batch_size):
-            chunk = np.zeros(
-                (min(settings.batch_size, n - start), 1, padded_h, padded_w), dtype=np.float32
-            )
-            chunk[:, 0, :h, :w] = planes[start : start + settings.batch_size]
+        for start in range(0, n, per_pass):
+            chunk = np.zeros((min(per_pass, n - start), 1, padded_h, padded_w), dtype=np.float32)
+            chunk[:, 0, :h, :w] = planes[start : start + per_pass]
             batch = torch.from_numpy(chunk).to(device)
             if transforms:
                 out = sum(
@@ -294,6 +293,7 @@ def predict_maps_tiled(
     settings: InferenceSettings | None = None,
     output_chunks: Sequence[tuple[int, ...]] | None = None,
     frames_per_block: int = 1,
+    name: str = "infer",
 ) -> da.Array:
     """Tiled inference on Dask: (t, [z,] y, x) raw frames -> (t, 4, [z,] y, x) maps, lazily.
 
@@ -312,11 +312,15 @@ def predict_maps_tiled(
         Spatial chunks of the result at the image's scale (default: those of ``frames``).
     frames_per_block
         Timepoints batched together in one inference task.
+    name
+        Start of the inference tasks' layer name, their key prefix. Dask's scheduler balances
+        the workers by each prefix's mean task duration, so tasks of very different sizes
+        (a diameter estimate's small crops, a field's large tiles) are best named apart.
 
     Returns
     -------
     dask.array.Array
-        float32 maps; the inference tasks' layer name starts with ``"infer-"``.
+        float32 maps; the inference tasks' layer name is ``name`` and a token.
     """
     settings = settings or InferenceSettings()
     frames = frames.rechunk({0: 1})
@@ -326,6 +330,7 @@ def predict_maps_tiled(
         settings=settings,
         output_chunks=output_chunks,
         frames_per_block=frames_per_block,
+        name=name,
     )
 
 
@@ -336,6 +341,7 @@ def maps_from_normalised(
     settings: InferenceSettings | None = None,
     output_chunks: Sequence[tuple[int, ...]] | None = None,
     frames_per_block: int = 1,
+    name: str = "infer",
 ) -> da.Array:
     """:func:`predict_maps_tiled` from frames already normalised by :func:`normalised_frames`
     (one chunk per timepoint), for callers that also use the normalised intensity."""
@@ -358,7 +364,7 @@ def maps_from_normalised(
         new_axis=1,
         chunks=out_chunks,
         dtype=np.float32,
-        name=f"infer-{da.core.tokenize(overlapped, settings.model_dump(), halo)}",
+        name=f"{name}-{da.core.tokenize(overlapped, settings.model_dump(), halo)}",
         meta=np.empty((0,) * (overlapped.ndim + 1), dtype=np.float32),
     )
     spatial_chunks = output_chunks or normalised.chunks[-2:]

@@ -14,10 +14,20 @@ from pydantic import Field, PositiveInt
 
 from pipeline.settings import StrictModel
 
-__all__ = ["GPU_FRAMES_PER_BLOCK", "ConvNetExecution", "InferenceSettings", "ModelSettings"]
+__all__ = [
+    "GPU_FRAMES_PER_BLOCK",
+    "GPU_TILES_PER_PASS",
+    "ConvNetExecution",
+    "InferenceSettings",
+    "ModelSettings",
+]
 
 GPU_FRAMES_PER_BLOCK = 4
 """Timepoints per inference task on a GPU unless set: tiles of several frames fill its batches."""
+
+GPU_TILES_PER_PASS = 4
+"""Tiles per forward pass on a GPU unless set. A CPU takes one at a time: it gains no speed
+from batches, and each tile's activations take about 1 GB at the default tile size."""
 
 
 class ModelSettings(StrictModel):
@@ -41,14 +51,33 @@ class ConvNetExecution(StrictModel):
     cpu_threads: PositiveInt | None = Field(
         1, description="torch threads per inference task on a CPU (None: torch's default)"
     )
-    batch_size: PositiveInt = Field(4, description="tiles per forward pass")
-    tile_px: PositiveInt = Field(1024, description="tile edge at the model's scale")
+    batch_size: PositiveInt | None = Field(
+        None, description="tiles per forward pass (None: 4 on a GPU, 1 on a CPU)"
+    )
+    tile_px: PositiveInt = Field(
+        1536,
+        description="largest tile edge at the model's scale; a plane is cut into the fewest "
+        "tiles of at most this edge, as equal as possible (each read with a receptive-field "
+        "halo, so larger tiles waste less)",
+    )
     frames_per_block: PositiveInt | None = Field(
         None,
         description="timepoints batched in one inference task (None: 4 on a GPU, to fill its "
         "batches; 1 on CPUs, so that one frame's post-processing overlaps the next one's "
         "inference)",
     )
+
+    def tiles_per_pass(self, gpu: bool) -> int:
+        """Tiles per forward pass: ``batch_size``, else the default for the device.
+
+        Parameters
+        ----------
+        gpu
+            Whether the network runs on a GPU.
+        """
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_TILES_PER_PASS if gpu else 1
 
     def frames_per_task(self, gpu: bool) -> int:
         """Timepoints per inference task: ``frames_per_block``, else the default for the device.

@@ -125,6 +125,7 @@ def _found_diameter(
         diameter=diameter,
         settings=in_tiles,
         output_chunks=tuple((n,) for n in crop.shape),
+        name="estimate-infer",  # not the field's tiles: Dask learns durations per name
     )
     return dask.delayed(_median_of_cells)(maps[0], diameter, params)
 

@@ -1,0 +1,108 @@
+"""When each phase of one field's run ends, from Dask's task stream, over repeated runs.
+
+Usage:
+    python benchmarks/field_timeline.py [--repeats 3] [--frames 4] [--size 1024]
+        [--workers 2] [--config "compute: {tile_px: 1024}"]
+
+A simulated field (as in ``field_profile.py``: nuclei ~20 px across) is run once to warm a
+local cluster of ``--workers`` single-thread workers, then ``--repeats`` more times. For each
+run the task stream gives, in seconds from the run's start: the end of the diameter
+estimate, the first and last inference task of the field, the last labelled block, the
+field's tables, and the seconds of inference each worker did (an uneven split shows a worker
+left idle while the other works through several tiles). The time the run reports comes
+first; ``--config`` (YAML) changes the run's settings, e.g. the tile size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from dask.utils import key_split
+
+import pipeline
+from pipeline.config import RunConfig
+from pipeline.synthetic import simulate_plate
+
+
+def phases(spans: list[tuple[float, float, str, str]]) -> dict[str, float | list[float]]:
+    """Phase ends (s) and inference seconds per worker from (start, stop, worker, prefix)."""
+    estimate = max((stop for _, stop, _, prefix in spans if prefix == "median_of_cells"), default=0)
+    inference = [s for s in spans if "infer" in s[3] and s[0] >= estimate]
+    per_worker: dict[str, float] = {}
+    for start, stop, worker, _ in inference:
+        per_worker[worker] = per_worker.get(worker, 0.0) + stop - start
+    return {
+        "estimate_end": estimate,
+        "first_inference": min(start for start, *_ in inference),
+        "last_inference": max(stop for _, stop, *_ in inference),
+        "last_label": max(stop for _, stop, _, prefix in spans if "label_block" in prefix),
+        "tables": max(stop for _, stop, _, prefix in spans if prefix == "tabulate_field"),
+        "inference_per_worker": sorted(per_worker.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--config", default="{}", help="YAML of run settings to change")
+    args = parser.parse_args()
+    from distributed import Client, LocalCluster
+
+    config = RunConfig.model_validate(yaml.safe_load(args.config) or {})
+    folder = Path(tempfile.mkdtemp())
+    plate = simulate_plate(
+        folder / "plate.zarr",
+        rows=1,
+        columns=1,
+        fields=1,
+        n_frames=args.frames,
+        size=args.size,
+        seed=0,
+    )
+    with (
+        LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.get_task_stream()  # installs the scheduler's task-stream plugin
+        address = cluster.scheduler_address
+        pipeline.run(plate, folder / "warm.zarr", config=config, scheduler=address)
+        print(
+            "| reported | estimate | first inference | last inference | last label | tables "
+            "| inference per worker |\n|---|---|---|---|---|---|---|"
+        )
+        for repeat in range(args.repeats):
+            started = time.time()
+            out = folder / f"run{repeat}.zarr"
+            summary = pipeline.run(plate, out, config=config, scheduler=address)
+            spans = [
+                (
+                    span["start"] - started,
+                    span["stop"] - started,
+                    task["worker"],
+                    key_split(task["key"]),
+                )
+                for task in client.get_task_stream(start=started)
+                for span in task["startstops"]
+                if span["action"] == "compute"
+            ]
+            found = phases(spans)
+            workers = " / ".join(f"{s:.1f}" for s in found["inference_per_worker"])
+            print(
+                f"| {summary.wall_seconds:.2f} | {found['estimate_end']:.2f} | "
+                f"{found['first_inference']:.2f} | {found['last_inference']:.2f} | "
+                f"{found['last_label']:.2f} | {found['tables']:.2f} | {workers} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
