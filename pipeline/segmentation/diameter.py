@@ -88,8 +88,10 @@ def estimate_diameter(
         crop = tuple(
             slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in plane.shape
         )
-        # one chunk: its percentiles and slicing are a few tasks, not one per storage chunk
-        graph = _found_diameter(plane[crop].rechunk(-1), diameter, info, settings, params)
+        # a chunk per quarter: a few tasks, not one per storage chunk, and each tile's input on
+        # whichever worker read it (one chunk would send every tile to the worker holding it)
+        quarters = tuple(math.ceil((s.stop - s.start) / 2) for s in crop)
+        graph = _found_diameter(plane[crop].rechunk(quarters), diameter, info, settings, params)
         found, cells = (evaluate or _threads)(graph)
         return found, cells, side >= max(plane.shape)
 
