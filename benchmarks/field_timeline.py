@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/field_timeline.py [--repeats 3] [--frames 4] [--size 1024]
-        [--workers 2] [--config "compute: {tile_px: 1024}"]
+        [--workers 2] [--config "compute: {tile_px: 1024}"] [--dump-slower-than S]
 
 A simulated field (as in ``field_profile.py``: nuclei ~20 px across) is run once to warm a
 local cluster of ``--workers`` single-thread workers, then ``--repeats`` more times. For each
@@ -11,6 +11,9 @@ estimate, the first and last inference task of the field, the last labelled bloc
 field's tables, and the seconds of inference each worker did (an uneven split shows a worker
 left idle while the other works through several tiles). The time the run reports comes
 first; ``--config`` (YAML) changes the run's settings, e.g. the tile size.
+``--dump-slower-than S`` prints, for every run whose reported time exceeds S seconds, each
+worker's tasks in order (consecutive tasks of one kind merged) and the moments when both
+workers were idle: what a rare slow run spent its time on.
 """
 
 from __future__ import annotations
@@ -45,6 +48,28 @@ def phases(spans: list[tuple[float, float, str, str]]) -> dict[str, float | list
     }
 
 
+def dump(spans: list[tuple[float, float, str, str]]) -> None:
+    """Each worker's tasks in order, consecutive ones of a kind merged, and the gaps (> 50 ms)
+    when no worker ran anything."""
+    for worker in sorted({worker for _, _, worker, _ in spans}):
+        merged: list[list] = []
+        for start, stop, _, prefix in sorted(s for s in spans if s[2] == worker):
+            if merged and merged[-1][2] == prefix and start - merged[-1][1] < 0.05:
+                merged[-1][1], merged[-1][3] = stop, merged[-1][3] + 1
+            else:
+                merged.append([start, stop, prefix, 1])
+        print(f"worker {worker}")
+        for start, stop, prefix, count in merged:
+            if stop - start >= 0.05:
+                print(f"  {start:7.2f} {stop:7.2f} {prefix} x{count}")
+    busy_until, gaps = 0.0, []
+    for start, stop in sorted((start, stop) for start, stop, *_ in spans):
+        if start > busy_until + 0.05:
+            gaps.append(f"{busy_until:.2f}-{start:.2f}")
+        busy_until = max(busy_until, stop)
+    print("both idle: " + ", ".join(gaps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -52,6 +77,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--config", default="{}", help="YAML of run settings to change")
+    parser.add_argument("--dump-slower-than", type=float, help="seconds; dump slower runs' tasks")
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
@@ -102,6 +128,8 @@ def main() -> None:
                 f"{found['last_label']:.2f} | {found['tables']:.2f} | {workers} |",
                 flush=True,
             )
+            if args.dump_slower_than is not None and summary.wall_seconds > args.dump_slower_than:
+                dump(spans)
 
 
 if __name__ == "__main__":
