@@ -30,6 +30,13 @@ GPU_TILES_PER_PASS = 4
 from batches, and each tile's activations take about 1 GB at the default tile size."""
 
 
+def _set_or_device_default(value: int | None, gpu: bool, gpu_default: int) -> int:
+    """``value`` where it is set, else ``gpu_default`` on a GPU and 1 on a CPU."""
+    if value is not None:
+        return value
+    return gpu_default if gpu else 1
+
+
 class ModelSettings(StrictModel):
     """Which network, and how its input is presented; these change results."""
 
@@ -75,9 +82,7 @@ class ConvNetExecution(StrictModel):
         gpu
             Whether the network runs on a GPU.
         """
-        if self.batch_size is not None:
-            return self.batch_size
-        return GPU_TILES_PER_PASS if gpu else 1
+        return _set_or_device_default(self.batch_size, gpu, GPU_TILES_PER_PASS)
 
     def frames_per_task(self, gpu: bool) -> int:
         """Timepoints per inference task: ``frames_per_block``, else the default for the device.
@@ -87,9 +92,7 @@ class ConvNetExecution(StrictModel):
         gpu
             Whether the network runs on a GPU.
         """
-        if self.frames_per_block is not None:
-            return self.frames_per_block
-        return GPU_FRAMES_PER_BLOCK if gpu else 1
+        return _set_or_device_default(self.frames_per_block, gpu, GPU_FRAMES_PER_BLOCK)
 
 
 class InferenceSettings(ModelSettings, ConvNetExecution):
