@@ -58,7 +58,7 @@ from pipeline.convnet.inference import (
 from pipeline.convnet.rescale import rescale_planes
 from pipeline.io import omezarr
 from pipeline.normalize import frame_percentiles, normalize
-from pipeline.segmentation.convnet import cells_from_maps
+from pipeline.segmentation.convnet import RECIPE_MAPS, ConvNetParameters, ConvNetRecipe
 from pipeline.segmentation.diameter import estimate_diameter
 from pipeline.segmentation.methods import diameter_sample
 from pipeline.synthetic import simulate_plate
@@ -111,13 +111,20 @@ def profile(
     shape = scaled_shape(raw.shape[-2:], rescale_factor(info, diameter))
     scaled = timed("rescale", rescale_planes, planes, shape).reshape(-1, *shape)
     maps = timed("network", run_network, scaled, settings)
-    maps = timed("rescale", rescale_planes, maps, raw.shape[-2:])
+    # as a run: only the maps the recipe reads go back to the image's scale
+    maps = timed("rescale", rescale_planes, maps[:, list(RECIPE_MAPS)], raw.shape[-2:])
     maps = np.moveaxis(maps.reshape(*raw.shape[:-2], -1, *raw.shape[-2:]), -3, 1)
     if z_slices:  # the intensity bounds nuclei along z
         maps = np.concatenate([maps, planes[:, np.newaxis]], axis=1)
 
+    recipe = ConvNetRecipe(
+        ConvNetParameters(), diameter * pixel_size[-1], volumetric=bool(z_slices)
+    )
+
     def post_processing() -> np.ndarray:
-        frames_cells = [cells_from_maps(m, diameter, pixel_size=pixel_size) for m in maps]
+        frames_cells = [
+            recipe.filter(recipe.cells(m, 0.0, pixel_size)[0], pixel_size) for m in maps
+        ]
         return np.stack(frames_cells).astype(np.int32)
 
     labels = timed("post-processing", post_processing)

@@ -124,6 +124,20 @@ def test_tiled_inference_3d_runs_slice_by_slice(random_model):
     assert np.abs(tiled[0] - whole).max() <= 1e-5
 
 
+def test_tiled_inference_keeps_the_maps_asked_for_in_their_order(random_model):
+    frame = _blobs((150, 140), 6)
+    settings = InferenceSettings(model=random_model, tile_px=64)
+    whole = predict_maps(frame, diameter=24.0, settings=settings)
+    kept = predict_maps_tiled(
+        da.from_array(frame[np.newaxis], chunks=(1, 70, 70)),
+        diameter=24.0,
+        settings=settings,
+        channels=(3, 0),
+    )
+    assert kept.chunks[1] == (2,)
+    assert np.abs(kept.compute(scheduler="threads")[0] - whole[[3, 0]]).max() <= 1e-5
+
+
 def test_halo_smaller_than_receptive_field_breaks_equality(random_model, tmp_path):
     """The check has teeth: a model that under-reports its receptive field gets seams."""
     model, info = load_model(random_model)

@@ -18,7 +18,12 @@ from pipeline.convnet.inference import (
     rescale_factor,
 )
 from pipeline.qc.metrics import average_precision
-from pipeline.segmentation.convnet import ConvNetParameters, ConvNetRecipe, cells_from_maps
+from pipeline.segmentation.convnet import (
+    RECIPE_MAPS,
+    ConvNetParameters,
+    ConvNetRecipe,
+    cells_from_maps,
+)
 from pipeline.segmentation.diameter import estimate_diameter
 from pipeline.segmentation.tiled import HaloTooSmall, label_frames
 from pipeline.synthetic import simulate_field
@@ -66,7 +71,7 @@ def test_tiled_3d_equals_whole_stack():
 
 def test_too_small_halo_is_detected(field_2d):
     maps = predict_maps(field_2d.image[0, 0], diameter=20.0)
-    lazy = da.from_array(maps[np.newaxis], chunks=(1, 4, 64, 64))
+    lazy = da.from_array(maps[np.newaxis, list(RECIPE_MAPS)], chunks=(1, 2, 64, 64))
     recipe = ConvNetRecipe(ConvNetParameters(), diameter_um=10.0)
     labels = label_frames(lazy, recipe=recipe, pixel_size=(0.5, 0.5), halo=(4, 4))
     with pytest.raises(HaloTooSmall):

@@ -268,12 +268,14 @@ def _infer_block(
     settings: InferenceSettings,
     chunks: tuple[tuple[int, ...], ...],
     halo: int,
+    channels: tuple[int, ...],
     block_id: tuple[int, ...],
 ) -> np.ndarray:
-    """Network maps of the core of one overlapped block (t, [z,] y, x) -> (t, 4, [z,] y, x)."""
+    """Network maps ``channels`` of the core of one overlapped block (t, [z,] y, x) ->
+    (t, len(channels), [z,] y, x)."""
     planes = block.reshape(-1, *block.shape[-2:])
-    maps = run_network(planes.astype(np.float32, copy=False), settings)
-    maps = maps.reshape(*block.shape[:-2], N_MAPS, *block.shape[-2:])
+    maps = run_network(planes.astype(np.float32, copy=False), settings)[:, channels]
+    maps = maps.reshape(*block.shape[:-2], len(channels), *block.shape[-2:])
     maps = np.moveaxis(maps, -3, 1)
     core = _core_slices(chunks[-2:], block_id[-2:], halo)
     return maps[(Ellipsis, *core)]
@@ -294,6 +296,7 @@ def predict_maps_tiled(
     output_chunks: Sequence[tuple[int, ...]] | None = None,
     frames_per_block: int = 1,
     name: str = "infer",
+    channels: Sequence[int] = tuple(range(N_MAPS)),
 ) -> da.Array:
     """Tiled inference on Dask: (t, [z,] y, x) raw frames -> (t, 4, [z,] y, x) maps, lazily.
 
@@ -316,11 +319,16 @@ def predict_maps_tiled(
         Start of the inference tasks' layer name, their key prefix. Dask's scheduler balances
         the workers by each prefix's mean task duration, so tasks of very different sizes
         (a diameter estimate's small crops, a field's large tiles) are best named apart.
+    channels
+        The maps to keep, in this order (default all four); a caller that reads only some
+        (e.g. :data:`pipeline.segmentation.convnet.RECIPE_MAPS`) saves their rescaling and
+        memory.
 
     Returns
     -------
     dask.array.Array
-        float32 maps; the inference tasks' layer name is ``name`` and a token.
+        float32 maps (t, len(channels), [z,] y, x); the inference tasks' layer name is ``name``
+        and a token.
     """
     settings = settings or InferenceSettings()
     frames = frames.rechunk({0: 1})
@@ -331,6 +339,7 @@ def predict_maps_tiled(
         output_chunks=output_chunks,
         frames_per_block=frames_per_block,
         name=name,
+        channels=channels,
     )
 
 
@@ -342,6 +351,7 @@ def maps_from_normalised(
     output_chunks: Sequence[tuple[int, ...]] | None = None,
     frames_per_block: int = 1,
     name: str = "infer",
+    channels: Sequence[int] = tuple(range(N_MAPS)),
 ) -> da.Array:
     """:func:`predict_maps_tiled` from frames already normalised by :func:`normalised_frames`
     (one chunk per timepoint), for callers that also use the normalised intensity."""
@@ -356,19 +366,27 @@ def maps_from_normalised(
     # each tile rescaled with its halo in one task: the tiles of the rescaled plane, overlapped
     overlapped = rescale_planes_dask(normalised, plane_shape, (*batch_chunks, *plan), halo)
     core_chunks = (*overlapped.chunks[:lead], *plan)
-    function = partial(_infer_block, settings=settings, chunks=core_chunks, halo=halo)
-    out_chunks = (core_chunks[0], (N_MAPS,), *core_chunks[1:])
+    channels = tuple(channels)
+    function = partial(
+        _infer_block, settings=settings, chunks=core_chunks, halo=halo, channels=channels
+    )
+    out_chunks = (core_chunks[0], (len(channels),), *core_chunks[1:])
     maps = da.map_blocks(
         function,
         overlapped,
         new_axis=1,
         chunks=out_chunks,
         dtype=np.float32,
-        name=f"{name}-{da.core.tokenize(overlapped, settings.model_dump(), halo)}",
+        name=f"{name}-{da.core.tokenize(overlapped, settings.model_dump(), halo, channels)}",
         meta=np.empty((0,) * (overlapped.ndim + 1), dtype=np.float32),
     )
     spatial_chunks = output_chunks or normalised.chunks[-2:]
-    target = ((1,) * normalised.shape[0], (N_MAPS,), *normalised.chunks[1:lead], *spatial_chunks)
+    target = (
+        (1,) * normalised.shape[0],
+        (len(channels),),
+        *normalised.chunks[1:lead],
+        *spatial_chunks,
+    )
     return rescale_planes_dask(maps, normalised.shape[-2:], target)
 
 

@@ -54,10 +54,14 @@ def _rescaled_window(
             out = np.take(out, below - first, axis=axis)
             continue
         weight = weight.reshape((-1, 1) if axis == -2 else (-1,)).astype(out.dtype)
-        out = (
-            np.take(out, below - first, axis=axis) * (1 - weight)
-            + np.take(out, above - first, axis=axis) * weight
-        )
+        # below * (1 - weight) + above * weight, in two buffers instead of five temporaries
+        # (the same float operations in the same order: the same bits)
+        low = np.take(out, below - first, axis=axis)
+        low *= 1 - weight
+        high = np.take(out, above - first, axis=axis)
+        high *= weight
+        low += high
+        out = low
     return out
 
 

@@ -26,7 +26,11 @@ from skimage.segmentation import watershed
 from pipeline.segmentation.classical import ellipsoid_footprint, local_maxima_markers, remove_cells
 from pipeline.settings import StrictModel
 
-__all__ = ["ConvNetParameters", "ConvNetRecipe", "cells_from_maps"]
+__all__ = ["RECIPE_MAPS", "ConvNetParameters", "ConvNetRecipe", "cells_from_maps"]
+
+RECIPE_MAPS = (0, 3)
+"""The network's maps the recipe reads, in this order: p(background) and the distance map
+(tiled runs keep only these; :func:`pipeline.convnet.inference.maps_from_normalised`)."""
 
 
 class ConvNetParameters(StrictModel):
@@ -76,7 +80,8 @@ class ConvNetParameters(StrictModel):
 class ConvNetRecipe:
     """The post-processing recipe bound to a nucleus diameter in micrometres.
 
-    ``volumetric`` recipes take (5, z, y, x) regions: the four maps and the normalised
+    It reads the maps :data:`RECIPE_MAPS` of the network's four, p(background) and the
+    distance map; ``volumetric`` recipes take (3, z, y, x) regions, those two and the normalised
     intensity, which bounds each nucleus along z (:attr:`ConvNetParameters.axial_fraction`).
     In 3D, seeds are the maxima of the distance map weighted by the depth in the foreground.
     """
@@ -96,17 +101,19 @@ class ConvNetRecipe:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cells of one region before filtering, and the foreground's distance transform (um).
 
-        ``maps`` is (4, y, x), or (5, z, y, x) for a volumetric recipe; ``frame_value`` is
+        ``maps`` is (2, y, x), p(background) and the distance map (:data:`RECIPE_MAPS`), or
+        (3, z, y, x) with the normalised intensity for a volumetric recipe; ``frame_value`` is
         unused (the maps are already normalised).
         """
         del frame_value
         pixel_size = tuple(float(s) for s in pixel_size)
-        foreground = (1.0 - maps[0]) > self.params.foreground_threshold
+        background, distance = maps[0], maps[1]
+        foreground = (1.0 - background) > self.params.foreground_threshold
         sigma = [self.params.smoothing * self.diameter_um / step for step in pixel_size]
         if self.volumetric and self.params.axial_fraction > 0:
-            foreground &= self._in_focus(maps[4], sigma, pixel_size[0])
+            foreground &= self._in_focus(maps[2], sigma, pixel_size[0])
         smoothed = ndi.gaussian_filter(
-            maps[3].astype(np.float64), sigma=sigma, mode="nearest", truncate=4.0
+            distance.astype(np.float64), sigma=sigma, mode="nearest", truncate=4.0
         )
         depth = ndi.distance_transform_edt(foreground, sampling=pixel_size)
         allowed = foreground & (smoothed > self.params.seed_threshold)
@@ -178,5 +185,5 @@ def cells_from_maps(
     recipe = ConvNetRecipe(
         params or ConvNetParameters(), diameter_px * pixel_size[-1], volumetric=len(maps) > 4
     )
-    cells, _ = recipe.cells(maps, 0.0, pixel_size)
+    cells, _ = recipe.cells(maps[[*RECIPE_MAPS, *range(4, len(maps))]], 0.0, pixel_size)
     return recipe.filter(cells, pixel_size)

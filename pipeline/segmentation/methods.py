@@ -18,7 +18,7 @@ from dask.delayed import Delayed
 from pipeline.convnet.inference import maps_from_normalised, normalised_frames, runs_on_gpu
 from pipeline.convnet.settings import InferenceSettings, ModelSettings
 from pipeline.segmentation.classical import ClassicalRecipe
-from pipeline.segmentation.convnet import ConvNetRecipe
+from pipeline.segmentation.convnet import RECIPE_MAPS, ConvNetRecipe
 from pipeline.segmentation.diameter import estimate_diameter
 from pipeline.segmentation.parameters import ConvNetExecution, SegmentationConfig
 from pipeline.segmentation.threshold import frame_thresholds
@@ -133,6 +133,7 @@ def instance_ids(
         settings=settings,
         output_chunks=frames.chunks[-2:],
         frames_per_block=compute.frames_per_task(runs_on_gpu(compute.device)),
+        channels=RECIPE_MAPS,
     )
     if on_maps is not None:
         maps = on_maps(maps)
