@@ -33,12 +33,18 @@ measurement of each block, stitching).
 ``--task-stream`` runs the plate once more on a local cluster of the same shape started
 beforehand (so its start is not counted) and breaks the run's wall time into the workers'
 busy seconds per kind of task (Dask's task stream, by key prefix) and their idle share.
+
+The script restarts itself with the memory settings of a run's workers
+(:data:`pipeline.orchestration.cluster.WORKER_ENVIRONMENT`), so that the stages here allocate
+as the workers do and the network alone is timed as fast as they run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +64,7 @@ from pipeline.convnet.inference import (
 from pipeline.convnet.rescale import rescale_planes
 from pipeline.io import omezarr
 from pipeline.normalize import frame_percentiles, normalize
+from pipeline.orchestration.cluster import WORKER_ENVIRONMENT
 from pipeline.segmentation.convnet import RECIPE_MAPS, ConvNetParameters, ConvNetRecipe
 from pipeline.segmentation.diameter import estimate_diameter
 from pipeline.segmentation.methods import diameter_sample
@@ -210,6 +217,9 @@ def task_stream(plate: Path, out: Path, workers: int, diameter: float | None) ->
 
 
 def main() -> None:
+    differing = {k: v for k, v in WORKER_ENVIRONMENT.items() if os.environ.get(k) != v}
+    if differing:  # glibc reads them as a process starts
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **differing})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--frames", type=int, default=4)

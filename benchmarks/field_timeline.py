@@ -2,10 +2,10 @@
 
 Usage:
     python benchmarks/field_timeline.py [--repeats 3] [--frames 4] [--size 1024]
-        [--workers 2] [--config "compute: {tile_px: 1024}"] [--dump-slower-than S]
+        [--z-slices N] [--workers 2] [--config "compute: {tile_px: 1024}"] [--dump-slower-than S]
 
 A simulated field (as in ``field_profile.py``: nuclei ~20 px across) is run once to warm a
-local cluster of ``--workers`` single-thread workers, then ``--repeats`` more times. For each
+local cluster of ``--workers`` single-thread workers (with a run's worker environment), then ``--repeats`` more times. For each
 run the task stream gives, in seconds from the run's start: the end of the diameter
 estimate, the first and last inference task of the field, the last labelled block, the
 field's tables, and the seconds of inference each worker did (an uneven split shows a worker
@@ -23,11 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask.config
 import yaml
 from dask.utils import key_split
 
 import pipeline
 from pipeline.config import RunConfig
+from pipeline.orchestration.cluster import worker_environment
 from pipeline.synthetic import simulate_plate
 
 
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--z-slices", type=int, help="z-stacks of this many planes")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--config", default="{}", help="YAML of run settings to change")
     parser.add_argument("--dump-slower-than", type=float, help="seconds; dump slower runs' tasks")
@@ -90,9 +93,11 @@ def main() -> None:
         fields=1,
         n_frames=args.frames,
         size=args.size,
+        z_slices=args.z_slices,
         seed=0,
     )
     with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}),
         LocalCluster(
             n_workers=args.workers, threads_per_worker=1, dashboard_address=":0"
         ) as cluster,

@@ -22,10 +22,12 @@ import threading
 import time
 from pathlib import Path
 
+import dask.config
 import psutil
 from distributed import LocalCluster
 
 from pipeline.config import RunConfig
+from pipeline.orchestration.cluster import worker_environment
 from pipeline.orchestration.runner import run
 from pipeline.synthetic import simulate_plate
 
@@ -73,9 +75,12 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="plate-scaling-"))
     config = RunConfig.model_validate({"segmentation": {"method": args.method}})
     rows = []
-    with LocalCluster(
-        n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}),
+        LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+    ):
         for n_fields in (0, *(int(n) for n in args.fields.split(","))):  # 0: the warm-up
             plate = simulate_plate(
                 folder / f"plate-{n_fields}.zarr",

@@ -9,6 +9,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +24,12 @@ from distributed.comm import get_address_host, parse_host_port
 from distributed.security import Security
 
 from pipeline.errors import PipelineInputError
-from pipeline.orchestration.cluster import connect, gpu_requested, plain_connection_warning
+from pipeline.orchestration.cluster import (
+    WORKER_ENVIRONMENT,
+    connect,
+    gpu_requested,
+    plain_connection_warning,
+)
 
 DEPLOY_YAML = Path(__file__).parents[1] / "deploy" / "slurm" / "jobqueue.yaml"
 
@@ -113,6 +119,54 @@ def test_local_cluster_listens_on_localhost_only():
         assert run.client.submit(sum, [1, 2]).result() == 3
         assert run.gpu_workers is False
         assert run.tunnel_command is None
+        assert _memory_environments(run.client) == [WORKER_ENVIRONMENT] * 2
+
+
+def _memory_environments(client: Client) -> list[dict[str, str | None]]:
+    """Each worker's values of the variables of :data:`WORKER_ENVIRONMENT`."""
+    values = {name: client.run(os.getenv, name) for name in WORKER_ENVIRONMENT}
+    workers = next(iter(values.values()))
+    return [{name: values[name][worker] for name in values} for worker in workers]
+
+
+PAGE_FAULTS_OF_THREE_PASSES = """
+import resource, threading
+import numpy as np
+from pipeline.convnet.inference import InferenceSettings, run_network
+faults = []
+def passes():
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run_network(np.zeros((1, 768, 768), np.float32), InferenceSettings(cpu_threads=1))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+task = threading.Thread(target=passes)  # a Dask worker runs its tasks in threads
+task.start()
+task.join()
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_worker_memory_settings_let_network_passes_reuse_freed_memory():
+    """With Dask's settings every pass of the network on a CPU maps its activations afresh, each
+    page a fault (the kernel maps and zeroes it); with the run's, later passes reuse them."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(environment: dict[str, str]) -> list[int]:
+        output = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULTS_OF_THREE_PASSES],
+            env={**inherited, **environment},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [int(n) for n in output.split()]
+
+    activations = 768 * 768 * 4 * 16 // 4096  # pages of one 16-channel map, a small part of them
+    dask_first, *dask_later = faults({"MALLOC_TRIM_THRESHOLD_": "65536"})
+    _, *later = faults(WORKER_ENVIRONMENT)
+    assert min(dask_later) > 0.8 * dask_first > activations
+    assert max(later) < 0.05 * min(dask_later)
 
 
 def test_public_interface_without_tls_is_refused():
@@ -289,6 +343,7 @@ def test_slurm_uses_temporary_tls_by_default(tmp_path, monkeypatch):
         try:
             run.client.wait_for_workers(1, timeout=60)
             assert run.client.submit(os.getpid).result() != os.getpid()
+            assert _memory_environments(run.client) == [WORKER_ENVIRONMENT]
             # Only TLS listens beyond loopback (the worker's HTTP server stays on localhost).
             (address, worker), *_ = run.client.scheduler_info()["workers"].items()
             processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(True)]
