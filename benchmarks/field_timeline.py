@@ -5,10 +5,10 @@ Usage:
         [--z-slices N] [--workers 2] [--config "compute: {tile_px: 1024}"] [--dump-slower-than S]
 
 A simulated field (as in ``field_profile.py``: nuclei ~20 px across) is run once to warm a
-local cluster of ``--workers`` single-thread workers (with a run's worker environment), then ``--repeats`` more times. For each
-run the task stream gives, in seconds from the run's start: the end of the diameter
-estimate, the first and last inference task of the field, the last labelled block, the
-field's tables, and the seconds of inference each worker did (an uneven split shows a worker
+local cluster of ``--workers`` single-thread workers (in a run's worker environment), then
+``--repeats`` more times. For each run the task stream gives, in seconds from the run's
+start: the end of the diameter estimate, the first and last inference task of the field, the
+last labelled block, the field's tables, and the seconds of inference each worker did (an uneven split shows a worker
 left idle while the other works through several tiles). The time the run reports comes
 first; ``--config`` (YAML) changes the run's settings, e.g. the tile size.
 ``--dump-slower-than S`` prints, for every run whose reported time exceeds S seconds, each
