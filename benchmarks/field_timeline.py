@@ -8,8 +8,8 @@ A simulated field (as in ``field_profile.py``: nuclei ~20 px across) is run once
 local cluster of ``--workers`` single-thread workers (in a run's worker environment), then
 ``--repeats`` more times. For each run the task stream gives, in seconds from the run's
 start: the end of the diameter estimate, the first and last inference task of the field, the
-last labelled block, the field's tables, and the seconds of inference each worker did (an uneven split shows a worker
-left idle while the other works through several tiles). The time the run reports comes
+last labelled block, the field's tables, and the seconds of inference each worker did (an
+uneven split shows a worker left idle while the other works through several tiles). The time the run reports comes
 first; ``--config`` (YAML) changes the run's settings, e.g. the tile size.
 ``--dump-slower-than S`` prints, for every run whose reported time exceeds S seconds, each
 worker's tasks in order (consecutive tasks of one kind merged) and the moments when both
