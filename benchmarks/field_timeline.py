@@ -9,8 +9,9 @@ local cluster of ``--workers`` single-thread workers (in a run's worker environm
 ``--repeats`` more times. For each run the task stream gives, in seconds from the run's
 start: the end of the diameter estimate, the first and last inference task of the field, the
 last labelled block, the field's tables, and the seconds of inference each worker did (an
-uneven split shows a worker left idle while the other works through several tiles). The time the run reports comes
-first; ``--config`` (YAML) changes the run's settings, e.g. the tile size.
+uneven split shows a worker left idle while the other works through several tiles). The
+time the run reports comes first; ``--config`` (YAML) changes the run's settings, e.g. the
+tile size.
 ``--dump-slower-than S`` prints, for every run whose reported time exceeds S seconds, each
 worker's tasks in order (consecutive tasks of one kind merged) and the moments when both
 workers were idle: what a rare slow run spent its time on.
