@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,11 +14,9 @@ from pipeline.convnet.inference import (
     InferenceSettings,
     equivalent_diameters,
     loaded_model,
-    predict_maps_tiled,
+    predict_maps,
     rescale_factor,
-    scaled_shape,
 )
-from pipeline.convnet.weights import ModelInfo
 from pipeline.segmentation.convnet import ConvNetParameters, cells_from_maps
 
 __all__ = ["estimate_diameter"]
@@ -50,9 +47,9 @@ def estimate_diameter(
     are the rounds after it. The cost does not grow with the image or with upscaling of small
     nuclei, and a dense field pays a quarter of what the larger crop costs; a median of 50
     nuclei is within a few per cent of the image's, well inside the scales the model was
-    trained on. The network sees a large crop in four tiles (tiled inference equals
-    whole-image inference), so that a round runs on several workers or threads at once; a
-    small one in fewer.
+    trained on. A round is one task: its crop is small, and as tiles (which would give the same
+    maps) its pieces all went to the worker holding the crop, one after the other, with the
+    scheduling of a dozen tasks between the rounds.
 
     Parameters
     ----------
@@ -88,10 +85,7 @@ def estimate_diameter(
         crop = tuple(
             slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side) for n in plane.shape
         )
-        # a chunk per quarter: a few tasks, not one per storage chunk, and each tile's input on
-        # whichever worker read it (one chunk would send every tile to the worker holding it)
-        quarters = tuple(math.ceil((s.stop - s.start) / 2) for s in crop)
-        graph = _found_diameter(plane[crop].rechunk(quarters), diameter, info, settings, params)
+        graph = _found_diameter(plane[crop], diameter, settings, params)
         found, cells = (evaluate or _threads)(graph)
         return found, cells, side >= max(plane.shape)
 
@@ -112,28 +106,20 @@ def estimate_diameter(
 def _found_diameter(
     crop: da.Array,
     diameter: float,
-    info: ModelInfo,
     settings: InferenceSettings,
     params: ConvNetParameters | None,
 ) -> Delayed:
     """The median diameter and the number of the nuclei segmented in ``crop`` at ``diameter``
-    (lazy)."""
-    scaled = scaled_shape(crop.shape, rescale_factor(info, diameter))
-    # halves of the crop, but no tiles so small that their halos would outweigh them
-    half = max(math.ceil(max(scaled) / 2), 4 * info.receptive_field_radius_px)
-    in_tiles = settings.model_copy(update={"tile_px": min(settings.tile_px, half)})
-    maps = predict_maps_tiled(
-        crop[np.newaxis],
-        diameter=diameter,
-        settings=in_tiles,
-        output_chunks=tuple((n,) for n in crop.shape),
-        name="estimate-infer",  # not the field's tiles: Dask learns durations per name
-    )
-    return dask.delayed(_median_of_cells)(maps[0], diameter, params)
+    (lazy: one task)."""
+    return dask.delayed(_median_of_cells, pure=True)(crop, diameter, settings, params)
 
 
 def _median_of_cells(
-    maps: np.ndarray, diameter: float, params: ConvNetParameters | None
+    crop: np.ndarray,
+    diameter: float,
+    settings: InferenceSettings,
+    params: ConvNetParameters | None,
 ) -> tuple[float, int]:
+    maps = predict_maps(crop, diameter=diameter, settings=settings)
     diameters = equivalent_diameters(cells_from_maps(maps, diameter, params))
     return (float(np.median(diameters)) if diameters.size else float("nan")), diameters.size
