@@ -65,9 +65,9 @@ On a CPU the network allocates activations of up to a few hundred MB per tile. g
 back to the system every freed buffer above 32 MB, and above 64 MB every one of a thread
 other than the main one (where a Dask worker runs its tasks); distributed's nanny also has it
 return the heap's free top beyond 64 kB (its ``MALLOC_TRIM_THRESHOLD_``). Each activation was
-then memory that the kernel maps and zeroes page by page, every pass again: 40 % of a worker's
+then memory that the kernel maps and zeroes page by page, every pass again: half of a worker's
 network time. One arena and these thresholds keep freed memory of up to 512 MB for the next
-pass, for about 0.3 GB more peak memory per worker (``python benchmarks/malloc_reuse.py``).
+pass, for about 0.45 GB more peak memory per worker (``python benchmarks/malloc_reuse.py``).
 Variables set in the run's own environment take precedence.
 """
 
