@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import dask.config
 import yaml
 from dask.utils import key_split
 
@@ -98,7 +97,7 @@ def main() -> None:
         seed=0,
     )
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}),
+        worker_environment(),
         LocalCluster(
             n_workers=args.workers, threads_per_worker=1, dashboard_address=":0"
         ) as cluster,

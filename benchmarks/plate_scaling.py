@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import dask.config
 import psutil
 from distributed import LocalCluster
 
@@ -76,7 +75,7 @@ def main() -> None:
     config = RunConfig.model_validate({"segmentation": {"method": args.method}})
     rows = []
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}),
+        worker_environment(),
         LocalCluster(
             n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster,

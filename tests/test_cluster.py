@@ -29,6 +29,7 @@ from pipeline.orchestration.cluster import (
     connect,
     gpu_requested,
     plain_connection_warning,
+    worker_environment,
 )
 
 DEPLOY_YAML = Path(__file__).parents[1] / "deploy" / "slurm" / "jobqueue.yaml"
@@ -127,6 +128,24 @@ def _memory_environments(client: Client) -> list[dict[str, str | None]]:
     values = {name: client.run(os.getenv, name) for name in WORKER_ENVIRONMENT}
     workers = next(iter(values.values()))
     return [{name: values[name][worker] for name in values} for worker in workers]
+
+
+def test_worker_environment_replaces_what_dask_left_but_not_the_users_own(monkeypatch):
+    """Every nanny leaves Dask's ``MALLOC_TRIM_THRESHOLD_=65536`` in its process's environment,
+    which nannies read before the config: replaced while workers start; a value of the
+    user's own is kept; the environment is as before afterwards."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    expected = {**WORKER_ENVIRONMENT, "MALLOC_ARENA_MAX": "2"}
+    with worker_environment() as chosen:
+        assert chosen == expected
+        assert {name: os.environ[name] for name in chosen} == expected
+        spawn = dask.config.get("distributed.nanny.pre-spawn-environ")
+        assert {name: spawn[name] for name in chosen} == expected
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert os.environ["MALLOC_ARENA_MAX"] == "2"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
 PAGE_FAULTS_OF_THREE_PASSES = """

@@ -83,7 +83,10 @@ def test_conv_pool_conv_radius_by_hand():
 
 @pytest.mark.parametrize("depth", [2, 3])
 def test_unet_radius_and_stride(depth):
-    # The geometry does not depend on the widths: narrow networks keep the test fast.
+    # The geometry does not depend on the widths: narrow networks keep the test fast. Seeded:
+    # about one random 4-channel net in 200 has a layer whose every unit is dead, so that
+    # their output is constant and any shift seems to match (seeds 142 and 298 of 40-400).
+    torch.manual_seed(depth)
     model = UNet(base_channels=4, depth=depth)
     radius = measure_receptive_field_radius(model)
     assert radius == unet_radius(depth)

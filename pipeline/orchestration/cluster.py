@@ -38,6 +38,7 @@ __all__ = [
     "CLUSTERS",
     "WORKER_ENVIRONMENT",
     "RunCluster",
+    "chosen_worker_environment",
     "connect",
     "gpu_requested",
     "is_loopback",
@@ -68,7 +69,8 @@ return the heap's free top beyond 64 kB (its ``MALLOC_TRIM_THRESHOLD_``). Each a
 then memory that the kernel maps and zeroes page by page, every pass again: half of a worker's
 network time. One arena and these thresholds keep freed memory of up to 512 MB for the next
 pass, for about 0.45 GB more peak memory per worker (``python benchmarks/malloc_reuse.py``).
-Variables set in the run's own environment take precedence.
+Values of these variables in the run's own environment take precedence
+(:func:`chosen_worker_environment`).
 """
 
 # Job directives that ask SLURM for a GPU: --gres=gpu:1, --gres=gpu:a100:2, --gpus=1,
@@ -259,13 +261,42 @@ def _existing(address: str) -> Iterator[RunCluster]:
         )
 
 
-def worker_environment() -> dict[str, str]:
-    """The environment Dask's nanny gives the worker processes it starts
-    (``distributed.nanny.pre-spawn-environ``) with :data:`WORKER_ENVIRONMENT` added."""
-    return {
-        **dask.config.get("distributed.nanny.pre-spawn-environ", default={}),
-        **WORKER_ENVIRONMENT,
-    }
+def chosen_worker_environment() -> dict[str, str]:
+    """:data:`WORKER_ENVIRONMENT`, with any of its variables that this process's environment
+    sets to a value of its own (not Dask's default, which every nanny started in a process
+    leaves in its environment)."""
+    dask_defaults = dask.config.get("distributed.nanny.pre-spawn-environ", default={})
+    chosen = {}
+    for name, value in WORKER_ENVIRONMENT.items():
+        own = os.environ.get(name)
+        dask_default = dask_defaults.get(name)
+        left_by_dask = dask_default is not None and own == str(dask_default)
+        chosen[name] = value if own is None or left_by_dask else own
+    return chosen
+
+
+@contextmanager
+def worker_environment() -> Iterator[dict[str, str]]:
+    """Worker processes that nannies start in this context get
+    :func:`chosen_worker_environment` (and the rest of Dask's ``pre-spawn-environ``); this
+    process's environment is as before afterwards.
+
+    A nanny reads these variables from the environment before Dask's config and writes them
+    there before it starts its worker: both are set for the context.
+    """
+    chosen = chosen_worker_environment()
+    before = {name: os.environ.get(name) for name in chosen}
+    spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **chosen}
+    os.environ.update(chosen)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn}):
+            yield chosen
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -281,7 +312,7 @@ def _local(workers: int | None, threads_per_worker: int, host: str) -> Iterator[
     n_workers = workers or max(1, min(4, os.cpu_count() or 1))
     with (
         _ctrl_c_ignored(),  # by the worker processes started now: the run stops them
-        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}),
+        worker_environment(),
     ):
         local = LocalCluster(
             n_workers=n_workers,
@@ -350,8 +381,7 @@ def _slurm(
     options.setdefault("dashboard_address", "127.0.0.1:0")
     tls_root = _expand(section["shared-temp-directory"] or DEFAULT_TLS_DIRECTORY)
 
-    # the workers' memory settings, unless the job's environment has its own
-    exports = [f"export {key}=${{{key}:-{value}}}" for key, value in WORKER_ENVIRONMENT.items()]
+    exports = [f"export {name}={value}" for name, value in chosen_worker_environment().items()]
     with ExitStack() as stack:
         stack.enter_context(dask.config.set(settings))
         security = _config_security() or Security.temporary()
