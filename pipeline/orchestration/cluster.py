@@ -32,6 +32,7 @@ from distributed.comm import get_address_host
 from distributed.security import Security
 from distributed.utils import format_dashboard_link
 
+from pipeline.convnet.memory import MALLOC_SETTINGS
 from pipeline.errors import PipelineInputError
 
 __all__ = [
@@ -55,20 +56,11 @@ DEFAULT_TLS_DIRECTORY = "~/.cache/pipeline/tls"
 """Where temporary worker certificates go when the jobqueue section names no
 ``shared-temp-directory`` (it must be readable on the compute nodes: home usually is)."""
 
-WORKER_ENVIRONMENT = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(512 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20),
-}
-"""glibc's memory settings of the worker processes a run starts (read as a process starts).
-
-On a CPU the network allocates activations of up to a few hundred MB per tile. glibc gives
-back to the system every freed buffer above 32 MB, and above 64 MB every one of a thread
-other than the main one (where a Dask worker runs its tasks); distributed's nanny also has it
-return the heap's free top beyond 64 kB (its ``MALLOC_TRIM_THRESHOLD_``). Each activation was
-then memory that the kernel maps and zeroes page by page, every pass again: half of a worker's
-network time. One arena and these thresholds keep freed memory of up to 512 MB for the next
-pass, for about 0.45 GB more peak memory per worker (``python benchmarks/malloc_reuse.py``).
+WORKER_ENVIRONMENT = dict(MALLOC_SETTINGS)
+"""glibc's memory settings of the worker processes a run starts (read as a process starts):
+freed memory of up to 512 MB is kept for the next pass of the network instead of being
+mapped and zeroed again (:mod:`pipeline.convnet.memory`): the CPU network ran 1.7x faster in a
+worker, for about 0.45 GB more peak memory per worker (``python benchmarks/malloc_reuse.py``).
 Values of these variables in the run's own environment take precedence
 (:func:`chosen_worker_environment`).
 """

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.convnet.memory import keep_freed_memory
 from pipeline.convnet.receptive_field import measure_receptive_field_radius, measure_stride
 from pipeline.convnet.training.crops import (
     AUGMENTATIONS,
@@ -418,6 +419,8 @@ def train(
             "wall_time_s": round(time.perf_counter() - started, 1),
         }
 
+    if device.type == "cpu":  # the activations' memory reused from step to step
+        keep_freed_memory()
     with _Determinism(config.seed, device, config.threads):
         model = UNet(in_channels=1, base_channels=config.base_channels, depth=config.depth)
         if initial is not None:
