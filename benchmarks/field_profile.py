@@ -35,7 +35,7 @@ beforehand (so its start is not counted) and breaks the run's wall time into the
 busy seconds per kind of task (Dask's task stream, by key prefix) and their idle share.
 
 The script restarts itself with the memory settings of a run's workers
-(:data:`pipeline.orchestration.cluster.WORKER_ENVIRONMENT`), so that the stages here allocate
+(:data:`pipeline.convnet.memory.MALLOC_SETTINGS`), so that the stages here allocate
 as the workers do and the network alone is timed as fast as they run it.
 """
 
@@ -61,10 +61,10 @@ from pipeline.convnet.inference import (
     run_network,
     scaled_shape,
 )
+from pipeline.convnet.memory import MALLOC_SETTINGS
 from pipeline.convnet.rescale import rescale_planes
 from pipeline.io import omezarr
 from pipeline.normalize import frame_percentiles, normalize
-from pipeline.orchestration.cluster import WORKER_ENVIRONMENT
 from pipeline.segmentation.convnet import RECIPE_MAPS, ConvNetParameters, ConvNetRecipe
 from pipeline.segmentation.diameter import estimate_diameter
 from pipeline.segmentation.methods import diameter_sample
@@ -217,7 +217,7 @@ def task_stream(plate: Path, out: Path, workers: int, diameter: float | None) ->
 
 
 def main() -> None:
-    differing = {k: v for k, v in WORKER_ENVIRONMENT.items() if os.environ.get(k) != v}
+    differing = {k: v for k, v in MALLOC_SETTINGS.items() if os.environ.get(k) != v}
     if differing:  # glibc reads them as a process starts
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **differing})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

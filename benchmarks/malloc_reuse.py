@@ -10,7 +10,7 @@ tasks, after one small pass that loads the model. Three environments, interleave
 
 - ``dask worker``: as distributed's nanny starts a worker (``MALLOC_TRIM_THRESHOLD_=65536``);
 - ``plain``: glibc's defaults;
-- ``run workers``: :data:`pipeline.orchestration.cluster.WORKER_ENVIRONMENT`, as a run starts
+- ``run workers``: :data:`pipeline.convnet.memory.MALLOC_SETTINGS`, as a run starts
   its workers.
 
 Reported per environment, the median over repeats: the network's wall time, the process's
@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 
-from pipeline.orchestration.cluster import WORKER_ENVIRONMENT
+from pipeline.convnet.memory import MALLOC_SETTINGS
 
 CHILD = """
 import json, resource, sys, threading, time
@@ -53,7 +53,7 @@ print(json.dumps(figures))
 ENVIRONMENTS = {
     "dask worker": {"MALLOC_TRIM_THRESHOLD_": "65536"},
     "plain": {},
-    "run workers": WORKER_ENVIRONMENT,
+    "run workers": MALLOC_SETTINGS,
 }
 
 

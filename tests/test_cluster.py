@@ -23,9 +23,9 @@ from distributed import Client, LocalCluster
 from distributed.comm import get_address_host, parse_host_port
 from distributed.security import Security
 
+from pipeline.convnet.memory import MALLOC_SETTINGS
 from pipeline.errors import PipelineInputError
 from pipeline.orchestration.cluster import (
-    WORKER_ENVIRONMENT,
     connect,
     gpu_requested,
     plain_connection_warning,
@@ -120,12 +120,12 @@ def test_local_cluster_listens_on_localhost_only():
         assert run.client.submit(sum, [1, 2]).result() == 3
         assert run.gpu_workers is False
         assert run.tunnel_command is None
-        assert _memory_environments(run.client) == [WORKER_ENVIRONMENT] * 2
+        assert _memory_environments(run.client) == [MALLOC_SETTINGS] * 2
 
 
 def _memory_environments(client: Client) -> list[dict[str, str | None]]:
-    """Each worker's values of the variables of :data:`WORKER_ENVIRONMENT`."""
-    values = {name: client.run(os.getenv, name) for name in WORKER_ENVIRONMENT}
+    """Each worker's values of the variables of :data:`MALLOC_SETTINGS`."""
+    values = {name: client.run(os.getenv, name) for name in MALLOC_SETTINGS}
     workers = next(iter(values.values()))
     return [{name: values[name][worker] for name in values} for worker in workers]
 
@@ -137,7 +137,7 @@ def test_worker_environment_replaces_what_dask_left_but_not_the_users_own(monkey
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    expected = {**WORKER_ENVIRONMENT, "MALLOC_ARENA_MAX": "2"}
+    expected = {**MALLOC_SETTINGS, "MALLOC_ARENA_MAX": "2"}
     with worker_environment() as chosen:
         assert chosen == expected
         assert {name: os.environ[name] for name in chosen} == expected
@@ -183,7 +183,7 @@ def test_worker_memory_settings_let_network_passes_reuse_freed_memory():
 
     activations = 768 * 768 * 4 * 16 // 4096  # pages of one 16-channel map, a small part of them
     dask_first, *dask_later = faults({"MALLOC_TRIM_THRESHOLD_": "65536"})
-    _, *later = faults(WORKER_ENVIRONMENT)
+    _, *later = faults(MALLOC_SETTINGS)
     assert min(dask_later) > 0.8 * dask_first > activations
     assert max(later) < 0.05 * min(dask_later)
 
@@ -362,7 +362,7 @@ def test_slurm_uses_temporary_tls_by_default(tmp_path, monkeypatch):
         try:
             run.client.wait_for_workers(1, timeout=60)
             assert run.client.submit(os.getpid).result() != os.getpid()
-            assert _memory_environments(run.client) == [WORKER_ENVIRONMENT]
+            assert _memory_environments(run.client) == [MALLOC_SETTINGS]
             # Only TLS listens beyond loopback (the worker's HTTP server stays on localhost).
             (address, worker), *_ = run.client.scheduler_info()["workers"].items()
             processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(True)]

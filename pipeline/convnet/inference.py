@@ -295,7 +295,6 @@ def predict_maps_tiled(
     settings: InferenceSettings | None = None,
     output_chunks: Sequence[tuple[int, ...]] | None = None,
     frames_per_block: int = 1,
-    name: str = "infer",
     channels: Sequence[int] = tuple(range(N_MAPS)),
 ) -> da.Array:
     """Tiled inference on Dask: (t, [z,] y, x) raw frames -> (t, 4, [z,] y, x) maps, lazily.
@@ -315,10 +314,6 @@ def predict_maps_tiled(
         Spatial chunks of the result at the image's scale (default: those of ``frames``).
     frames_per_block
         Timepoints batched together in one inference task.
-    name
-        Start of the inference tasks' layer name, their key prefix. Dask's scheduler balances
-        the workers by each prefix's mean task duration, so tasks of very different sizes
-        (a diameter estimate's small crops, a field's large tiles) are best named apart.
     channels
         The maps to keep, in this order (default all four); a caller that reads only some
         (e.g. :data:`pipeline.segmentation.convnet.RECIPE_MAPS`) saves their rescaling and
@@ -327,8 +322,8 @@ def predict_maps_tiled(
     Returns
     -------
     dask.array.Array
-        float32 maps (t, len(channels), [z,] y, x); the inference tasks' layer name is ``name``
-        and a token.
+        float32 maps (t, len(channels), [z,] y, x); the inference tasks' layer name starts
+        with ``"infer-"``.
     """
     settings = settings or InferenceSettings()
     frames = frames.rechunk({0: 1})
@@ -338,7 +333,6 @@ def predict_maps_tiled(
         settings=settings,
         output_chunks=output_chunks,
         frames_per_block=frames_per_block,
-        name=name,
         channels=channels,
     )
 
@@ -350,7 +344,6 @@ def maps_from_normalised(
     settings: InferenceSettings | None = None,
     output_chunks: Sequence[tuple[int, ...]] | None = None,
     frames_per_block: int = 1,
-    name: str = "infer",
     channels: Sequence[int] = tuple(range(N_MAPS)),
 ) -> da.Array:
     """:func:`predict_maps_tiled` from frames already normalised by :func:`normalised_frames`
@@ -377,7 +370,7 @@ def maps_from_normalised(
         new_axis=1,
         chunks=out_chunks,
         dtype=np.float32,
-        name=f"{name}-{da.core.tokenize(overlapped, settings.model_dump(), halo, channels)}",
+        name=f"infer-{da.core.tokenize(overlapped, settings.model_dump(), halo, channels)}",
         meta=np.empty((0,) * (overlapped.ndim + 1), dtype=np.float32),
     )
     spatial_chunks = output_chunks or normalised.chunks[-2:]

@@ -37,9 +37,7 @@ from pipeline.errors import PipelineInputError
 
 __all__ = [
     "CLUSTERS",
-    "WORKER_ENVIRONMENT",
     "RunCluster",
-    "chosen_worker_environment",
     "connect",
     "gpu_requested",
     "is_loopback",
@@ -55,15 +53,6 @@ DEFAULT_MAX_JOBS = 4
 DEFAULT_TLS_DIRECTORY = "~/.cache/pipeline/tls"
 """Where temporary worker certificates go when the jobqueue section names no
 ``shared-temp-directory`` (it must be readable on the compute nodes: home usually is)."""
-
-WORKER_ENVIRONMENT = dict(MALLOC_SETTINGS)
-"""glibc's memory settings of the worker processes a run starts (read as a process starts):
-freed memory of up to 512 MB is kept for the next pass of the network instead of being
-mapped and zeroed again (:mod:`pipeline.convnet.memory`): the CPU network ran 1.7x faster in a
-worker, for about 0.45 GB more peak memory per worker (``python benchmarks/malloc_reuse.py``).
-Values of these variables in the run's own environment take precedence
-(:func:`chosen_worker_environment`).
-"""
 
 # Job directives that ask SLURM for a GPU: --gres=gpu:1, --gres=gpu:a100:2, --gpus=1,
 # --gpus-per-node=1, --gpus-per-task=1, -G 1.
@@ -253,13 +242,14 @@ def _existing(address: str) -> Iterator[RunCluster]:
         )
 
 
-def chosen_worker_environment() -> dict[str, str]:
-    """:data:`WORKER_ENVIRONMENT`, with any of its variables that this process's environment
-    sets to a value of its own (not Dask's default, which every nanny started in a process
-    leaves in its environment)."""
+def _chosen_worker_environment() -> dict[str, str]:
+    """:data:`~pipeline.convnet.memory.MALLOC_SETTINGS` (glibc keeps the network's freed
+    memory for reuse: 1.7x faster on a CPU, about 0.45 GB more peak memory per worker), with
+    any of its variables that this process's environment sets to a value of its own (not
+    Dask's default, which every nanny started in a process leaves in its environment)."""
     dask_defaults = dask.config.get("distributed.nanny.pre-spawn-environ", default={})
     chosen = {}
-    for name, value in WORKER_ENVIRONMENT.items():
+    for name, value in MALLOC_SETTINGS.items():
         own = os.environ.get(name)
         dask_default = dask_defaults.get(name)
         left_by_dask = dask_default is not None and own == str(dask_default)
@@ -270,13 +260,13 @@ def chosen_worker_environment() -> dict[str, str]:
 @contextmanager
 def worker_environment() -> Iterator[dict[str, str]]:
     """Worker processes that nannies start in this context get
-    :func:`chosen_worker_environment` (and the rest of Dask's ``pre-spawn-environ``); this
+    :func:`_chosen_worker_environment` (and the rest of Dask's ``pre-spawn-environ``); this
     process's environment is as before afterwards.
 
     A nanny reads these variables from the environment before Dask's config and writes them
     there before it starts its worker: both are set for the context.
     """
-    chosen = chosen_worker_environment()
+    chosen = _chosen_worker_environment()
     before = {name: os.environ.get(name) for name in chosen}
     spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **chosen}
     os.environ.update(chosen)
@@ -373,7 +363,7 @@ def _slurm(
     options.setdefault("dashboard_address", "127.0.0.1:0")
     tls_root = _expand(section["shared-temp-directory"] or DEFAULT_TLS_DIRECTORY)
 
-    exports = [f"export {name}={value}" for name, value in chosen_worker_environment().items()]
+    exports = [f"export {name}={value}" for name, value in _chosen_worker_environment().items()]
     with ExitStack() as stack:
         stack.enter_context(dask.config.set(settings))
         security = _config_security() or Security.temporary()
