@@ -148,13 +148,13 @@ def test_worker_environment_replaces_what_dask_left_but_not_the_users_own(monkey
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
-PAGE_FAULTS_OF_THREE_PASSES = """
+PAGE_FAULTS_OF_FOUR_PASSES = """
 import resource, threading
 import numpy as np
 from pipeline.convnet.inference import InferenceSettings, run_network
 faults = []
 def passes():
-    for _ in range(3):
+    for _ in range(4):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run_network(np.zeros((1, 768, 768), np.float32), InferenceSettings(cpu_threads=1))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -168,12 +168,13 @@ print(*faults)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_worker_memory_settings_let_network_passes_reuse_freed_memory():
     """With Dask's settings every pass of the network on a CPU maps its activations afresh, each
-    page a fault (the kernel maps and zeroes it); with the run's, later passes reuse them."""
+    page a fault (the kernel maps and zeroes it); with the run's, passes reuse them once the
+    heap has settled (the second pass still grows it at times: up to 37,000 faults in 1 of 3)."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
     def faults(environment: dict[str, str]) -> list[int]:
         output = subprocess.run(
-            [sys.executable, "-c", PAGE_FAULTS_OF_THREE_PASSES],
+            [sys.executable, "-c", PAGE_FAULTS_OF_FOUR_PASSES],
             env={**inherited, **environment},
             capture_output=True,
             text=True,
@@ -183,9 +184,9 @@ def test_worker_memory_settings_let_network_passes_reuse_freed_memory():
 
     activations = 768 * 768 * 4 * 16 // 4096  # pages of one 16-channel map, a small part of them
     dask_first, *dask_later = faults({"MALLOC_TRIM_THRESHOLD_": "65536"})
-    _, *later = faults(MALLOC_SETTINGS)
+    _, _, *settled = faults(MALLOC_SETTINGS)
     assert min(dask_later) > 0.8 * dask_first > activations
-    assert max(later) < 0.05 * min(dask_later)
+    assert max(settled) < 0.05 * min(dask_later)
 
 
 def test_public_interface_without_tls_is_refused():
