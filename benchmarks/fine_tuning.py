@@ -14,7 +14,8 @@ runs::
 
 Then the shipped model and every fine-tuned one are scored, with the default call
 (``pipeline.segment(image, model=...)``, diameter estimated), on the group's validation images
-(``benchmarks/collection_accuracy.py``'s protocol): mean AP@0.5 and mAP.
+(``benchmarks/collection_accuracy.py``'s protocol): mean AP@0.5 and mAP, and
+with the masks' median diameter given.
 """
 
 from __future__ import annotations
@@ -33,15 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collection_accuracy import DEFAULT_DATA, DEFAULT_SPLIT, evaluate_image, read_split
 
 from pipeline.convnet.training import image_groups
+from pipeline.segmentation.convnet import ConvNetParameters
 
 
 def _score(model: str | None, data: Path, ids: list[str]) -> dict:
+    """Mean AP50 and mAP of ``model`` on ``ids``: the default call (diameter estimated) and with
+    the masks' median diameter given."""
     results = []
     for image_id in ids:
         image = tifffile.imread(data / "images" / f"{image_id}.tif")
         truth = tifffile.imread(data / "masks" / f"{image_id}.tif")
-        results.append(evaluate_image(image, truth, model)["convnet"])
-    return {key: float(np.mean([r[key] for r in results])) for key in ("ap50", "map")}
+        results.append(evaluate_image(image, truth, model, ConvNetParameters()))
+    return {
+        f"{key}{suffix}": float(np.mean([r[method][key] for r in results]))
+        for method, suffix in (("convnet", ""), ("convnet_given", "_given"))
+        for key in ("ap50", "map")
+    }
 
 
 def main() -> None:
@@ -101,9 +109,13 @@ def main() -> None:
             "command": " ".join(command),
         }
         print(f"fine-tuned on k={k}: {results[f'k{k}']}", flush=True)
-    print(f"\n| model ({args.group}) | AP50 | mAP |\n|---|---|---|")
+    print(f"\n| model ({args.group}) | AP50 / mAP | d given: AP50 / mAP |\n|---|---|---|")
     for key in ["shipped", *(f"k{k}" for k in ks)]:
-        print(f"| {key} | {results[key]['ap50']:.3f} | {results[key]['map']:.3f} |")
+        r = results[key]
+        print(
+            f"| {key} | {r['ap50']:.3f} / {r['map']:.3f} "
+            f"| {r['ap50_given']:.3f} / {r['map_given']:.3f} |"
+        )
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
