@@ -28,6 +28,7 @@ import pipeline
 from pipeline.classification.store import CropSettings, write_crops
 from pipeline.io import omezarr
 from pipeline.io.tables import write_table
+from pipeline.orchestration.cluster import worker_environment
 from pipeline.synthetic import simulate_field
 
 
@@ -97,6 +98,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     with (
+        worker_environment(),
         LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):

@@ -27,6 +27,7 @@ from distributed import Client, LocalCluster
 
 import pipeline
 from pipeline.config import RunConfig
+from pipeline.orchestration.cluster import worker_environment
 from pipeline.synthetic import simulate_plate
 
 
@@ -69,6 +70,7 @@ def main() -> None:
             folder / "plate.zarr", rows=1, columns=args.wells, fields=1, n_frames=4, size=256
         )
         with (
+            worker_environment(),
             LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
             Client(cluster) as client,
         ):

@@ -17,6 +17,7 @@ from pathlib import Path
 from distributed import Client, LocalCluster
 
 import pipeline
+from pipeline.orchestration.cluster import worker_environment
 from pipeline.qc.report import write_qc_report
 from pipeline.synthetic import simulate_plate
 
@@ -38,6 +39,7 @@ def main() -> None:
     )
     output = folder / "out.zarr"
     with (
+        worker_environment(),
         LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as c,
         Client(c) as client,
     ):

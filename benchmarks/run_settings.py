@@ -21,6 +21,7 @@ from distributed import LocalCluster
 
 import pipeline
 from pipeline.config import RunConfig
+from pipeline.orchestration.cluster import worker_environment
 from pipeline.synthetic import simulate_plate
 
 
@@ -42,7 +43,10 @@ def main() -> None:
         size=args.size,
         seed=0,
     )
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster:
+    with (
+        worker_environment(),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+    ):
         pipeline.run(plate, folder / "warm.zarr", scheduler=cluster.scheduler_address)
         for repeat in range(args.repeats):
             for index, (text, config) in enumerate(zip(args.settings, configs, strict=True)):

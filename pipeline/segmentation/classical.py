@@ -14,7 +14,7 @@ foreground mask, because a foreground component can be arbitrarily large.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -271,9 +271,10 @@ class ClassicalRecipe:
 
     def cells(
         self, image: np.ndarray, threshold: float, pixel_size: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """See :func:`watershed_cells_with_distance`."""
-        return watershed_cells_with_distance(image, threshold, pixel_size, self.params)
+    ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        """See :func:`watershed_cells_with_distance` (its distance transform, computed anyway)."""
+        cells, distance = watershed_cells_with_distance(image, threshold, pixel_size, self.params)
+        return cells, lambda: distance
 
     def filter(
         self,

@@ -15,8 +15,9 @@ stitching of :mod:`pipeline.segmentation.tiled` relies on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache, partial
 
 import numpy as np
 from pydantic import Field, PositiveFloat
@@ -98,8 +99,9 @@ class ConvNetRecipe:
 
     def cells(
         self, maps: np.ndarray, frame_value: float, pixel_size: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Cells of one region before filtering, and the foreground's distance transform (um).
+    ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        """Cells of one region before filtering, and a function that gives the foreground's
+        distance transform (um), computed in 3D anyway and in 2D only when asked.
 
         ``maps`` is (2, y, x), p(background) and the distance map (:data:`RECIPE_MAPS`), or
         (3, z, y, x) with the normalised intensity for a volumetric recipe; ``frame_value`` is
@@ -115,13 +117,13 @@ class ConvNetRecipe:
         smoothed = ndi.gaussian_filter(
             distance.astype(np.float64), sigma=sigma, mode="nearest", truncate=4.0
         )
-        depth = ndi.distance_transform_edt(foreground, sampling=pixel_size)
         allowed = foreground & (smoothed > self.params.seed_threshold)
+        depth = cache(partial(ndi.distance_transform_edt, foreground, sampling=pixel_size))
         if maps.ndim == 4:
             # Slice-wise maps peak at the centre of every cross-section, so a nucleus is a ridge
             # along z; weighting by the depth in the 3D foreground (um) puts one peak at its
             # 3D centre.
-            smoothed = smoothed * depth / (0.5 * self.diameter_um)
+            smoothed = smoothed * depth() / (0.5 * self.diameter_um)
         footprint = ellipsoid_footprint(self.params.seed_radius * self.diameter_um, pixel_size)
         markers = local_maxima_markers(smoothed, allowed, footprint)
         cells = watershed(-smoothed, markers, mask=foreground).astype(np.int32, copy=False)

@@ -49,8 +49,9 @@ class Recipe(Protocol):
 
     def cells(
         self, region: np.ndarray, frame_value: float, pixel_size: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Cells (int labels) of a region ([k,] *spatial) and the foreground's EDT in um."""
+    ) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        """Cells (int labels) of a region ([k,] *spatial), and a function that gives the
+        foreground's EDT in um (called only where a block has inner faces to check)."""
 
     def filter(
         self,
@@ -120,7 +121,7 @@ def _distance_to_inner_faces(
 
 def _check_cells_fit(
     cells: np.ndarray,
-    distance: np.ndarray,
+    distance: Callable[[], np.ndarray],
     core: tuple[slice, ...],
     pixel_size: Sequence[float],
     inner: Sequence[tuple[bool, bool]],
@@ -146,7 +147,7 @@ def _check_cells_fit(
     checked[0] = False
     in_checked = checked[cells]
     room = _distance_to_inner_faces(cells.shape, pixel_size, inner)
-    if np.any(distance[in_checked] + margin_um >= room[in_checked]):
+    if np.any(distance()[in_checked] + margin_um >= room[in_checked]):
         raise HaloTooSmall(f"a cell near {where} does not fit in the halo; increase tiling.halo_um")
 
 
