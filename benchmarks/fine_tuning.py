@@ -3,7 +3,8 @@
 Usage:
     python benchmarks/fine_tuning.py --group color-brightfield/256x320 [--k 5 --k 20]
         [--data ../shared/data/segmentation/dsb2018] [--epochs 10] [--steps-per-epoch 30]
-        [--lr 5e-4] [--seed 0] [--work build/fine-tuning] [--json results.json]
+        [--lr 5e-4] [--seed 0] [--patience P] [--score-on validation|rest]
+        [--work build/fine-tuning] [--json results.json]
 
 For each k, k training images of the group (never its validation images; drawn with the seed)
 are linked into a folder and the shipped model is fine-tuned on them with the command a user
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patience", type=int, help="epochs without improvement before stopping")
     parser.add_argument("--work", type=Path, default=Path("build/fine-tuning"))
     parser.add_argument("--score-on", choices=("validation", "rest"), default="validation")
     parser.add_argument("--json", type=Path)
@@ -107,6 +109,8 @@ def main() -> None:
             "--steps-per-epoch", str(args.steps_per_epoch), "--lr", str(args.lr),
             "--seed", str(args.seed), "--threads", "2",
         ]  # fmt: skip
+        if args.patience is not None:
+            command += ["--patience", str(args.patience)]
         print(" ".join(command), flush=True)
         tuned = time.perf_counter()
         subprocess.run(command, check=True)
