@@ -53,6 +53,7 @@ from pipeline.measurement.compartments import Geometry, compartment_table_dask
 from pipeline.measurement.features import feature_table_dask
 from pipeline.measurement.neighbours import nearest_distances
 from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
+from pipeline.normalize import frame_statistics, is_dark_on_light
 from pipeline.orchestration.layout import (
     CELLS,
     NUCLEI,
@@ -65,9 +66,14 @@ from pipeline.orchestration.layout import (
 from pipeline.orchestration.outcomes import FieldOutcome
 from pipeline.orchestration.progress import chunk_progress
 from pipeline.orchestration.records import ATTRIBUTE, Ledger, now, unit_manifest
-from pipeline.qc.plausibility import segmentation_warnings
+from pipeline.qc.plausibility import BRIGHTFIELD_WARNING, segmentation_warnings
 from pipeline.segmentation.cells import grow_cells_dask
-from pipeline.segmentation.methods import estimate_field_diameter, instance_ids, stitching_halo_um
+from pipeline.segmentation.methods import (
+    diameter_sample,
+    estimate_field_diameter,
+    instance_ids,
+    stitching_halo_um,
+)
 from pipeline.segmentation.tiled import (
     label_dtype,
     raise_first_error,
@@ -213,6 +219,22 @@ def field_diameter(field: FieldData, config: RunConfig, placement: Placement) ->
     return estimate_field_diameter(
         field.segmentation_channel, segmentation, config.compute, evaluate=on_the_cluster
     )
+
+
+def _brightfield_warnings(field: FieldData, config: RunConfig, client: Client) -> list[str]:
+    """:data:`~pipeline.qc.plausibility.BRIGHTFIELD_WARNING` where the shipped conv-net
+    segments a field declared brightfield (``polarity: dark``) or whose diameter-sample plane
+    looks like it; otherwise nothing."""
+    convnet = config.segmentation.convnet
+    shipped = config.segmentation.method == "convnet" and convnet.model is None
+    if not shipped or convnet.polarity == "bright":
+        return []
+    dark = convnet.polarity == "dark"
+    if not dark:
+        sample = diameter_sample(field.segmentation_channel)[np.newaxis]
+        looks = frame_statistics(sample, lambda *h: np.asarray(is_dark_on_light(*h), float))
+        dark = bool(client.compute(looks, sync=True)[0])
+    return [BRIGHTFIELD_WARNING] if dark else []
 
 
 @dataclass
@@ -628,6 +650,7 @@ def process_field(
     copy = start_image_copy(field, root, ledger, client, config.output.shard_px)
     try:
         outcome.diameter_px = field_diameter(field, config, placement)
+        unlike_training = _brightfield_warnings(field, config, client)
         diameter_um = (
             None if outcome.diameter_px is None else outcome.diameter_px * field.pixel_size["x"]
         )
@@ -671,7 +694,7 @@ def process_field(
         outcome.n_cells = written.n_cells
         outcome.n_tracks = written.n_tracks
         filled = fov.levels[0].reader.filled_chunks()
-        outcome.warnings = [*_filled_warning(filled), *written.warnings]
+        outcome.warnings = [*_filled_warning(filled), *unlike_training, *written.warnings]
         copy.group.attrs[ATTRIBUTE] = {  # last: the unit is done once this is written
             "status": "complete",
             "version": __version__,

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_FOREGROUND_FRACTION", "MAX_SIZE_RATIO", "segmentation_warnings"]
+__all__ = [
+    "BRIGHTFIELD_WARNING",
+    "MAX_FOREGROUND_FRACTION",
+    "MAX_SIZE_RATIO",
+    "segmentation_warnings",
+]
 
 MAX_FOREGROUND_FRACTION = 0.7
 """Nuclei cover at most 41 % of any fluorescence image of the 2018 Data Science Bowl
@@ -19,6 +24,15 @@ collection (59 % of a colour histology one); more suggests background taken for 
 
 MAX_SIZE_RATIO = 2.0
 """Median cell diameter more than this factor away from the diameter segmented at."""
+
+BRIGHTFIELD_WARNING = (
+    "the segmentation channel looks like brightfield (dark objects on a light background): the "
+    "shipped nuclear model inverts it but segments such images poorly (AP50 0.00-0.53 on the "
+    "brightfield images of its validation data, where cytoplasm is often taken for nuclei; see "
+    "its model card): check the overlays, and fine-tune on a few annotated images of yours "
+    "(pipeline train --init shipped) or segment a fluorescence nuclear channel"
+)
+"""Said of a field whose diameter-sample plane the shipped conv-net would invert."""
 
 
 def segmentation_warnings(
