@@ -154,9 +154,16 @@ def segment(
         on the workers under a distributed client); a field whose cells do not fit in the halo
         is recomputed with a doubled halo, as ``pipeline run`` does
         (``tiling.halo_retries`` times), so tiled labels equal whole-image labels.
+
+    Warns
+    -----
+    UserWarning
+        The shipped conv-net is given an image that looks like brightfield (dark nuclei on a
+        light background), which it inverts but segments poorly (as a run warns).
     """
     # Imported here, so that `import pipeline` (and the command) starts without torch.
     from pipeline.segmentation.methods import (
+        brightfield_warnings,
         estimate_field_diameter,
         instance_ids,
         stitching_halo_um,
@@ -191,6 +198,8 @@ def segment(
     lazy = isinstance(array, da.Array)
     frames = array if "t" in dims else array[np.newaxis]
     spatial = dims.replace("t", "")
+    for warning in brightfield_warnings(da.asarray(frames), segmentation):
+        warnings.warn(warning, UserWarning, stacklevel=2)
     if method == "convnet" and diameter is None:
         diameter = estimate_field_diameter(da.asarray(frames), segmentation, compute)
     pixel_sizes = [sizes[d] for d in spatial]

@@ -3,6 +3,7 @@ brightfield rule on the real collection's modality labels."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,21 @@ def test_brightfield_is_told_from_fluorescence_on_the_collection():
         "gray-brightfield": [],
         "color-brightfield": ["13f2bec0a24c7034", "4193474b2f1c72f7"],
     }
+
+
+def test_segment_warns_when_the_shipped_model_is_given_brightfield():
+    """The same rule in the Python API: dark nuclei on a light background warn, the same
+    nuclei bright on dark do not, nor do dark ones declared bright (polarity="bright")."""
+    import pipeline
+    from pipeline.synthetic import simulate_field
+
+    bright = simulate_field(n_frames=1, size=96, seed=4).image[0, 0]
+    dark = (bright.max() - bright).astype(bright.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pipeline.segment(bright, diameter=20.0)
+    with pytest.warns(UserWarning, match="looks like brightfield"):
+        pipeline.segment(dark, diameter=20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pipeline.segment(dark, diameter=20.0, polarity="bright")

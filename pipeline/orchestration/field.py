@@ -53,7 +53,6 @@ from pipeline.measurement.compartments import Geometry, compartment_table_dask
 from pipeline.measurement.features import feature_table_dask
 from pipeline.measurement.neighbours import nearest_distances
 from pipeline.measurement.tracks import growth_rates, merge_qc, track_table
-from pipeline.normalize import frame_statistics, is_dark_on_light
 from pipeline.orchestration.layout import (
     CELLS,
     NUCLEI,
@@ -66,10 +65,10 @@ from pipeline.orchestration.layout import (
 from pipeline.orchestration.outcomes import FieldOutcome
 from pipeline.orchestration.progress import chunk_progress
 from pipeline.orchestration.records import ATTRIBUTE, Ledger, now, unit_manifest
-from pipeline.qc.plausibility import BRIGHTFIELD_WARNING, segmentation_warnings
+from pipeline.qc.plausibility import segmentation_warnings
 from pipeline.segmentation.cells import grow_cells_dask
 from pipeline.segmentation.methods import (
-    diameter_sample,
+    brightfield_warnings,
     estimate_field_diameter,
     instance_ids,
     stitching_halo_um,
@@ -219,22 +218,6 @@ def field_diameter(field: FieldData, config: RunConfig, placement: Placement) ->
     return estimate_field_diameter(
         field.segmentation_channel, segmentation, config.compute, evaluate=on_the_cluster
     )
-
-
-def _brightfield_warnings(field: FieldData, config: RunConfig, client: Client) -> list[str]:
-    """:data:`~pipeline.qc.plausibility.BRIGHTFIELD_WARNING` where the shipped conv-net
-    segments a field declared brightfield (``polarity: dark``) or whose diameter-sample plane
-    looks like it; otherwise nothing."""
-    convnet = config.segmentation.convnet
-    shipped = config.segmentation.method == "convnet" and convnet.model is None
-    if not shipped or convnet.polarity == "bright":
-        return []
-    dark = convnet.polarity == "dark"
-    if not dark:
-        sample = diameter_sample(field.segmentation_channel)[np.newaxis]
-        looks = frame_statistics(sample, lambda *h: np.asarray(is_dark_on_light(*h), float))
-        dark = bool(client.compute(looks, sync=True)[0])
-    return [BRIGHTFIELD_WARNING] if dark else []
 
 
 @dataclass
@@ -650,7 +633,11 @@ def process_field(
     copy = start_image_copy(field, root, ledger, client, config.output.shard_px)
     try:
         outcome.diameter_px = field_diameter(field, config, placement)
-        unlike_training = _brightfield_warnings(field, config, client)
+        unlike_training = brightfield_warnings(
+            field.segmentation_channel,
+            config.segmentation,
+            lambda verdict: client.compute(verdict, sync=True),
+        )
         diameter_um = (
             None if outcome.diameter_px is None else outcome.diameter_px * field.pixel_size["x"]
         )

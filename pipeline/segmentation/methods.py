@@ -17,6 +17,8 @@ from dask.delayed import Delayed
 
 from pipeline.convnet.inference import maps_from_normalised, normalised_frames, runs_on_gpu
 from pipeline.convnet.settings import InferenceSettings, ModelSettings
+from pipeline.normalize import frame_statistics, is_dark_on_light
+from pipeline.qc.plausibility import BRIGHTFIELD_WARNING
 from pipeline.segmentation.classical import ClassicalRecipe
 from pipeline.segmentation.convnet import RECIPE_MAPS, ConvNetRecipe
 from pipeline.segmentation.diameter import estimate_diameter
@@ -25,6 +27,7 @@ from pipeline.segmentation.threshold import frame_thresholds
 from pipeline.segmentation.tiled import label_frames
 
 __all__ = [
+    "brightfield_warnings",
     "diameter_sample",
     "estimate_field_diameter",
     "inference_settings",
@@ -68,6 +71,29 @@ def estimate_field_diameter(
         segmentation.convnet,
         evaluate=evaluate,
     )
+
+
+def brightfield_warnings(
+    frames: da.Array,
+    segmentation: SegmentationConfig,
+    evaluate: Callable[[da.Array], np.ndarray] = np.asarray,
+) -> list[str]:
+    """:data:`~pipeline.qc.plausibility.BRIGHTFIELD_WARNING` where the shipped conv-net is to
+    segment frames declared brightfield (``polarity: dark``) or whose :func:`diameter_sample`
+    looks like it (:func:`pipeline.normalize.is_dark_on_light`); otherwise nothing.
+
+    ``evaluate`` computes the sample's verdict (default: here; a run passes its cluster's).
+    """
+    convnet = segmentation.convnet
+    shipped = segmentation.method == "convnet" and convnet.model is None
+    if not shipped or convnet.polarity == "bright":
+        return []
+    dark = convnet.polarity == "dark"
+    if not dark:
+        sample = diameter_sample(frames)[np.newaxis]
+        looks = frame_statistics(sample, lambda *h: np.asarray(is_dark_on_light(*h), float))
+        dark = bool(evaluate(looks)[0])
+    return [BRIGHTFIELD_WARNING] if dark else []
 
 
 HALO_DIAMETERS = 6.0
