@@ -78,7 +78,7 @@ def main() -> None:
     members = sorted(i for i, g in groups.items() if g == args.group)
     validation = [i for i in members if i in held_out]
     training = [i for i in members if i not in held_out]
-    if not validation or len(training) < max(ks) or max(ks) == len(members):
+    if not validation or len(training) < max(ks):
         raise SystemExit(
             f"group {args.group}: {len(validation)} validation and {len(training)} training "
             f"images; need validation images and at least {max(ks)} training images"

@@ -198,10 +198,11 @@ def segment(
     lazy = isinstance(array, da.Array)
     frames = array if "t" in dims else array[np.newaxis]
     spatial = dims.replace("t", "")
-    for warning in brightfield_warnings(da.asarray(frames), segmentation):
+    lazy_frames = da.asarray(frames)
+    for warning in brightfield_warnings(lazy_frames, segmentation):
         warnings.warn(warning, UserWarning, stacklevel=2)
     if method == "convnet" and diameter is None:
-        diameter = estimate_field_diameter(da.asarray(frames), segmentation, compute)
+        diameter = estimate_field_diameter(lazy_frames, segmentation, compute)
     pixel_sizes = [sizes[d] for d in spatial]
 
     def attempt(halo_um: dict[str, float]) -> da.Array:
